@@ -1,0 +1,56 @@
+// CPU kernels: dense matmul (torch.nn.Linear without bias) and the grouped expert matmul over
+// rows permuted by expert. Every product is one OpenBLAS sgemm on row-major storage; called
+// outside our own parallel regions, sgemm uses all threads itself.
+#include "kernels/kernels.h"
+
+#include <cblas.h>
+
+// out is (N,OC), inp is (N,C), w is (OC,C)
+void matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC) {
+    if (N <= 0 || OC <= 0) return;
+    if (C <= 0) { // an empty sum: sgemm would reject lda = 0
+        for (size_t i = 0; i < (size_t)N * OC; i++) out[i] = 0.0f;
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C, w, C, 0.0f, out,
+                OC);
+}
+
+// dinp += dout @ w; dw += dout^T @ inp (beta = 1: backward accumulates).
+// dinp is (N,C), dw is (OC,C), dout is (N,OC), inp is (N,C), w is (OC,C)
+void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                     int N, int C, int OC) {
+    if (N <= 0 || C <= 0 || OC <= 0) return;
+    if (dinp) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dout, OC, w, C, 1.0f,
+                    dinp, C);
+    }
+    if (dw) {
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f,
+                    dw, C);
+    }
+}
+
+// One sgemm per expert over its contiguous row range; experts without rows are skipped.
+// out is (R,OC), inp is (R,C), w is (E,OC,C), offsets is (E+1)
+void grouped_matmul_forward(float *out, const float *inp, const float *w, const int32_t *offsets,
+                            int E, int C, int OC) {
+    for (int e = 0; e < E; e++) {
+        const int r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n <= 0) continue;
+        matmul_forward(out + (size_t)r0 * OC, inp + (size_t)r0 * C, w + (size_t)e * OC * C, n, C,
+                       OC);
+    }
+}
+
+// dinp is (R,C), dw is (E,OC,C), dout is (R,OC), inp is (R,C), w is (E,OC,C)
+void grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                             const float *w, const int32_t *offsets, int E, int C, int OC) {
+    for (int e = 0; e < E; e++) {
+        const int r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n <= 0) continue;
+        matmul_backward(dinp ? dinp + (size_t)r0 * C : NULL, dw ? dw + (size_t)e * OC * C : NULL,
+                        dout + (size_t)r0 * OC, inp + (size_t)r0 * C, w + (size_t)e * OC * C, n, C,
+                        OC);
+    }
+}

@@ -1,0 +1,50 @@
+// CPU kernels: rotary position embedding, rotate-half layout (HF convention): for i < Dh/2,
+// the pair (x_i, x_{i+Dh/2}) is rotated by the angle t * theta^(-2i/Dh), t = position in the
+// sequence. Angles, cos and sin in double (exact to fp32), once per (t, i) for all B and H.
+#include "kernels/kernels.h"
+
+#include <math.h>
+
+// Rotates every (b, t, h) row of src by +angle (dir = 1, forward) or -angle (dir = -1, the
+// transpose, backward). dst = R src when acc = 0, dst += R src when acc = 1. Both elements of
+// a pair are read before either is written, so dst may alias src when acc = 0.
+// dst, src are (B,T,H,Dh)
+static void rope_apply_(float *dst, const float *src, int B, int T, int H, int Dh, float theta,
+                        float dir, int acc) {
+    const int half = Dh / 2;
+    const size_t ld = (size_t)H * Dh;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        for (int i = 0; i < half; i++) {
+            const double inv_freq = pow((double)theta, -2.0 * i / Dh);
+            const double ang = (double)t * inv_freq;
+            const float c = (float)cos(ang), s = dir * (float)sin(ang);
+            for (int b = 0; b < B; b++) {
+                for (int h = 0; h < H; h++) {
+                    const size_t o = ((size_t)b * T + t) * ld + (size_t)h * Dh + i;
+                    const float x1 = src[o], x2 = src[o + half];
+                    const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
+                    if (acc) {
+                        dst[o] += y1;
+                        dst[o + half] += y2;
+                    } else {
+                        dst[o] = y1;
+                        dst[o + half] = y2;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// out, inp are (B,T,H,Dh) and may be the same buffer
+void rope_forward(float *out, const float *inp, int B, int T, int H, int Dh, float theta) {
+    rope_apply_(out, inp, B, T, H, Dh, theta, 1.0f, 0);
+}
+
+// The rotation is orthogonal: dinp += R^T dout = R(-angle) dout.
+// dinp, dout are (B,T,H,Dh); dinp must not alias dout (it accumulates)
+void rope_backward(float *dinp, const float *dout, int B, int T, int H, int Dh, float theta) {
+    if (!dinp) return;
+    rope_apply_(dinp, dout, B, T, H, Dh, theta, -1.0f, 1);
+}

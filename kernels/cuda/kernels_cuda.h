@@ -1,0 +1,108 @@
+// kernels_cuda: the CUDA backend's public API, usable from C11. Device management, device
+// memory helpers, and device-pointer versions of the ops in kernels/kernels.h (same names with
+// a cuda_ prefix, same shapes, same semantics); tests/cuda/ checks each against the CPU op.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Conventions
+// - Every pointer passed to a cuda_* op is a DEVICE pointer (from cuda_malloc), except the
+//   host buffers of cuda_memcpy_* and the info string of cuda_init. Shapes, layouts and the
+//   dimension letters are those of kernels.h; as there, forward ops overwrite their outputs,
+//   backward ops ACCUMULATE (+=) into their gradients (the caller zeroes them), and a NULL
+//   gradient output is skipped.
+// - Streams: for now every op is enqueued on the default (legacy NULL) stream of the calling
+//   thread's current device, so ops run in call order and cuda_memcpy_* (synchronous) sees
+//   their results. Ops return before the GPU has finished, except cuda_sum_squares, which
+//   returns a host value and therefore waits. A stream argument comes when overlap needs it.
+// - Errors. cuda_device_count never fails (0 means "no usable device"). cuda_init returns
+//   0 on success or 1 (MOET_EFAIL) and a readable message in info. Everything else treats a
+//   CUDA error as fatal: it prints "moet: fatal: CUDA error at file:line: call: error" with a
+//   hint to stderr and exits with status 1. (After a failed kernel the CUDA context is
+//   unusable, and bad launch arguments are bugs, so there is nothing a caller could do.)
+//   Kernel faults surface at the next synchronizing call; compile kernels/cuda with
+//   -DMOET_CUDA_SYNC_CHECK to synchronize after every launch and report the guilty op.
+// - Determinism: every op gives bitwise identical results from run to run on the same
+//   device. Reductions use fixed-order trees and per-block partial sums with a second pass,
+//   never floating-point atomics; their blocking depends on the shape only, not on the GPU.
+// - Scratch: ops that need temporary device memory take it as an argument, sized by the
+//   matching *_scratch_bytes function, so that memory stays in the caller's arena.
+// - bf16 buffers are uint16_t arrays holding the raw bits of bfloat16 (__nv_bfloat16).
+
+// ---------------------------------------------------------------------------------------
+// Devices
+// Number of CUDA devices, 0 where there is no driver or no device (never aborts; unexpected
+// errors from the runtime are printed as a note and also give 0).
+int cuda_device_count(void);
+// Selects `device` for the calling thread and checks that it can run this build (compute
+// capability 8.0+, code compiled for its architecture). On success writes a one-line
+// description into info (name, sm_XY, SM count, memory, driver / runtime versions); on
+// failure writes what went wrong and what to do. With info NULL or infolen <= 0 the line goes
+// to stderr instead. Returns 0 on success, 1 on failure.
+int cuda_init(int device, char *info, int infolen);
+// Waits for all work queued on the current device.
+void cuda_synchronize(void);
+
+// ---------------------------------------------------------------------------------------
+// Device memory (fatal on error, like moet_malloc: an out-of-memory message says how much
+// was asked for and how much is free)
+void *cuda_malloc(size_t bytes); // 256-byte aligned; bytes == 0 still gives a valid pointer
+void cuda_free(void *dptr);      // NULL is ignored
+void cuda_zero(void *dptr, size_t bytes);
+// Both are ordered with the ops on the default stream. h2d returns when src may be reused;
+// d2h waits for the queued ops and returns with dst filled.
+void cuda_memcpy_h2d(void *dst, const void *src, size_t bytes);
+void cuda_memcpy_d2h(void *dst, const void *src, size_t bytes);
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm: out = x * rsqrt(mean(x^2) + eps) * w, reductions in fp32.
+// out, x are (N,D), w is (D), rstd is (N) and is saved for backward (may be NULL when no
+// backward follows). out may alias x.
+void cuda_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int D,
+                          float eps);
+// dx is (N,D), dw is (D), dout and x are (N,D), w is (D), rstd is (N) from the forward.
+// dw is reduced without atomics: each block sums its rows into a (D) partial in scratch, then
+// a second kernel adds the partials to dw in a fixed order. scratch is a device buffer of
+// cuda_rmsnorm_backward_scratch_bytes(N, D) bytes (unused, may be NULL, when dw is NULL).
+// With dw set, D is limited by shared memory (D floats per block): D <= 12000 on any GPU,
+// up to about 40000 on A100 and 56000 on H100 (opt-in shared memory); larger D is fatal.
+void cuda_rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, const float *w,
+                           const float *rstd, int N, int D, void *scratch);
+size_t cuda_rmsnorm_backward_scratch_bytes(int N, int D);
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU: out = silu(g) * u. out, g, u are (n); out may alias g or u.
+void cuda_swiglu_forward(float *out, const float *g, const float *u, size_t n);
+void cuda_swiglu_backward(float *dg, float *du, const float *dout, const float *g, const float *u,
+                          size_t n);
+
+// ---------------------------------------------------------------------------------------
+// Residual: out = a + b (out may alias a or b). n elements.
+void cuda_add_forward(float *out, const float *a, const float *b, size_t n);
+
+// ---------------------------------------------------------------------------------------
+// Optimizer and reductions over flat buffers
+// AdamW exactly as adamw_update in kernels.h (decoupled weight decay, bias-corrected, step t
+// starts at 1, g = grad_scale * grad). p, grad, m, v are (n).
+void cuda_adamw_update(float *p, const float *grad, float *m, float *v, size_t n, float lr,
+                       float b1, float b2, float eps, float wd, int t, float grad_scale);
+// Sum of x^2 over (n) elements, squared and accumulated in double (as on the CPU), in two
+// deterministic passes: per-block partials, then one block sums them in order. Waits for the
+// result. scratch is a device buffer of cuda_sum_squares_scratch_bytes(n) bytes (<= 8.2 KB).
+double cuda_sum_squares(const float *x, size_t n, void *scratch);
+size_t cuda_sum_squares_scratch_bytes(size_t n);
+
+// ---------------------------------------------------------------------------------------
+// bf16 casts for the compute copies of the fp32 master weights and activations.
+// fp32 -> bf16 rounds to nearest even (relative error <= 2^-8; inf stays inf, NaN stays NaN,
+// values beyond the bf16 range round to inf). bf16 -> fp32 is exact. out and in are (n).
+void cuda_f32_to_bf16(uint16_t *out, const float *in, size_t n);
+void cuda_bf16_to_f32(float *out, const uint16_t *in, size_t n);
+
+#ifdef __cplusplus
+}
+#endif

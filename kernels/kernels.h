@@ -1,0 +1,142 @@
+// kernels: the op set that every backend implements, forward and backward.
+// kernels/cpu/ is the fp32 reference (C11 + OpenMP + OpenBLAS sgemm); kernels/cuda/ mirrors it
+// op for op and is tested against it. The model code calls only these functions.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+// Conventions (dimension letters as in STYLE.md):
+//   B batch, T sequence, D d_model, H heads, Dh head dim, F expert/MLP width, E experts,
+//   K top-k, V padded vocab, N tokens on this rank (B*T), R routed rows (N*K).
+// - Matrices are row-major; weights are stored (out, in) as in HF / torch.nn.Linear.
+// - Every backward function ACCUMULATES (+=) into its gradient outputs, activations and
+//   parameters alike; the caller zeroes them. A NULL gradient output is skipped.
+// - Forward functions overwrite their outputs.
+// - Token-indexed activations are (N, C) with N = B*T in (b, t) order.
+
+// ---------------------------------------------------------------------------------------
+// Embedding
+// out is (N,D), tokens is (N), wte is (V,D)
+void embedding_forward(float *out, const int32_t *tokens, const float *wte, int N, int D);
+// dwte is (V,D); rows of tokens that repeat are summed in token order (deterministic)
+void embedding_backward(float *dwte, const float *dout, const int32_t *tokens, int N, int D);
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm: out = x * rsqrt(mean(x^2) + eps) * w, reductions in fp32 (double on CPU).
+// out, x are (N,D), w is (D), rstd is (N) and is saved for backward
+void rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int D,
+                     float eps);
+void rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, const float *w,
+                      const float *rstd, int N, int D);
+
+// ---------------------------------------------------------------------------------------
+// Matmul: out = inp @ w^T (torch.nn.Linear without bias).
+// out is (N,OC), inp is (N,C), w is (OC,C)
+void matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC);
+// dinp is (N,C), dw is (OC,C), dout is (N,OC)
+void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                     int N, int C, int OC);
+
+// ---------------------------------------------------------------------------------------
+// RoPE, rotate-half layout (pairs i and i + Dh/2), HF convention; position = t within each
+// sequence. inp/out are (B,T,H,Dh) = (N, H*Dh); may be the same buffer.
+void rope_forward(float *out, const float *inp, int B, int T, int H, int Dh, float theta);
+void rope_backward(float *dinp, const float *dout, int B, int T, int H, int Dh, float theta);
+
+// ---------------------------------------------------------------------------------------
+// Causal softmax attention, scale 1/sqrt(Dh), n_kv = n_heads.
+// q, k, v, out are (B,T,H,Dh); lse is (B,H,T): the log-sum-exp of each softmax row, saved so
+// that backward recomputes the probabilities block by block instead of storing (T,T).
+void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                       int B, int T, int H, int Dh);
+void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                        const float *lse, const float *q, const float *k, const float *v, int B,
+                        int T, int H, int Dh);
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU: out = silu(g) * u. out, g, u are (n)
+void swiglu_forward(float *out, const float *g, const float *u, size_t n);
+void swiglu_backward(float *dg, float *du, const float *dout, const float *g, const float *u,
+                     size_t n);
+
+// ---------------------------------------------------------------------------------------
+// Residual: out = a + b (out may alias a or b). n elements.
+void add_forward(float *out, const float *a, const float *b, size_t n);
+
+// ---------------------------------------------------------------------------------------
+// Router: probs = softmax(logits) in fp32, lse = logsumexp(logits), then top-k by
+// probability (descending; ties go to the lower expert index). weights = the k
+// probabilities, divided by their sum when norm_topk is set.
+// logits, probs are (N,E); lse is (N); topk_idx, topk_w are (N,K)
+void router_forward(float *probs, float *lse, int32_t *topk_idx, float *topk_w,
+                    const float *logits, int N, int E, int K, int norm_topk);
+// Router backward: dlogits += J_softmax^T (dprobs) + dz_coef * 2*lse*probs, where dprobs is
+// the gradient reaching probs from the top-k weights (dtopk_w, through the optional
+// renormalisation) plus dprob_bias[e] for every token (the load-balancing term).
+// dlogits is (N,E); dtopk_w is (N,K); dprob_bias is (E) or NULL; dz_coef is d loss / d lse^2
+// for each token (0 to skip)
+void router_backward(float *dlogits, const float *dtopk_w, const float *dprob_bias,
+                     float dz_coef, const float *probs, const float *lse,
+                     const int32_t *topk_idx, const float *topk_w, int N, int E, int K,
+                     int norm_topk);
+
+// ---------------------------------------------------------------------------------------
+// Dispatch plan: a stable counting sort of the N*K assignments by expert. Routed row r
+// (0 <= r < R = N*K) holds token row_token[r]; expert e owns rows [offsets[e], offsets[e+1]).
+// assign_row[t*K + j] is the row that assignment (t, j) went to. Within an expert, rows are in
+// (t, j) order, so the plan is deterministic.
+// counts is (E), offsets is (E+1), row_token is (R), assign_row is (N*K)
+void moe_plan(int32_t *counts, int32_t *offsets, int32_t *row_token, int32_t *assign_row,
+              const int32_t *topk_idx, int N, int K, int E);
+
+// Permute: xp[r] = x[row_token[r]]. xp is (R,D), x is (N,D)
+void permute_forward(float *xp, const float *x, const int32_t *row_token, int R, int D);
+// dx[t] += sum_j dxp[assign_row[t*K+j]]: a gather per token, no atomics
+void permute_backward(float *dx, const float *dxp, const int32_t *assign_row, int N, int K,
+                      int D);
+
+// Unpermute + weighted combine: out[t] = sum_j w[t,j] * yp[assign_row[t*K+j]], j in order.
+// out is (N,D), yp is (R,D), topk_w is (N,K)
+void unpermute_forward(float *out, const float *yp, const float *topk_w,
+                       const int32_t *assign_row, int N, int K, int D);
+// dyp[row] += w * dout[t]; dtopk_w[t,j] += dot(dout[t], yp[row])
+void unpermute_backward(float *dyp, float *dtopk_w, const float *dout, const float *yp,
+                        const float *topk_w, const int32_t *assign_row, int N, int K, int D);
+
+// ---------------------------------------------------------------------------------------
+// Grouped expert matmul over rows permuted by expert: for every expert e,
+// out[offsets[e]:offsets[e+1]] = inp[same rows] @ w[e]^T.
+// out is (R,OC), inp is (R,C), w is (E,OC,C), offsets is (E+1) with offsets[0] = 0
+void grouped_matmul_forward(float *out, const float *inp, const float *w,
+                            const int32_t *offsets, int E, int C, int OC);
+// dinp is (R,C), dw is (E,OC,C); experts with no rows get no gradient
+void grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                             const float *w, const int32_t *offsets, int E, int C, int OC);
+
+// ---------------------------------------------------------------------------------------
+// Cross-entropy over the full padded vocabulary. targets[i] < 0 means "no target" (the last
+// position of each sequence). logits is (N,V); losses is (N) (0 where no target).
+// Returns the sum of the losses (double precision accumulation).
+double crossentropy_forward(float *losses, const float *logits, const int32_t *targets, int N,
+                            int V);
+// Fused forward + backward in one pass over the logits: dlogits = scale*(softmax - onehot)
+// written (not accumulated) into dlogits, which may alias logits; rows without target get 0.
+// Returns the summed loss, like crossentropy_forward.
+double crossentropy_forward_backward(float *dlogits, float *losses, const float *logits,
+                                     const int32_t *targets, int N, int V, float scale);
+
+// ---------------------------------------------------------------------------------------
+// Optimizer and reductions over flat buffers
+// AdamW (decoupled weight decay, bias-corrected; step t starts at 1):
+// m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; p -= lr*(mhat/(sqrt(vhat)+eps) + wd*p),
+// where g = grad_scale * grad. All (n).
+void adamw_update(float *p, const float *grad, float *m, float *v, size_t n, float lr, float b1,
+                  float b2, float eps, float wd, int t, float grad_scale);
+double sum_squares(const float *x, size_t n);   // sum of x^2 (double accumulation)
+void scale_inplace(float *x, float s, size_t n);
+void zero_fill(float *x, size_t n);
+
+// ---------------------------------------------------------------------------------------
+// Backend information
+int kernels_num_threads(void);      // threads the CPU kernels use (OpenMP)
+const char *kernels_blas_info(void); // e.g. "OpenBLAS 0.3.21 (OpenMP, 2 threads)"

@@ -1,0 +1,1052 @@
+// test_ops: the CPU kernels of kernels/kernels.h. Forward results against naive references in
+// double written here; every backward against central finite differences of its forward, and
+// against itself called twice (backward accumulates); the MoE dispatch plan's invariants.
+#include "kernels/kernels.h"
+#include "tests/testutil.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+static float *falloc_(size_t n) {
+    float *p = calloc(n ? n : 1, sizeof(float));
+    if (!p) {
+        fprintf(stderr, "test_ops: out of memory\n");
+        exit(1);
+    }
+    return p;
+}
+
+static float *frand_(size_t n, uint64_t seed, float scale) {
+    float *p = falloc_(n);
+    tu_fill_uniform(p, n, seed, scale);
+    return p;
+}
+
+static float *fcopy_(const float *x, size_t n) {
+    float *p = falloc_(n);
+    memcpy(p, x, n * sizeof(float));
+    return p;
+}
+
+static int allclose_d_(const char *name, const float *got, const double *want, size_t n,
+                       double atol, double rtol) {
+    float *w = falloc_(n);
+    for (size_t i = 0; i < n; i++) w[i] = (float)want[i];
+    int ok = tu_allclose(name, got, w, n, atol, rtol);
+    free(w);
+    return ok;
+}
+
+// g2 holds the gradient of two identical backward calls into a zeroed buffer, g1 of one: it
+// must be twice g1 (the backward accumulates). Exact up to the fp32 rounding of the second sum.
+static int check_doubled_(const char *name, const float *g2, const float *g1, size_t n) {
+    float *want = falloc_(n);
+    for (size_t i = 0; i < n; i++) want[i] = 2.0f * g1[i];
+    int ok = tu_allclose(name, g2, want, n, 1e-6 * tu_max_abs(g1, n) + 1e-30, 1e-5);
+    free(want);
+    return ok;
+}
+
+// ---------------------------------------------------------------------------------------
+// Finite differences.
+// An op under test is wrapped as fwd(ctx): run the forward at the current inputs and return
+// all its outputs as one flat fp32 vector of n_out (NULL: this probe is invalid, e.g. the
+// router's top-k selection changed). The loss is L = sum(out * r) in double for a random
+// projection r; the analytic gradient is the op's backward with dout = r. Each probed input
+// element x_i gives numeric = (L(x_i + h) - L(x_i - h)) / (h+ + h-), with h+ and h- the steps
+// actually taken after rounding x_i +- h to fp32. (An op with a double loss of its own, the
+// cross-entropy, is wrapped as loss(ctx) instead, with a bound on that loss's roundoff.)
+//
+// Step: h = 1e-2. The roundoff of the quotient grows like eps_f32 / h and the truncation like
+// h^2, so on O(1) inputs the best fp32 step is near (3 eps_f32)^(1/3) ~ 7e-3. (Measured: at
+// h = 1e-3 the roundoff term is 10x larger; at h = 3e-2 the truncation of SwiGLU shows.)
+//
+// Tolerance of one probe: |numeric - analytic| <= FD_ROUND * noise / h + FD_ATOL
+//                                                 + FD_RTOL * |analytic|, where
+//  - noise = eps_f32 * ||out * r||_2 over the outputs that depend on x_i (found with a large
+//    step FD_DEP_STEP; the other outputs are bit-identical between probes and cancel exactly,
+//    as float*float is exact in double). Each dependent output carries an fp32 error of a few
+//    eps relative to the terms it is computed from; these errors are independent, so they add
+//    to L in quadrature. FD_ROUND = 32 covers the "few" and the cancellation inside dot
+//    products (the worst ratio |numeric - analytic| / (noise / h) measured over this suite is
+//    about 6) with a 5x margin.
+//  - FD_ATOL, FD_RTOL: truncation, (h^2 / 6) * f''' ~ 2e-5 * f''', with the third derivative
+//    O(1) and O(f') for these ops on O(1) inputs (exactly 0 for the linear ones); FD_RTOL also
+//    covers the fp32 roundoff of the analytic gradient itself (~1e-6 relative).
+// A wrong formula (a missing term, factor, transpose or mask) errs at O(1) relative and fails
+// by orders of magnitude: the median tolerance is 0.03% .. 3% of the gradient, by op.
+#define FD_H        1e-2
+#define FD_ROUND    32.0
+#define FD_ATOL     1e-5
+#define FD_RTOL     1e-3
+#define FD_DEP_STEP 0.25f
+
+typedef const float *(*FwdFn)(void *ctx);
+typedef double (*LossFn)(void *ctx);
+
+typedef struct {
+    FwdFn fwd;
+    void *ctx;
+    const float *r; // (n_out), the projection of the outputs
+    size_t n_out;
+    double h;     // FD step
+    LossFn loss;  // instead of fwd: the loss itself, in double
+    double noise; // with loss: a bound on its roundoff between two probes
+} FdOp;
+
+static double project_(const float *out, const float *r, size_t n) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += (double)out[i] * r[i];
+    return s;
+}
+
+// Runs the op at the current inputs: the loss, and the outputs into out (fwd ops only).
+// Returns 0 when the op says the probe is invalid.
+static int fd_eval_(const FdOp *op, float *out, double *loss) {
+    if (op->loss) {
+        *loss = op->loss(op->ctx);
+        return 1;
+    }
+    const float *o = op->fwd(op->ctx);
+    if (!o) return 0;
+    memcpy(out, o, op->n_out * sizeof(float));
+    *loss = project_(out, op->r, op->n_out);
+    return 1;
+}
+
+// Probes every element of x (n) when n <= max_probe, else max_probe random ones, and compares
+// with ana (n). Returns 1 on success; prints the worst probe either way.
+static int fd_check_(const char *name, const FdOp *op, float *x, const float *ana, size_t n,
+                     size_t max_probe, uint64_t seed) {
+    const size_t no = op->loss ? 1 : op->n_out;
+    float *base = falloc_(no), *dep = falloc_(no), *plus = falloc_(no), *minus = falloc_(no);
+    double l0, ld, lp, lm;
+    fd_eval_(op, base, &l0);
+    const int all = n <= max_probe;
+    const size_t n_probe = all ? n : max_probe;
+    uint64_t rng = seed;
+    size_t bad = 0, skipped = 0, worst = 0;
+    double worst_ratio = 0.0, worst_num = 0.0, worst_tol = 0.0;
+    for (size_t p = 0; p < n_probe; p++) {
+        const size_t i = all ? p : (size_t)(tu_rand_u64(&rng) % n);
+        const float x0 = x[i];
+        int dep_all = 1; // an invalid large step: count every output as dependent
+        if (!op->loss) {
+            x[i] = x0 + FD_DEP_STEP;
+            dep_all = !fd_eval_(op, dep, &ld);
+        }
+        x[i] = (float)(x0 + op->h);
+        const double hp = (double)x[i] - x0;
+        const int ok_p = fd_eval_(op, plus, &lp);
+        x[i] = (float)(x0 - op->h);
+        const double hm = x0 - (double)x[i];
+        const int ok_m = fd_eval_(op, minus, &lm);
+        x[i] = x0;
+        if (!ok_p || !ok_m) {
+            skipped++;
+            continue;
+        }
+        double noise = op->noise;
+        if (!op->loss) {
+            double s2 = 0.0;
+            for (size_t k = 0; k < no; k++) {
+                if (dep_all || dep[k] != base[k] || plus[k] != base[k] || minus[k] != base[k]) {
+                    const double t = (double)base[k] * op->r[k];
+                    s2 += t * t;
+                }
+            }
+            noise = FLT_EPSILON * sqrt(s2);
+        }
+        const double num = (lp - lm) / (hp + hm);
+        const double tol = FD_ROUND * noise / (0.5 * (hp + hm)) + FD_ATOL + FD_RTOL * fabs(ana[i]);
+        const double ratio = fabs(num - ana[i]) / tol;
+        if (!(ratio <= 1.0)) bad++;
+        if (!(ratio <= worst_ratio)) {
+            worst_ratio = ratio;
+            worst = i;
+            worst_num = num;
+            worst_tol = tol;
+        }
+    }
+    fd_eval_(op, base, &l0); // leave the context's outputs at the unperturbed inputs
+    // the router's probes may flip a near-tie in the top-k: allow a few, not many
+    const int too_many_skipped = skipped * 50 > n_probe;
+    printf("\n    fd %-27s %4zu probes (%zu skipped), worst err/tol %.3f at [%zu]: num %.7g "
+           "ana %.7g tol %.2g ",
+           name, n_probe, skipped, worst_ratio, worst, worst_num, (double)ana[worst], worst_tol);
+    if (bad || too_many_skipped) {
+        fprintf(stderr, "  fd %s: %zu of %zu probes outside tolerance, %zu skipped\n", name, bad,
+                n_probe, skipped);
+    }
+    free(minus);
+    free(plus);
+    free(dep);
+    free(base);
+    return bad == 0 && !too_many_skipped;
+}
+
+// ---------------------------------------------------------------------------------------
+// Embedding
+
+typedef struct {
+    float *out, *wte;
+    const int32_t *tokens;
+    int N, D;
+} EmbCtx;
+
+static const float *emb_fwd_(void *p) {
+    EmbCtx *c = p;
+    embedding_forward(c->out, c->tokens, c->wte, c->N, c->D);
+    return c->out;
+}
+
+static void test_embedding(void) {
+    enum { N = 9, V = 7, D = 70 }; // D > 64: more than one column slice in backward
+    const int32_t tokens[N] = {3, 0, 6, 3, 3, 1, 0, 5, 3}; // repeats, token 2 and 4 unused
+    float *wte = frand_((size_t)V * D, 11, 1.0f), *out = falloc_((size_t)N * D);
+    float *r = frand_((size_t)N * D, 12, 1.0f);
+    EmbCtx c = {out, wte, tokens, N, D};
+    emb_fwd_(&c);
+    int ok = 1;
+    for (int i = 0; i < N; i++) {
+        ok &= memcmp(out + (size_t)i * D, wte + (size_t)tokens[i] * D, D * sizeof(float)) == 0;
+    }
+    CU_ASSERT(ok);
+
+    float *g1 = falloc_((size_t)V * D), *g2 = falloc_((size_t)V * D);
+    embedding_backward(g1, r, tokens, N, D);
+    embedding_backward(g2, r, tokens, N, D);
+    embedding_backward(g2, r, tokens, N, D);
+    CU_ASSERT(check_doubled_("embedding dwte doubled", g2, g1, (size_t)V * D));
+    embedding_backward(NULL, r, tokens, N, D); // NULL gradient: skipped
+
+    FdOp op = {.fwd = emb_fwd_, .ctx = &c, .r = r, .n_out = (size_t)N * D, .h = FD_H};
+    CU_ASSERT(fd_check_("embedding dwte", &op, wte, g1, (size_t)V * D, 100000, 1));
+    free(g2);
+    free(g1);
+    free(r);
+    free(out);
+    free(wte);
+}
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm
+
+typedef struct {
+    float *out, *rstd, *x, *w;
+    int N, D;
+    float eps;
+} RmsCtx;
+
+static const float *rms_fwd_(void *p) {
+    RmsCtx *c = p;
+    rmsnorm_forward(c->out, c->rstd, c->x, c->w, c->N, c->D, c->eps);
+    return c->out;
+}
+
+static void test_rmsnorm(void) {
+    enum { N = 5, D = 80 };
+    const float eps = 1e-5f;
+    float *x = frand_(N * D, 21, 1.0f), *w = frand_(D, 22, 0.5f);
+    for (int c = 0; c < D; c++) w[c] += 1.0f;
+    float *out = falloc_(N * D), *rstd = falloc_(N), *r = frand_(N * D, 23, 1.0f);
+    RmsCtx c = {out, rstd, x, w, N, D, eps};
+    rms_fwd_(&c);
+
+    double want[N * D], want_rstd[N];
+    for (int i = 0; i < N; i++) {
+        double ss = 0.0;
+        for (int k = 0; k < D; k++) ss += (double)x[i * D + k] * x[i * D + k];
+        want_rstd[i] = 1.0 / sqrt(ss / D + eps);
+        for (int k = 0; k < D; k++) want[i * D + k] = x[i * D + k] * want_rstd[i] * w[k];
+    }
+    CU_ASSERT(allclose_d_("rmsnorm out", out, want, N * D, 1e-6, 1e-6));
+    CU_ASSERT(allclose_d_("rmsnorm rstd", rstd, want_rstd, N, 0, 1e-6));
+
+    float *dx1 = falloc_(N * D), *dw1 = falloc_(D), *dx2 = falloc_(N * D), *dw2 = falloc_(D);
+    rmsnorm_backward(dx1, dw1, r, x, w, rstd, N, D);
+    rmsnorm_backward(dx2, dw2, r, x, w, rstd, N, D);
+    rmsnorm_backward(dx2, dw2, r, x, w, rstd, N, D);
+    CU_ASSERT(check_doubled_("rmsnorm dx doubled", dx2, dx1, N * D));
+    CU_ASSERT(check_doubled_("rmsnorm dw doubled", dw2, dw1, D));
+    rmsnorm_backward(NULL, NULL, r, x, w, rstd, N, D);
+
+    FdOp op = {.fwd = rms_fwd_, .ctx = &c, .r = r, .n_out = N * D, .h = FD_H};
+    CU_ASSERT(fd_check_("rmsnorm dx", &op, x, dx1, N * D, 100000, 2));
+    CU_ASSERT(fd_check_("rmsnorm dw", &op, w, dw1, D, 100000, 3));
+    free(dw2);
+    free(dx2);
+    free(dw1);
+    free(dx1);
+    free(r);
+    free(rstd);
+    free(out);
+    free(w);
+    free(x);
+}
+
+// ---------------------------------------------------------------------------------------
+// Matmul
+
+typedef struct {
+    float *out, *inp, *w;
+    int N, C, OC;
+} MmCtx;
+
+static const float *mm_fwd_(void *p) {
+    MmCtx *c = p;
+    matmul_forward(c->out, c->inp, c->w, c->N, c->C, c->OC);
+    return c->out;
+}
+
+static void naive_matmul_(double *out, const float *inp, const float *w, int N, int C, int OC) {
+    for (int i = 0; i < N; i++) {
+        for (int o = 0; o < OC; o++) {
+            double s = 0.0;
+            for (int k = 0; k < C; k++) s += (double)inp[(size_t)i * C + k] * w[(size_t)o * C + k];
+            out[(size_t)i * OC + o] = s;
+        }
+    }
+}
+
+static void test_matmul(void) {
+    enum { N = 7, C = 70, OC = 9 };
+    float *inp = frand_(N * C, 31, 1.0f), *w = frand_(OC * C, 32, 0.5f);
+    float *out = falloc_(N * OC), *r = frand_(N * OC, 33, 1.0f);
+    MmCtx c = {out, inp, w, N, C, OC};
+    mm_fwd_(&c);
+    double want[N * OC];
+    naive_matmul_(want, inp, w, N, C, OC);
+    CU_ASSERT(allclose_d_("matmul out", out, want, N * OC, 1e-5, 1e-5));
+
+    float *di1 = falloc_(N * C), *dw1 = falloc_(OC * C), *di2 = falloc_(N * C),
+          *dw2 = falloc_(OC * C);
+    matmul_backward(di1, dw1, r, inp, w, N, C, OC);
+    matmul_backward(di2, NULL, r, inp, w, N, C, OC); // NULL dw: skipped
+    matmul_backward(di2, dw2, r, inp, w, N, C, OC);
+    matmul_backward(NULL, dw2, r, inp, w, N, C, OC);
+    CU_ASSERT(check_doubled_("matmul dinp doubled", di2, di1, N * C));
+    CU_ASSERT(check_doubled_("matmul dw doubled", dw2, dw1, OC * C));
+
+    FdOp op = {.fwd = mm_fwd_, .ctx = &c, .r = r, .n_out = N * OC, .h = FD_H};
+    CU_ASSERT(fd_check_("matmul dinp", &op, inp, di1, N * C, 100000, 4));
+    CU_ASSERT(fd_check_("matmul dw", &op, w, dw1, OC * C, 100000, 5));
+    free(dw2);
+    free(di2);
+    free(dw1);
+    free(di1);
+    free(r);
+    free(out);
+    free(w);
+    free(inp);
+}
+
+// ---------------------------------------------------------------------------------------
+// RoPE
+
+typedef struct {
+    float *out, *inp;
+    int B, T, H, Dh;
+    float theta;
+} RopeCtx;
+
+static const float *rope_fwd_(void *p) {
+    RopeCtx *c = p;
+    rope_forward(c->out, c->inp, c->B, c->T, c->H, c->Dh, c->theta);
+    return c->out;
+}
+
+// HF: q * cos + rotate_half(q) * sin, rotate_half(x) = cat(-x2, x1), cos/sin of
+// cat(freqs, freqs), freqs = t * inv_freq, inv_freq_i = theta^(-2i/Dh).
+static void naive_rope_(double *out, const float *inp, int B, int T, int H, int Dh, double theta) {
+    const int half = Dh / 2;
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < H; h++) {
+                const size_t o = (((size_t)b * T + t) * H + h) * Dh;
+                for (int d = 0; d < Dh; d++) {
+                    const int i = d % half;
+                    const double ang = t * pow(theta, -2.0 * i / Dh);
+                    const double rot = d < half ? -(double)inp[o + d + half] : inp[o + d - half];
+                    out[o + d] = inp[o + d] * cos(ang) + rot * sin(ang);
+                }
+            }
+        }
+    }
+}
+
+static void test_rope(void) {
+    enum { B = 2, T = 7, H = 3, Dh = 8, n = B * T * H * Dh };
+    const float theta = 10000.0f;
+    float *inp = frand_(n, 41, 1.0f), *out = falloc_(n), *r = frand_(n, 42, 1.0f);
+    RopeCtx c = {out, inp, B, T, H, Dh, theta};
+    rope_fwd_(&c);
+    double want[n];
+    naive_rope_(want, inp, B, T, H, Dh, theta);
+    CU_ASSERT(allclose_d_("rope out", out, want, n, 1e-6, 1e-6));
+    float *inplace = fcopy_(inp, n);
+    rope_forward(inplace, inplace, B, T, H, Dh, theta);
+    CU_ASSERT(memcmp(inplace, out, n * sizeof(float)) == 0);
+
+    float *g1 = falloc_(n), *g2 = falloc_(n);
+    rope_backward(g1, r, B, T, H, Dh, theta);
+    rope_backward(g2, r, B, T, H, Dh, theta);
+    rope_backward(g2, r, B, T, H, Dh, theta);
+    CU_ASSERT(check_doubled_("rope dinp doubled", g2, g1, n));
+
+    FdOp op = {.fwd = rope_fwd_, .ctx = &c, .r = r, .n_out = n, .h = FD_H};
+    CU_ASSERT(fd_check_("rope dinp", &op, inp, g1, n, 100000, 6));
+    free(g2);
+    free(g1);
+    free(inplace);
+    free(r);
+    free(out);
+    free(inp);
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention
+
+typedef struct {
+    float *out, *lse, *q, *k, *v;
+    int B, T, H, Dh;
+} AttnCtx;
+
+static const float *attn_fwd_(void *p) {
+    AttnCtx *c = p;
+    attention_forward(c->out, c->lse, c->q, c->k, c->v, c->B, c->T, c->H, c->Dh);
+    return c->out;
+}
+
+// Full causal softmax, row by row, in double. out is (B,T,H,Dh), lse is (B,H,T)
+static void naive_attention_(double *out, double *lse, const float *q, const float *k,
+                             const float *v, int B, int T, int H, int Dh) {
+    const double scale = 1.0 / sqrt((double)Dh);
+    double *s = malloc((size_t)T * sizeof(double));
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < H; h++) {
+            for (int t = 0; t < T; t++) {
+                const size_t qo = (((size_t)b * T + t) * H + h) * Dh;
+                double m = -INFINITY;
+                for (int j = 0; j <= t; j++) {
+                    const size_t ko = (((size_t)b * T + j) * H + h) * Dh;
+                    double d = 0.0;
+                    for (int c = 0; c < Dh; c++) d += (double)q[qo + c] * k[ko + c];
+                    s[j] = d * scale;
+                    m = fmax(m, s[j]);
+                }
+                double z = 0.0;
+                for (int j = 0; j <= t; j++) z += exp(s[j] - m);
+                for (int c = 0; c < Dh; c++) {
+                    double acc = 0.0;
+                    for (int j = 0; j <= t; j++) {
+                        acc += exp(s[j] - m) / z * v[(((size_t)b * T + j) * H + h) * Dh + c];
+                    }
+                    out[qo + c] = acc;
+                }
+                lse[((size_t)b * H + h) * T + t] = m + log(z);
+            }
+        }
+    }
+    free(s);
+}
+
+static void test_attention_forward(void) {
+    // the CPU kernel's query block is 64 rows: T crosses 0, 1 and 2 block boundaries
+    const int Ts[] = {1, 5, 64, 65, 160};
+    enum { B = 2, H = 2, Dh = 16 };
+    for (size_t ti = 0; ti < sizeof(Ts) / sizeof(Ts[0]); ti++) {
+        const int T = Ts[ti];
+        const size_t n = (size_t)B * T * H * Dh, nl = (size_t)B * H * T;
+        float *q = frand_(n, 51 + ti, 1.5f), *k = frand_(n, 61 + ti, 1.5f);
+        float *v = frand_(n, 71 + ti, 1.0f);
+        float *out = falloc_(n), *lse = falloc_(nl);
+        double *want = malloc(n * sizeof(double)), *want_lse = malloc(nl * sizeof(double));
+        attention_forward(out, lse, q, k, v, B, T, H, Dh);
+        naive_attention_(want, want_lse, q, k, v, B, T, H, Dh);
+        char name[64];
+        snprintf(name, sizeof(name), "attention out T=%d", T);
+        CU_ASSERT(allclose_d_(name, out, want, n, 1e-5, 1e-4));
+        snprintf(name, sizeof(name), "attention lse T=%d", T);
+        CU_ASSERT(allclose_d_(name, lse, want_lse, nl, 1e-5, 1e-5));
+        free(want_lse);
+        free(want);
+        free(lse);
+        free(out);
+        free(v);
+        free(k);
+        free(q);
+    }
+}
+
+static void test_attention_backward(void) {
+    // T = 160 = 2.5 query blocks of 64: full blocks, a partial last block, and keys beyond
+    // each block's end that the kernel skips
+    enum { B = 2, T = 160, H = 2, Dh = 16, n = B * T * H * Dh };
+    float *q = frand_(n, 81, 1.5f), *k = frand_(n, 82, 1.5f), *v = frand_(n, 83, 1.0f);
+    float *out = falloc_(n), *lse = falloc_(B * H * T), *r = frand_(n, 84, 1.0f);
+    AttnCtx c = {out, lse, q, k, v, B, T, H, Dh};
+    attn_fwd_(&c);
+
+    float *dq = falloc_(n), *dk = falloc_(n), *dv = falloc_(n);
+    attention_backward(dq, dk, dv, r, out, lse, q, k, v, B, T, H, Dh);
+    float *dq2 = falloc_(n), *dk2 = falloc_(n), *dv2 = falloc_(n);
+    for (int rep = 0; rep < 2; rep++) {
+        attention_backward(dq2, dk2, dv2, r, out, lse, q, k, v, B, T, H, Dh);
+    }
+    CU_ASSERT(check_doubled_("attention dq doubled", dq2, dq, n));
+    CU_ASSERT(check_doubled_("attention dk doubled", dk2, dk, n));
+    CU_ASSERT(check_doubled_("attention dv doubled", dv2, dv, n));
+    // one gradient at a time (NULL others) gives the same values
+    zero_fill(dq2, n);
+    zero_fill(dk2, n);
+    zero_fill(dv2, n);
+    attention_backward(dq2, NULL, NULL, r, out, lse, q, k, v, B, T, H, Dh);
+    attention_backward(NULL, dk2, NULL, r, out, lse, q, k, v, B, T, H, Dh);
+    attention_backward(NULL, NULL, dv2, r, out, lse, q, k, v, B, T, H, Dh);
+    CU_ASSERT(tu_allclose("attention dq alone", dq2, dq, n, 0, 0));
+    CU_ASSERT(tu_allclose("attention dk alone", dk2, dk, n, 0, 0));
+    CU_ASSERT(tu_allclose("attention dv alone", dv2, dv, n, 0, 0));
+
+    // 10240 elements per tensor: probe 400 random ones of each (two forwards per probe)
+    FdOp op = {.fwd = attn_fwd_, .ctx = &c, .r = r, .n_out = n, .h = FD_H};
+    CU_ASSERT(fd_check_("attention dq", &op, q, dq, n, 400, 7));
+    CU_ASSERT(fd_check_("attention dk", &op, k, dk, n, 400, 8));
+    CU_ASSERT(fd_check_("attention dv", &op, v, dv, n, 400, 9));
+    free(dv2);
+    free(dk2);
+    free(dq2);
+    free(dv);
+    free(dk);
+    free(dq);
+    free(r);
+    free(lse);
+    free(out);
+    free(v);
+    free(k);
+    free(q);
+}
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU and add
+
+typedef struct {
+    float *out, *g, *u;
+    size_t n;
+} SwiCtx;
+
+static const float *swi_fwd_(void *p) {
+    SwiCtx *c = p;
+    swiglu_forward(c->out, c->g, c->u, c->n);
+    return c->out;
+}
+
+static void test_swiglu(void) {
+    enum { n = 300 };
+    float *g = frand_(n, 91, 4.0f), *u = frand_(n, 92, 1.0f);
+    float *out = falloc_(n), *r = frand_(n, 93, 1.0f);
+    SwiCtx c = {out, g, u, n};
+    swi_fwd_(&c);
+    double want[n];
+    for (int i = 0; i < n; i++) want[i] = g[i] / (1.0 + exp(-(double)g[i])) * u[i];
+    CU_ASSERT(allclose_d_("swiglu out", out, want, n, 1e-7, 1e-6));
+
+    float *dg = falloc_(n), *du = falloc_(n), *dg2 = falloc_(n), *du2 = falloc_(n);
+    swiglu_backward(dg, du, r, g, u, n);
+    swiglu_backward(dg2, NULL, r, g, u, n);
+    swiglu_backward(dg2, du2, r, g, u, n);
+    swiglu_backward(NULL, du2, r, g, u, n);
+    CU_ASSERT(check_doubled_("swiglu dg doubled", dg2, dg, n));
+    CU_ASSERT(check_doubled_("swiglu du doubled", du2, du, n));
+
+    FdOp op = {.fwd = swi_fwd_, .ctx = &c, .r = r, .n_out = n, .h = FD_H};
+    CU_ASSERT(fd_check_("swiglu dg", &op, g, dg, n, 100000, 10));
+    CU_ASSERT(fd_check_("swiglu du", &op, u, du, n, 100000, 11));
+    free(du2);
+    free(dg2);
+    free(du);
+    free(dg);
+    free(r);
+    free(out);
+    free(u);
+    free(g);
+}
+
+static void test_add(void) {
+    enum { n = 100 };
+    float *a = frand_(n, 95, 1.0f), *b = frand_(n, 96, 1.0f), *out = falloc_(n);
+    add_forward(out, a, b, n);
+    int ok = 1;
+    for (int i = 0; i < n; i++) ok &= out[i] == a[i] + b[i];
+    CU_ASSERT(ok);
+    add_forward(a, a, b, n); // out aliases a
+    CU_ASSERT(memcmp(a, out, n * sizeof(float)) == 0);
+    free(out);
+    free(b);
+    free(a);
+}
+
+// ---------------------------------------------------------------------------------------
+// Router
+
+// Naive: softmax in double; top-k by repeatedly taking the largest remaining probability,
+// lower index first on ties. probs is (N,E), lse is (N), idx and w are (N,K)
+static void naive_router_(double *probs, double *lse, int32_t *idx, double *w, const float *logits,
+                          int N, int E, int K, int norm) {
+    for (int t = 0; t < N; t++) {
+        const float *l = logits + (size_t)t * E;
+        double m = -INFINITY, z = 0.0;
+        for (int e = 0; e < E; e++) m = fmax(m, l[e]);
+        for (int e = 0; e < E; e++) z += exp(l[e] - m);
+        lse[t] = m + log(z);
+        double *p = probs + (size_t)t * E;
+        for (int e = 0; e < E; e++) p[e] = exp(l[e] - m) / z;
+        int used[64] = {0};
+        double sum = 0.0;
+        for (int j = 0; j < K; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                if (!used[e] && (best < 0 || p[e] > p[best])) best = e;
+            }
+            used[best] = 1;
+            idx[t * K + j] = best;
+            sum += p[best];
+        }
+        for (int j = 0; j < K; j++) w[t * K + j] = p[idx[t * K + j]] / (norm ? sum : 1.0);
+    }
+}
+
+static void test_router_forward(void) {
+    enum { N = 16, E = 8, K = 3 };
+    float *logits = frand_(N * E, 101, 3.0f);
+    // ties: row 0 all equal -> experts 0,1,2; row 1 three equal maxima at 1, 2, 5
+    for (int e = 0; e < E; e++) logits[e] = 0.25f;
+    for (int e = 0; e < E; e++) logits[E + e] = (e == 1 || e == 2 || e == 5) ? 2.0f : -1.0f;
+    float probs[N * E], lse[N], w[N * K];
+    int32_t idx[N * K], want_idx[N * K];
+    double want_p[N * E], want_lse[N], want_w[N * K];
+    for (int norm = 0; norm <= 1; norm++) {
+        router_forward(probs, lse, idx, w, logits, N, E, K, norm);
+        naive_router_(want_p, want_lse, want_idx, want_w, logits, N, E, K, norm);
+        CU_ASSERT(allclose_d_("router probs", probs, want_p, N * E, 1e-7, 1e-6));
+        CU_ASSERT(allclose_d_("router lse", lse, want_lse, N, 1e-6, 1e-6));
+        CU_ASSERT(allclose_d_("router topk_w", w, want_w, N * K, 1e-7, 1e-6));
+        CU_ASSERT(memcmp(idx, want_idx, sizeof(idx)) == 0);
+        CU_ASSERT(idx[0] == 0 && idx[1] == 1 && idx[2] == 2);
+        CU_ASSERT(idx[K] == 1 && idx[K + 1] == 2 && idx[K + 2] == 5);
+    }
+    free(logits);
+}
+
+typedef struct {
+    float *probs, *lse, *w, *logits;
+    int32_t *idx, *idx0; // current and unperturbed top-k choice
+    float *packed;       // (N*K + N*E + N): topk_w, probs, lse^2
+    int N, E, K, norm;
+} RouterCtx;
+
+// Outputs topk_w, probs and lse^2, so that sum(out * r) with r = (dtopk_w, dprob_bias per
+// token, dz_coef per token) is the loss whose gradient router_backward computes.
+static const float *router_fwd_(void *p) {
+    RouterCtx *c = p;
+    const int N = c->N, E = c->E, K = c->K;
+    router_forward(c->probs, c->lse, c->idx, c->w, c->logits, N, E, K, c->norm);
+    if (memcmp(c->idx, c->idx0, (size_t)N * K * sizeof(int32_t)) != 0) return NULL;
+    memcpy(c->packed, c->w, (size_t)N * K * sizeof(float));
+    memcpy(c->packed + N * K, c->probs, (size_t)N * E * sizeof(float));
+    for (int t = 0; t < N; t++) c->packed[N * K + N * E + t] = c->lse[t] * c->lse[t];
+    return c->packed;
+}
+
+static void test_router_backward(void) {
+    enum { N = 16, E = 8, K = 3, NO = N * K + N * E + N };
+    const char *term_names[] = {"topk_w", "prob_bias", "z", "all"};
+    float *logits = frand_(N * E, 111, 3.0f);
+    float *dw = frand_(N * K, 112, 1.0f), *bias = frand_(E, 113, 1.0f);
+    const float zc = 0.7f;
+    float probs[N * E], lse[N], w[N * K], packed[NO], r[NO];
+    int32_t idx[N * K], idx0[N * K];
+    for (int norm = 0; norm <= 1; norm++) {
+        RouterCtx c = {probs, lse, w, logits, idx, idx0, packed, N, E, K, norm};
+        router_forward(probs, lse, idx0, w, logits, N, E, K, norm);
+        for (int term = 0; term < 4; term++) {
+            const int use_w = term == 0 || term == 3, use_b = term == 1 || term == 3;
+            const int use_z = term == 2 || term == 3;
+            for (int i = 0; i < N * K; i++) r[i] = use_w ? dw[i] : 0.0f;
+            for (int i = 0; i < N * E; i++) r[N * K + i] = use_b ? bias[i % E] : 0.0f;
+            for (int t = 0; t < N; t++) r[N * K + N * E + t] = use_z ? zc : 0.0f;
+            router_fwd_(&c);
+
+            float dl[N * E] = {0}, dl2[N * E] = {0};
+            for (int rep = 0; rep < 3; rep++) {
+                router_backward(rep == 0 ? dl : dl2, use_w ? dw : NULL, use_b ? bias : NULL,
+                                use_z ? zc : 0.0f, probs, lse, idx, w, N, E, K, norm);
+            }
+            CU_ASSERT(check_doubled_("router dlogits doubled", dl2, dl, N * E));
+            char name[64];
+            snprintf(name, sizeof(name), "router %s norm_topk=%d", term_names[term], norm);
+            FdOp op = {.fwd = router_fwd_, .ctx = &c, .r = r, .n_out = NO, .h = FD_H};
+            CU_ASSERT(fd_check_(name, &op, logits, dl, N * E, 100000, 12 + term));
+        }
+    }
+    free(bias);
+    free(dw);
+    free(logits);
+}
+
+// ---------------------------------------------------------------------------------------
+// MoE dispatch: plan, permute, unpermute
+
+// K distinct experts per token, never expert `skip` (so that one expert has no rows).
+static void random_topk_(int32_t *idx, int N, int K, int E, int skip, uint64_t seed) {
+    uint64_t s = seed;
+    for (int t = 0; t < N; t++) {
+        for (int j = 0; j < K; j++) {
+            int e, dup;
+            do {
+                e = (int)(tu_rand_u64(&s) % E);
+                dup = e == skip;
+                for (int jj = 0; jj < j; jj++) dup |= idx[t * K + jj] == e;
+            } while (dup);
+            idx[t * K + j] = e;
+        }
+    }
+}
+
+static void test_moe_plan(void) {
+    enum { N = 37, K = 4, E = 9, R = N * K };
+    int32_t idx[R], counts[E], offsets[E + 1], row_token[R], assign_row[R];
+    random_topk_(idx, N, K, E, 5, 121);
+    moe_plan(counts, offsets, row_token, assign_row, idx, N, K, E);
+
+    // direct loop: expert by expert, assignments in (t, j) order
+    int32_t want_counts[E] = {0}, want_row_token[R], want_assign[R];
+    int r = 0;
+    for (int e = 0; e < E; e++) {
+        for (int a = 0; a < R; a++) {
+            if (idx[a] != e) continue;
+            want_counts[e]++;
+            want_row_token[r] = a / K;
+            want_assign[a] = r++;
+        }
+    }
+    CU_ASSERT(memcmp(counts, want_counts, sizeof(counts)) == 0);
+    CU_ASSERT(memcmp(row_token, want_row_token, sizeof(row_token)) == 0);
+    CU_ASSERT(memcmp(assign_row, want_assign, sizeof(assign_row)) == 0);
+
+    // properties: counts sum to N*K, offsets are their prefix sums, expert 5 is empty,
+    // assign_row is a permutation whose rows hold the right token inside the right expert,
+    // and rows within an expert are in (t, j) order (stable)
+    int sum = 0, ok = offsets[0] == 0;
+    for (int e = 0; e < E; e++) {
+        sum += counts[e];
+        ok &= offsets[e + 1] == offsets[e] + counts[e];
+    }
+    CU_ASSERT(sum == R && ok && offsets[E] == R && counts[5] == 0);
+    int seen[R] = {0}, inv[R];
+    ok = 1;
+    for (int a = 0; a < R; a++) {
+        const int row = assign_row[a], e = idx[a];
+        ok &= row >= 0 && row < R && !seen[row];
+        if (!(row >= 0 && row < R)) break;
+        seen[row] = 1;
+        inv[row] = a;
+        ok &= row_token[row] == a / K && offsets[e] <= row && row < offsets[e + 1];
+    }
+    CU_ASSERT(ok);
+    for (int e = 0; e < E && ok; e++) {
+        for (int rr = offsets[e] + 1; rr < offsets[e + 1]; rr++) ok &= inv[rr] > inv[rr - 1];
+    }
+    CU_ASSERT(ok);
+}
+
+typedef struct {
+    float *out, *in;
+    const int32_t *map;
+    int n, D;
+} PermCtx;
+
+static const float *perm_fwd_(void *p) {
+    PermCtx *c = p;
+    permute_forward(c->out, c->in, c->map, c->n, c->D);
+    return c->out;
+}
+
+static void test_permute(void) {
+    enum { N = 11, K = 3, E = 5, D = 6, R = N * K };
+    int32_t idx[R], counts[E], offsets[E + 1], row_token[R], assign_row[R];
+    random_topk_(idx, N, K, E, -1, 131);
+    moe_plan(counts, offsets, row_token, assign_row, idx, N, K, E);
+    float *x = frand_(N * D, 132, 1.0f), *xp = falloc_(R * D), *r = frand_(R * D, 133, 1.0f);
+    PermCtx c = {xp, x, row_token, R, D};
+    perm_fwd_(&c);
+    int ok = 1;
+    for (int t = 0; t < N; t++) {
+        for (int j = 0; j < K; j++) {
+            ok &= memcmp(xp + (size_t)assign_row[t * K + j] * D, x + t * D, D * 4) == 0;
+        }
+    }
+    CU_ASSERT(ok);
+
+    float *dx = falloc_(N * D), *dx2 = falloc_(N * D);
+    permute_backward(dx, r, assign_row, N, K, D);
+    permute_backward(dx2, r, assign_row, N, K, D);
+    permute_backward(dx2, r, assign_row, N, K, D);
+    CU_ASSERT(check_doubled_("permute dx doubled", dx2, dx, N * D));
+    FdOp op = {.fwd = perm_fwd_, .ctx = &c, .r = r, .n_out = R * D, .h = FD_H};
+    CU_ASSERT(fd_check_("permute dx", &op, x, dx, N * D, 100000, 20));
+    free(dx2);
+    free(dx);
+    free(r);
+    free(xp);
+    free(x);
+}
+
+typedef struct {
+    float *out, *yp, *w;
+    const int32_t *assign_row;
+    int N, K, D;
+} UnpermCtx;
+
+static const float *unperm_fwd_(void *p) {
+    UnpermCtx *c = p;
+    unpermute_forward(c->out, c->yp, c->w, c->assign_row, c->N, c->K, c->D);
+    return c->out;
+}
+
+static void test_unpermute(void) {
+    enum { N = 11, K = 3, E = 5, D = 6, R = N * K };
+    int32_t idx[R], counts[E], offsets[E + 1], row_token[R], assign_row[R];
+    random_topk_(idx, N, K, E, -1, 141);
+    moe_plan(counts, offsets, row_token, assign_row, idx, N, K, E);
+    float *yp = frand_(R * D, 142, 1.0f), *w = frand_(N * K, 143, 1.0f);
+    float *out = falloc_(N * D), *r = frand_(N * D, 144, 1.0f);
+    UnpermCtx c = {out, yp, w, assign_row, N, K, D};
+    unperm_fwd_(&c);
+    double want[N * D];
+    for (int t = 0; t < N; t++) {
+        for (int d = 0; d < D; d++) {
+            double s = 0.0;
+            for (int j = 0; j < K; j++) {
+                s += (double)w[t * K + j] * yp[(size_t)assign_row[t * K + j] * D + d];
+            }
+            want[t * D + d] = s;
+        }
+    }
+    CU_ASSERT(allclose_d_("unpermute out", out, want, N * D, 1e-6, 1e-6));
+
+    float *dyp = falloc_(R * D), *dw = falloc_(N * K), *dyp2 = falloc_(R * D),
+          *dw2 = falloc_(N * K);
+    unpermute_backward(dyp, dw, r, yp, w, assign_row, N, K, D);
+    unpermute_backward(dyp2, NULL, r, yp, w, assign_row, N, K, D);
+    unpermute_backward(dyp2, dw2, r, yp, w, assign_row, N, K, D);
+    unpermute_backward(NULL, dw2, r, yp, w, assign_row, N, K, D);
+    CU_ASSERT(check_doubled_("unpermute dyp doubled", dyp2, dyp, R * D));
+    CU_ASSERT(check_doubled_("unpermute dtopk_w doubled", dw2, dw, N * K));
+    FdOp op = {.fwd = unperm_fwd_, .ctx = &c, .r = r, .n_out = N * D, .h = FD_H};
+    CU_ASSERT(fd_check_("unpermute dyp", &op, yp, dyp, R * D, 100000, 21));
+    CU_ASSERT(fd_check_("unpermute dtopk_w", &op, w, dw, N * K, 100000, 22));
+    free(dw2);
+    free(dyp2);
+    free(dw);
+    free(dyp);
+    free(r);
+    free(out);
+    free(w);
+    free(yp);
+}
+
+// ---------------------------------------------------------------------------------------
+// Grouped expert matmul
+
+typedef struct {
+    float *out, *inp, *w;
+    const int32_t *offsets;
+    int E, C, OC;
+} GmmCtx;
+
+static const float *gmm_fwd_(void *p) {
+    GmmCtx *c = p;
+    grouped_matmul_forward(c->out, c->inp, c->w, c->offsets, c->E, c->C, c->OC);
+    return c->out;
+}
+
+static void test_grouped_matmul(void) {
+    enum { E = 4, R = 12, C = 10, OC = 7 };
+    const int32_t offsets[E + 1] = {0, 3, 8, 8, 12}; // expert 2 has no rows
+    float *inp = frand_(R * C, 151, 1.0f), *w = frand_(E * OC * C, 152, 0.5f);
+    float *out = falloc_(R * OC), *r = frand_(R * OC, 153, 1.0f);
+    GmmCtx c = {out, inp, w, offsets, E, C, OC};
+    gmm_fwd_(&c);
+    double want[R * OC];
+    for (int e = 0; e < E; e++) {
+        const int r0 = offsets[e], n = offsets[e + 1] - r0;
+        naive_matmul_(want + r0 * OC, inp + r0 * C, w + (size_t)e * OC * C, n, C, OC);
+    }
+    CU_ASSERT(allclose_d_("grouped_matmul out", out, want, R * OC, 1e-5, 1e-5));
+
+    float *di = falloc_(R * C), *dw = falloc_(E * OC * C), *di2 = falloc_(R * C),
+          *dw2 = falloc_(E * OC * C);
+    grouped_matmul_backward(di, dw, r, inp, w, offsets, E, C, OC);
+    grouped_matmul_backward(di2, NULL, r, inp, w, offsets, E, C, OC);
+    grouped_matmul_backward(di2, dw2, r, inp, w, offsets, E, C, OC);
+    grouped_matmul_backward(NULL, dw2, r, inp, w, offsets, E, C, OC);
+    CU_ASSERT(check_doubled_("grouped_matmul dinp doubled", di2, di, R * C));
+    CU_ASSERT(check_doubled_("grouped_matmul dw doubled", dw2, dw, E * OC * C));
+    // the empty expert's gradient is left alone, whatever it holds
+    float *dw3 = falloc_(E * OC * C);
+    for (int i = 0; i < E * OC * C; i++) dw3[i] = 3.0f;
+    grouped_matmul_backward(NULL, dw3, r, inp, w, offsets, E, C, OC);
+    int ok = 1;
+    for (int i = 2 * OC * C; i < 3 * OC * C; i++) ok &= dw3[i] == 3.0f && dw[i] == 0.0f;
+    CU_ASSERT(ok);
+
+    FdOp op = {.fwd = gmm_fwd_, .ctx = &c, .r = r, .n_out = R * OC, .h = FD_H};
+    CU_ASSERT(fd_check_("grouped_matmul dinp", &op, inp, di, R * C, 100000, 23));
+    CU_ASSERT(fd_check_("grouped_matmul dw", &op, w, dw, E * OC * C, 100000, 24));
+    free(dw3);
+    free(dw2);
+    free(di2);
+    free(dw);
+    free(di);
+    free(r);
+    free(out);
+    free(w);
+    free(inp);
+}
+
+// ---------------------------------------------------------------------------------------
+// Cross-entropy
+
+typedef struct {
+    float *losses, *logits;
+    const int32_t *targets;
+    int N, V;
+    double scale;
+} CeCtx;
+
+static double ce_loss_(void *p) {
+    CeCtx *c = p;
+    return c->scale * crossentropy_forward(c->losses, c->logits, c->targets, c->N, c->V);
+}
+
+static void test_crossentropy(void) {
+    enum { N = 6, V = 37 };
+    const int32_t targets[N] = {3, -1, 0, 36, 17, -1};
+    const float scale = 2.5f;
+    float *logits = frand_(N * V, 161, 4.0f), *losses = falloc_(N);
+    double want[N], want_sum = 0.0, want_dl[N * V];
+    for (int i = 0; i < N; i++) {
+        const float *l = logits + i * V;
+        double m = -INFINITY, z = 0.0;
+        for (int j = 0; j < V; j++) m = fmax(m, l[j]);
+        for (int j = 0; j < V; j++) z += exp(l[j] - m);
+        want[i] = targets[i] < 0 ? 0.0 : m + log(z) - l[targets[i]];
+        want_sum += want[i];
+        for (int j = 0; j < V; j++) {
+            want_dl[i * V + j] =
+                targets[i] < 0 ? 0.0 : scale * (exp(l[j] - m) / z - (j == targets[i] ? 1.0 : 0.0));
+        }
+    }
+    const double sum = crossentropy_forward(losses, logits, targets, N, V);
+    CU_ASSERT(allclose_d_("crossentropy losses", losses, want, N, 1e-6, 1e-6));
+    CU_ASSERT(fabs(sum - want_sum) <= 1e-6 * fabs(want_sum));
+
+    float *dl = falloc_(N * V), *losses2 = falloc_(N);
+    for (int i = 0; i < N * V; i++) dl[i] = 123.0f; // written, not accumulated
+    const double sum2 = crossentropy_forward_backward(dl, losses2, logits, targets, N, V, scale);
+    CU_ASSERT(sum2 == sum);
+    CU_ASSERT(memcmp(losses2, losses, N * sizeof(float)) == 0);
+    CU_ASSERT(allclose_d_("crossentropy dlogits", dl, want_dl, N * V, 1e-7, 1e-5));
+    float *alias = fcopy_(logits, N * V); // dlogits may alias logits
+    const double sum3 = crossentropy_forward_backward(alias, losses2, alias, targets, N, V, scale);
+    CU_ASSERT(sum3 == sum);
+    CU_ASSERT(memcmp(alias, dl, N * V * sizeof(float)) == 0);
+
+    // FD of scale * crossentropy_forward's total (double). Its roundoff between two probes:
+    // moving one logit changes its own fp32 exp term (all terms when it is the row max), so
+    // the row's sum moves by <= eps_f32 relative and the loss by <= eps_f32 * scale.
+    CeCtx c = {losses, logits, targets, N, V, scale};
+    FdOp op = {.ctx = &c, .h = FD_H, .loss = ce_loss_, .noise = FLT_EPSILON * scale};
+    CU_ASSERT(fd_check_("crossentropy dlogits", &op, logits, dl, N * V, 100000, 25));
+    free(alias);
+    free(losses2);
+    free(dl);
+    free(losses);
+    free(logits);
+}
+
+// ---------------------------------------------------------------------------------------
+// AdamW and reductions
+
+static void test_adamw(void) {
+    // lr 0.01, b1 0.9, b2 0.95, eps 1e-8, wd 0.1, step t = 3, grad_scale 0.5. Element 0 by hand:
+    //   g = 0.5 * 0.1 = 0.05; m = 0.9*0.01 + 0.1*0.05 = 0.014; v = 0.95*0.001 + 0.05*0.0025
+    //   = 0.001075; mhat = 0.014 / (1 - 0.9^3) = 0.0516605166; vhat = 0.001075 / (1 - 0.95^3)
+    //   = 0.00753724803; p = 1 - 0.01 * (0.0516605166 / 0.0868173 + 0.1 * 1) = 0.993049516.
+    float p[4] = {1.0f, -0.5f, 0.25f, 0.0f}, g[4] = {0.1f, -0.2f, 0.0f, 0.3f};
+    float m[4] = {0.01f, 0.0f, 0.02f, -0.01f}, v[4] = {0.001f, 0.002f, 0.0004f, 0.0001f};
+    const float want_p[4] = {0.993049516f, -0.496655389f, 0.236882056f, -0.00239386594f};
+    const float want_m[4] = {0.014f, -0.01f, 0.018f, 0.006f};
+    const float want_v[4] = {0.001075f, 0.0024f, 0.00038f, 0.00122f};
+    adamw_update(p, g, m, v, 4, 0.01f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, 0.5f);
+    CU_ASSERT(tu_allclose("adamw p", p, want_p, 4, 1e-7, 1e-6));
+    CU_ASSERT(tu_allclose("adamw m", m, want_m, 4, 1e-9, 1e-6));
+    CU_ASSERT(tu_allclose("adamw v", v, want_v, 4, 1e-10, 1e-6));
+}
+
+static void test_reductions(void) {
+    const size_t n = 100003; // above the parallel threshold, not a multiple of the chunks
+    float *x = frand_(n, 171, 2.0f);
+    double want = 0.0;
+    for (size_t i = 0; i < n; i++) want += (double)x[i] * x[i];
+    CU_ASSERT(fabs(sum_squares(x, n) - want) <= 1e-12 * want);
+    CU_ASSERT(sum_squares(x, 3) == (double)x[0] * x[0] + (double)x[1] * x[1] + (double)x[2] * x[2]);
+    CU_ASSERT(sum_squares(x, 0) == 0.0);
+    float *y = fcopy_(x, n);
+    scale_inplace(y, 0.5f, n);
+    int ok = 1;
+    for (size_t i = 0; i < n; i++) ok &= y[i] == 0.5f * x[i];
+    CU_ASSERT(ok);
+    zero_fill(y, n);
+    CU_ASSERT(tu_max_abs(y, n) == 0.0);
+    free(y);
+    free(x);
+}
+
+static void test_info(void) {
+    const char *info = kernels_blas_info();
+    printf("\n    %s, kernels_num_threads %d", info, kernels_num_threads());
+    CU_ASSERT(strstr(info, "OpenBLAS") != NULL);
+    CU_ASSERT(kernels_num_threads() >= 1);
+}
+
+int main(void) {
+    const TuTest tests[] = {
+        {"embedding", test_embedding},
+        {"rmsnorm", test_rmsnorm},
+        {"matmul", test_matmul},
+        {"rope", test_rope},
+        {"attention_forward", test_attention_forward},
+        {"attention_backward", test_attention_backward},
+        {"swiglu", test_swiglu},
+        {"add", test_add},
+        {"router_forward", test_router_forward},
+        {"router_backward", test_router_backward},
+        {"moe_plan", test_moe_plan},
+        {"permute", test_permute},
+        {"unpermute", test_unpermute},
+        {"grouped_matmul", test_grouped_matmul},
+        {"crossentropy", test_crossentropy},
+        {"adamw", test_adamw},
+        {"reductions", test_reductions},
+        {"info", test_info},
+    };
+    return tu_run("ops", tests, (int)(sizeof(tests) / sizeof(tests[0])));
+}

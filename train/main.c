@@ -1,0 +1,327 @@
+// main: the `moet` command line, git style: `moet <command> [args]`, each command with --help.
+// Exit status: 0 success, 2 usage or configuration error, 1 any other failure.
+#include <cblas.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include "kernels/kernels.h"
+#include "train/common.h"
+#include "train/config.h"
+#include "train/model.h"
+
+#define MAX_SETS 256
+
+// ---------------------------------------------------------------------------------------
+// shared argument handling
+
+typedef struct {
+    const char *config;
+    char *sets[MAX_SETS];
+    int n_sets;
+} ConfigArgs;
+
+// Takes `--set k=v` / `--set=k=v` at argv[*i]; returns 1 if it consumed the argument.
+static int take_set_(ConfigArgs *ca, int argc, char **argv, int *i, MoetErr *err, int *rc) {
+    const char *a = argv[*i];
+    const char *val = NULL;
+    if (strcmp(a, "--set") == 0) {
+        if (*i + 1 >= argc) {
+            *rc = moet_errf(err, MOET_EUSAGE, "--set needs section.key=value");
+            return 1;
+        }
+        val = argv[++*i];
+    } else if (strncmp(a, "--set=", 6) == 0) {
+        val = a + 6;
+    } else {
+        return 0;
+    }
+    if (ca->n_sets == MAX_SETS) {
+        *rc = moet_errf(err, MOET_EUSAGE, "too many --set options (at most %d)", MAX_SETS);
+        return 1;
+    }
+    ca->sets[ca->n_sets++] = (char *)val;
+    return 1;
+}
+
+static int want_help_(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) return 1;
+    return 0;
+}
+
+static void human_(char *buf, size_t n, double x) {
+    if (x >= 1e9) snprintf(buf, n, "%.2fB", x / 1e9);
+    else if (x >= 1e6) snprintf(buf, n, "%.2fM", x / 1e6);
+    else if (x >= 1e3) snprintf(buf, n, "%.2fK", x / 1e3);
+    else snprintf(buf, n, "%.0f", x);
+}
+
+static void bytes_(char *buf, size_t n, double b) {
+    if (b >= 1024.0 * 1024 * 1024) snprintf(buf, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
+    else snprintf(buf, n, "%.1f MiB", b / (1024.0 * 1024));
+}
+
+// ---------------------------------------------------------------------------------------
+// moet info
+
+static const char *INFO_HELP =
+    "usage: moet info CONFIG [--set section.key=value]... [--world W]\n"
+    "\n"
+    "Prints the resolved configuration, the parameter counts (total, active, by component),\n"
+    "the training FLOPs per token (6*N_active + 12*L*d_model*seq_len) and an estimate of the\n"
+    "memory each rank needs (fp32 parameters, gradients, AdamW state and activations of one\n"
+    "micro-batch) for a world of W ranks (default: [parallel] ep) with ep from the config.\n";
+
+static int cmd_info(int argc, char **argv, MoetErr *err) {
+    if (want_help_(argc, argv)) {
+        fputs(INFO_HELP, stdout);
+        return MOET_OK;
+    }
+    ConfigArgs ca = {0};
+    int world = 0, rc = MOET_OK;
+    for (int i = 1; i < argc; i++) {
+        if (take_set_(&ca, argc, argv, &i, err, &rc)) {
+            if (rc) return rc;
+        } else if (strcmp(argv[i], "--world") == 0 && i + 1 < argc) {
+            world = atoi(argv[++i]);
+            if (world < 1) return moet_errf(err, MOET_EUSAGE, "--world must be >= 1");
+        } else if (argv[i][0] == '-') {
+            return moet_errf(err, MOET_EUSAGE, "info: unknown option %s (see moet info --help)",
+                             argv[i]);
+        } else if (!ca.config) {
+            ca.config = argv[i];
+        } else {
+            return moet_errf(err, MOET_EUSAGE, "info: one CONFIG only (got %s and %s)",
+                             ca.config, argv[i]);
+        }
+    }
+    if (!ca.config) return moet_errf(err, MOET_EUSAGE, "info: missing CONFIG (see --help)");
+    Config c;
+    if ((rc = config_from_cli(&c, ca.config, ca.n_sets, ca.sets, err))) return rc;
+    if (world == 0) world = c.ep;
+    if (world % c.ep != 0)
+        return moet_errf(err, MOET_EUSAGE, "--world %d is not a multiple of [parallel] ep %d",
+                         world, c.ep);
+
+    int need = config_to_ini(&c, NULL, 0);
+    char *ini = malloc((size_t)need + 1);
+    config_to_ini(&c, ini, need + 1);
+    printf("# resolved configuration (%s)\n%s\n", ca.config, ini);
+    free(ini);
+
+    ParamCounts pc;
+    model_param_counts(&c, &pc);
+    char a[32], b[32];
+    printf("# parameters\n");
+    printf("%-22s %14lld\n", "embedding", (long long)pc.embed);
+    printf("%-22s %14lld\n", "attention", (long long)pc.attention);
+    printf("%-22s %14lld\n", "norms", (long long)pc.norms);
+    if (c.n_experts > 0) {
+        printf("%-22s %14lld\n", "router", (long long)pc.router);
+        printf("%-22s %14lld  (%d experts x %lld)\n", "experts", (long long)pc.experts,
+               c.n_experts, (long long)(pc.experts / c.n_experts / c.n_layers));
+    } else {
+        printf("%-22s %14lld\n", "mlp", (long long)pc.dense_mlp);
+    }
+    printf("%-22s %14lld\n", "lm_head", (long long)pc.lm_head);
+    human_(a, sizeof a, (double)pc.total);
+    human_(b, sizeof b, (double)pc.active);
+    printf("total parameters:      %14lld  (%s)\n", (long long)pc.total, a);
+    printf("active parameters:     %14lld  (%s per token%s)\n", (long long)pc.active, b,
+           c.n_experts > 0 ? ", top-k experts" : "");
+    human_(a, sizeof a, (double)pc.active_flops);
+    double fpt = model_flops_per_token(&c);
+    printf("N_active for FLOPs:    %14lld  (%s: attention + router + k experts + lm_head)\n",
+           (long long)pc.active_flops, a);
+    printf("training FLOPs/token:  %14.4g  (6*N_active + 12*L*d_model*seq_len)\n", fpt);
+    printf("FLOPs per global batch:%14.4g  (%d sequences x %d tokens)\n",
+           fpt * (double)c.global_batch * c.seq_len, c.global_batch, c.seq_len);
+
+    // memory per rank: expert tensors are split over ep ranks, the rest is replicated
+    double local_params = (double)(pc.total - pc.experts) + (double)pc.experts / c.ep;
+    double act = (double)model_activation_floats(&c, c.micro_batch, c.seq_len,
+                                                 c.n_experts / c.ep) * 4.0;
+    double pbytes = local_params * 4, gbytes = local_params * 4, obytes = local_params * 8;
+    printf("\n# memory per rank (world %d, ep %d, fp32, micro_batch %d x seq_len %d)\n", world,
+           c.ep, c.micro_batch, c.seq_len);
+    bytes_(a, sizeof a, pbytes);
+    printf("%-22s %s\n", "parameters", a);
+    bytes_(a, sizeof a, gbytes);
+    printf("%-22s %s\n", "gradients", a);
+    bytes_(a, sizeof a, obytes);
+    printf("%-22s %s\n", "AdamW state", a);
+    bytes_(a, sizeof a, act);
+    printf("%-22s %s\n", "activations", a);
+    bytes_(a, sizeof a, pbytes + gbytes + obytes + act);
+    printf("%-22s %s\n", "total", a);
+    return MOET_OK;
+}
+
+// ---------------------------------------------------------------------------------------
+// moet bench
+
+static const char *BENCH_HELP =
+    "usage: moet bench CONFIG [--set section.key=value]... [--steps N] [--warmup W]\n"
+    "\n"
+    "Times forward+backward of the model on random tokens (micro_batch x seq_len from the\n"
+    "config) and prints tokens/s, achieved GFLOP/s and MFU against the sgemm peak that it\n"
+    "measures first on this machine with the same threads (median of N steps after W warm-up\n"
+    "steps; defaults 5 and 2), and the peak resident memory.\n";
+
+static int cmp_double_(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median_(double *x, int n) {
+    qsort(x, (size_t)n, sizeof *x, cmp_double_);
+    return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
+}
+
+// The machine's sgemm peak: the best of several square sgemm calls, in GFLOP/s. The best, not
+// the median: shared machines lose throughput to their neighbours now and then, and a peak is
+// what the hardware can do. bench measures it before and after the steps and keeps the larger.
+static double sgemm_peak_gflops_(void) {
+    const int n = 2048;
+    float *A = moet_malloc((size_t)n * n * sizeof(float));
+    float *B = moet_malloc((size_t)n * n * sizeof(float));
+    float *C = moet_malloc((size_t)n * n * sizeof(float));
+    for (size_t i = 0; i < (size_t)n * n; i++) {
+        A[i] = (float)((i * 7) % 13) * 0.01f;
+        B[i] = (float)((i * 5) % 11) * 0.01f;
+    }
+    double best = 0;
+    for (int r = 0; r < 10; r++) {
+        double t0 = moet_time();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, A, n, B, n, 0.0f, C,
+                    n);
+        double dt = moet_time() - t0;
+        double gf = 2.0 * n * n * (double)n / dt / 1e9;
+        if (r > 0 && gf > best) best = gf;  // the first call warms up the threads
+    }
+    free(A);
+    free(B);
+    free(C);
+    return best;
+}
+
+static int cmd_bench(int argc, char **argv, MoetErr *err) {
+    if (want_help_(argc, argv)) {
+        fputs(BENCH_HELP, stdout);
+        return MOET_OK;
+    }
+    ConfigArgs ca = {0};
+    int steps = 5, warmup = 2, rc = MOET_OK;
+    for (int i = 1; i < argc; i++) {
+        if (take_set_(&ca, argc, argv, &i, err, &rc)) {
+            if (rc) return rc;
+        } else if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc) {
+            steps = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--warmup") == 0 && i + 1 < argc) {
+            warmup = atoi(argv[++i]);
+        } else if (argv[i][0] == '-') {
+            return moet_errf(err, MOET_EUSAGE, "bench: unknown option %s (see moet bench "
+                             "--help)", argv[i]);
+        } else if (!ca.config) {
+            ca.config = argv[i];
+        } else {
+            return moet_errf(err, MOET_EUSAGE, "bench: one CONFIG only");
+        }
+    }
+    if (!ca.config) return moet_errf(err, MOET_EUSAGE, "bench: missing CONFIG (see --help)");
+    if (steps < 1 || warmup < 0)
+        return moet_errf(err, MOET_EUSAGE, "bench: --steps must be >= 1 and --warmup >= 0");
+    Config c;
+    if ((rc = config_from_cli(&c, ca.config, ca.n_sets, ca.sets, err))) return rc;
+    if (strcmp(c.device, "cpu") != 0)
+        return moet_errf(err, MOET_EUSAGE, "bench: [train] device = %s is not available in "
+                         "this build yet (use --set train.device=cpu)", c.device);
+
+    int B = c.micro_batch, T = c.seq_len;
+    printf("moet bench %s: %d x %d tokens per step, %s\n", ca.config, B, T, kernels_blas_info());
+    double peak = sgemm_peak_gflops_();
+    printf("sgemm peak (2048^3, %d threads, best of 9): %.1f GFLOP/s\n", kernels_num_threads(),
+           peak);
+
+    Model m;
+    if ((rc = model_create(&m, &c, 0, 1, err))) return rc;
+    model_init_weights(&m, c.seed);
+    if ((rc = model_set_batch(&m, B, T, err))) return rc;
+    int32_t *tokens = moet_malloc((size_t)B * T * sizeof(int32_t));
+    uint64_t s = c.seed;
+    for (int i = 0; i < B * T; i++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        tokens[i] = (int32_t)((s >> 33) % (uint64_t)c.vocab_size);
+    }
+    double *times = malloc(sizeof(double) * (size_t)steps);
+    for (int i = 0; i < warmup + steps; i++) {
+        double t0 = moet_time();
+        model_zero_grad(&m);
+        model_forward(&m, tokens);
+        model_backward(&m);
+        double dt = moet_time() - t0;
+        if (i >= warmup) times[i - warmup] = dt;
+        printf("step %d%s: %.3f s, loss %.4f (ce %.4f lb %.4f z %.4f)\n", i + 1,
+               i < warmup ? " (warm-up)" : "", dt, m.loss, m.ce, m.lb, m.z);
+        fflush(stdout);
+    }
+    double peak_after = sgemm_peak_gflops_();
+    if (peak_after > peak) peak = peak_after;
+    double med = median_(times, steps);
+    double tok_s = (double)B * T / med;
+    double gflops = model_flops_per_token(&c) * tok_s / 1e9;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("\nstep time (median of %d): %.3f s\n", steps, med);
+    printf("tokens/s:                 %.1f\n", tok_s);
+    printf("achieved:                 %.1f GFLOP/s\n", gflops);
+    printf("MFU:                      %.1f%% of the measured sgemm peak (%.1f GFLOP/s, best "
+           "before/after)\n", 100.0 * gflops / peak, peak);
+    printf("peak memory (RSS):        %.1f MiB\n", (double)ru.ru_maxrss / 1024.0);
+    free(times);
+    free(tokens);
+    model_free(&m);
+    return MOET_OK;
+}
+
+// ---------------------------------------------------------------------------------------
+// dispatch
+
+typedef struct {
+    const char *name;
+    int (*fn)(int, char **, MoetErr *);
+    const char *summary;
+} Command;
+
+static const Command COMMANDS[] = {
+    {"info", cmd_info, "resolved config, parameters (total / active), FLOPs per token, memory"},
+    {"bench", cmd_bench, "timed forward+backward: tokens/s, MFU, peak memory"},
+};
+#define N_COMMANDS ((int)(sizeof COMMANDS / sizeof COMMANDS[0]))
+
+static void usage_(FILE *f) {
+    fprintf(f, "usage: moet <command> [options]   (moet <command> --help for details)\n\n"
+               "commands:\n");
+    for (int i = 0; i < N_COMMANDS; i++)
+        fprintf(f, "  %-10s %s\n", COMMANDS[i].name, COMMANDS[i].summary);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+        strcmp(argv[1], "help") == 0) {
+        usage_(argc < 2 ? stderr : stdout);
+        return argc < 2 ? MOET_EUSAGE : MOET_OK;
+    }
+    for (int i = 0; i < N_COMMANDS; i++) {
+        if (strcmp(argv[1], COMMANDS[i].name) != 0) continue;
+        MoetErr err = {{0}};
+        int rc = COMMANDS[i].fn(argc - 1, argv + 1, &err);
+        if (rc) fprintf(stderr, "moet: %s\n", err.msg[0] ? err.msg : "failed");
+        return rc;
+    }
+    fprintf(stderr, "moet: unknown command '%s'\n", argv[1]);
+    usage_(stderr);
+    return MOET_EUSAGE;
+}

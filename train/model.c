@@ -1,0 +1,487 @@
+// model: the OLMoE transformer of ARCHITECTURE §3: tensor table, init, forward, backward.
+#include "train/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+#include "train/moe.h"
+
+// ---------------------------------------------------------------------------------------
+// the tensor table
+
+// Per-layer tensors in table order. Dense and MoE layers differ only in the MLP.
+enum { LT_LN1, LT_Q, LT_K, LT_V, LT_O, LT_QN, LT_KN, LT_LN2, LT_ROUTER, LT_GATE, LT_UP, LT_DOWN,
+       LT_COUNT };
+
+static void add_tensor_(ParamTensor *t, int *n, size_t *off, const char *name, int layer,
+                        int is_expert, int ndim, int64_t d0, int64_t d1, int64_t d2,
+                        int64_t local_d0) {
+    ParamTensor *p = &t[(*n)++];
+    memset(p, 0, sizeof *p);
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->ndim = ndim;
+    int64_t g[3] = {d0, d1, d2};
+    size_t numel = 1;
+    for (int i = 0; i < ndim; i++) {
+        p->global_shape[i] = g[i];
+        p->shape[i] = (i == 0 && is_expert) ? local_d0 : g[i];
+        numel *= (size_t)p->shape[i];
+    }
+    p->numel = numel;
+    p->offset = *off;
+    p->layer = layer;
+    p->is_expert = is_expert;
+    p->decay = ndim >= 2;
+    // keep every tensor 16-float aligned so that vector loads never straddle tensors
+    *off += (numel + 15) / 16 * 16;
+}
+
+int model_tensor_table(const Config *c, int ep_rank, int ep_size, ParamTensor **out, int *n_out,
+                       size_t *n_params_out, MoetErr *err) {
+    int L = c->n_layers, D = c->d_model, V = c->padded_vocab, E = c->n_experts;
+    if (ep_size < 1 || (E > 0 && E % ep_size != 0) || ep_rank < 0 || ep_rank >= ep_size)
+        return moet_errf(err, MOET_EUSAGE, "expert parallel degree %d does not divide %d experts",
+                         ep_size, E);
+    int El = E > 0 ? E / ep_size : 0;
+    int n_max = 3 + L * LT_COUNT;
+    ParamTensor *t = calloc((size_t)n_max, sizeof *t);
+    if (!t) return moet_errf(err, MOET_EFAIL, "out of memory building the tensor table");
+    int n = 0;
+    size_t off = 0;
+    char name[MODEL_NAME_MAX];
+    add_tensor_(t, &n, &off, "model.embed_tokens.weight", -1, 0, 2, V, D, 0, 0);
+    for (int l = 0; l < L; l++) {
+#define LNAME(s) (snprintf(name, sizeof name, "model.layers.%d." s, l), name)
+        add_tensor_(t, &n, &off, LNAME("input_layernorm.weight"), l, 0, 1, D, 0, 0, 0);
+        add_tensor_(t, &n, &off, LNAME("self_attn.q_proj.weight"), l, 0, 2, D, D, 0, 0);
+        add_tensor_(t, &n, &off, LNAME("self_attn.k_proj.weight"), l, 0, 2, D, D, 0, 0);
+        add_tensor_(t, &n, &off, LNAME("self_attn.v_proj.weight"), l, 0, 2, D, D, 0, 0);
+        add_tensor_(t, &n, &off, LNAME("self_attn.o_proj.weight"), l, 0, 2, D, D, 0, 0);
+        add_tensor_(t, &n, &off, LNAME("self_attn.q_norm.weight"), l, 0, 1, D, 0, 0, 0);
+        add_tensor_(t, &n, &off, LNAME("self_attn.k_norm.weight"), l, 0, 1, D, 0, 0, 0);
+        add_tensor_(t, &n, &off, LNAME("post_attention_layernorm.weight"), l, 0, 1, D, 0, 0, 0);
+        if (E > 0) {
+            int F = c->expert_d_ff;
+            add_tensor_(t, &n, &off, LNAME("mlp.gate.weight"), l, 0, 2, E, D, 0, 0);
+            add_tensor_(t, &n, &off, LNAME("mlp.experts.gate_proj.weight"), l, 1, 3, E, F, D, El);
+            add_tensor_(t, &n, &off, LNAME("mlp.experts.up_proj.weight"), l, 1, 3, E, F, D, El);
+            add_tensor_(t, &n, &off, LNAME("mlp.experts.down_proj.weight"), l, 1, 3, E, D, F, El);
+        } else {
+            int F = c->d_ff;
+            add_tensor_(t, &n, &off, LNAME("mlp.gate_proj.weight"), l, 0, 2, F, D, 0, 0);
+            add_tensor_(t, &n, &off, LNAME("mlp.up_proj.weight"), l, 0, 2, F, D, 0, 0);
+            add_tensor_(t, &n, &off, LNAME("mlp.down_proj.weight"), l, 0, 2, D, F, 0, 0);
+        }
+#undef LNAME
+    }
+    add_tensor_(t, &n, &off, "model.norm.weight", -1, 0, 1, D, 0, 0, 0);
+    add_tensor_(t, &n, &off, "lm_head.weight", -1, 0, 2, V, D, 0, 0);
+    *out = t;
+    *n_out = n;
+    *n_params_out = off;
+    return MOET_OK;
+}
+
+void model_param_counts(const Config *c, ParamCounts *pc) {
+    memset(pc, 0, sizeof *pc);
+    int64_t L = c->n_layers, D = c->d_model, V = c->padded_vocab, E = c->n_experts;
+    pc->embed = V * D;
+    pc->lm_head = V * D;
+    pc->attention = L * 4 * D * D;
+    pc->norms = L * 4 * D + D;  // ln1, q_norm, k_norm, ln2 per layer + final norm
+    int64_t per_expert = 3 * D * (int64_t)c->expert_d_ff;
+    if (E > 0) {
+        pc->router = L * E * D;
+        pc->experts = L * E * per_expert;
+    } else {
+        pc->dense_mlp = L * 3 * D * (int64_t)c->d_ff;
+    }
+    pc->total = pc->embed + pc->lm_head + pc->attention + pc->norms + pc->router + pc->experts +
+                pc->dense_mlp;
+    int64_t active_mlp = E > 0 ? L * (int64_t)c->top_k * per_expert : pc->dense_mlp;
+    pc->active = pc->embed + pc->lm_head + pc->attention + pc->norms + pc->router + active_mlp;
+    pc->active_flops = pc->attention + pc->router + active_mlp + pc->lm_head;
+}
+
+double model_flops_per_token(const Config *c) {
+    ParamCounts pc;
+    model_param_counts(c, &pc);
+    return 6.0 * (double)pc.active_flops + 12.0 * c->n_layers * c->d_model * (double)c->seq_len;
+}
+
+// ---------------------------------------------------------------------------------------
+// the activation arena: one pass that either counts (base == NULL) or carves.
+
+typedef struct {
+    float *fbase;
+    int32_t *ibase;
+    size_t nf, ni;
+} Carver;
+
+static float *carve_f_(Carver *cv, size_t n) {
+    float *p = cv->fbase ? cv->fbase + cv->nf : NULL;
+    cv->nf += (n + 15) / 16 * 16;
+    return p;
+}
+
+static int32_t *carve_i_(Carver *cv, size_t n) {
+    int32_t *p = cv->ibase ? cv->ibase + cv->ni : NULL;
+    cv->ni += (n + 15) / 16 * 16;
+    return p;
+}
+
+// Lays out the arena of a model with the given sizes; with m == NULL only counts.
+static void layout_arena_(Model *m, Carver *cv, int L, int D, int H, int V, int E, int K, int F,
+                          int B, int T) {
+    size_t N = (size_t)B * T, R = E > 0 ? N * K : N;
+    LayerActs dummy;
+    for (int l = 0; l < L; l++) {
+        LayerActs *a = m ? &m->acts[l] : &dummy;
+        a->x = carve_f_(cv, N * D);
+        a->ln1 = carve_f_(cv, N * D);
+        a->ln1_rstd = carve_f_(cv, N);
+        a->q = carve_f_(cv, N * D);
+        a->k = carve_f_(cv, N * D);
+        a->v = carve_f_(cv, N * D);
+        a->qr = carve_f_(cv, N * D);
+        a->kr = carve_f_(cv, N * D);
+        a->qn_rstd = carve_f_(cv, N);
+        a->kn_rstd = carve_f_(cv, N);
+        a->att = carve_f_(cv, N * D);
+        a->att_lse = carve_f_(cv, (size_t)B * H * T);
+        a->h = carve_f_(cv, N * D);
+        a->ln2 = carve_f_(cv, N * D);
+        a->ln2_rstd = carve_f_(cv, N);
+        if (E > 0) {
+            a->rlogits = carve_f_(cv, N * E);
+            a->rprobs = carve_f_(cv, N * E);
+            a->rlse = carve_f_(cv, N);
+            a->topk_w = carve_f_(cv, N * K);
+            a->topk_idx = carve_i_(cv, N * K);
+            a->counts = carve_i_(cv, E);
+            a->offsets = carve_i_(cv, E + 1);
+            a->row_token = carve_i_(cv, R);
+            a->assign_row = carve_i_(cv, N * K);
+            a->xp = carve_f_(cv, R * D);
+            a->yp = carve_f_(cv, R * D);
+        } else {
+            a->rlogits = a->rprobs = a->rlse = a->topk_w = NULL;
+            a->topk_idx = a->counts = a->offsets = a->row_token = a->assign_row = NULL;
+            a->xp = a->yp = NULL;
+        }
+        a->g = carve_f_(cv, R * F);
+        a->u = carve_f_(cv, R * F);
+        a->a = carve_f_(cv, R * F);
+        a->mlp_out = carve_f_(cv, N * D);
+    }
+    float *x_final = carve_f_(cv, N * D);
+    float *lnf = carve_f_(cv, N * D);
+    float *lnf_rstd = carve_f_(cv, N);
+    float *logits = carve_f_(cv, N * V);
+    float *losses = carve_f_(cv, N);
+    int32_t *tokens = carve_i_(cv, N);
+    int32_t *targets = carve_i_(cv, N);
+    // backward scratch, shared by all layers
+    float *d[8];
+    for (int i = 0; i < 8; i++) d[i] = carve_f_(cv, N * D);
+    float *d_xp = E > 0 ? carve_f_(cv, R * D) : NULL;
+    float *d_yp = E > 0 ? carve_f_(cv, R * D) : NULL;
+    float *d_g = carve_f_(cv, R * F), *d_u = carve_f_(cv, R * F), *d_a = carve_f_(cv, R * F);
+    float *d_rlogits = E > 0 ? carve_f_(cv, N * E) : NULL;
+    float *d_topk_w = E > 0 ? carve_f_(cv, N * K) : NULL;
+    if (!m) return;
+    m->x_final = x_final;
+    m->lnf = lnf;
+    m->lnf_rstd = lnf_rstd;
+    m->logits = logits;
+    m->losses = losses;
+    m->tokens = tokens;
+    m->targets = targets;
+    m->d_res = d[0];
+    m->d_ln = d[1];
+    m->d_q = d[2];
+    m->d_k = d[3];
+    m->d_v = d[4];
+    m->d_qr = d[5];
+    m->d_kr = d[6];
+    m->d_att = d[7];
+    m->d_xp = d_xp;
+    m->d_yp = d_yp;
+    m->d_g = d_g;
+    m->d_u = d_u;
+    m->d_a = d_a;
+    m->d_rlogits = d_rlogits;
+    m->d_topk_w = d_topk_w;
+}
+
+size_t model_activation_floats(const Config *c, int B, int T, int n_local_experts) {
+    (void)n_local_experts;  // with ep the received rows vary; N*K on average
+    Carver cv = {0};
+    int E = c->n_experts, F = E > 0 ? c->expert_d_ff : c->d_ff;
+    layout_arena_(NULL, &cv, c->n_layers, c->d_model, c->n_heads, c->padded_vocab, E, c->top_k,
+                  F, B, T);
+    return cv.nf + cv.ni;  // int32 and float are both 4 bytes
+}
+
+int model_set_batch(Model *m, int B, int T, MoetErr *err) {
+    if (T > m->cfg.max_seq_len)
+        return moet_errf(err, MOET_EUSAGE, "sequence length %d exceeds [model] max_seq_len %d", T,
+                         m->cfg.max_seq_len);
+    if (m->B == B && m->T == T) return MOET_OK;
+    free(m->arena);
+    free(m->iarena);
+    Carver cv = {0};
+    layout_arena_(NULL, &cv, m->L, m->D, m->H, m->V, m->E, m->K, m->F, B, T);
+    m->arena_floats = cv.nf;
+    m->iarena_ints = cv.ni;
+    m->arena = moet_calloc(cv.nf * sizeof(float));
+    m->iarena = moet_calloc(cv.ni * sizeof(int32_t));
+    Carver carve = {.fbase = m->arena, .ibase = m->iarena};
+    layout_arena_(m, &carve, m->L, m->D, m->H, m->V, m->E, m->K, m->F, B, T);
+    m->B = B;
+    m->T = T;
+    return MOET_OK;
+}
+
+// ---------------------------------------------------------------------------------------
+// create / free
+
+static void bind_pointers_(Model *m, float *base, ParamPointers *pp) {
+    int t = 0;
+    pp->embed = base + m->tensors[t++].offset;
+    for (int l = 0; l < m->L; l++) {
+        LayerParams *lp = &pp->layers[l];
+        lp->ln1 = base + m->tensors[t++].offset;
+        lp->wq = base + m->tensors[t++].offset;
+        lp->wk = base + m->tensors[t++].offset;
+        lp->wv = base + m->tensors[t++].offset;
+        lp->wo = base + m->tensors[t++].offset;
+        lp->q_norm = base + m->tensors[t++].offset;
+        lp->k_norm = base + m->tensors[t++].offset;
+        lp->ln2 = base + m->tensors[t++].offset;
+        lp->router = m->E > 0 ? base + m->tensors[t++].offset : NULL;
+        lp->w_gate = base + m->tensors[t++].offset;
+        lp->w_up = base + m->tensors[t++].offset;
+        lp->w_down = base + m->tensors[t++].offset;
+    }
+    pp->norm = base + m->tensors[t++].offset;
+    pp->lm_head = base + m->tensors[t++].offset;
+}
+
+int model_create(Model *m, const Config *c, int ep_rank, int ep_size, MoetErr *err) {
+    memset(m, 0, sizeof *m);
+    m->cfg = *c;
+    m->L = c->n_layers;
+    m->D = c->d_model;
+    m->H = c->n_heads;
+    m->Dh = c->d_model / c->n_heads;
+    m->V = c->padded_vocab;
+    m->E = c->n_experts;
+    m->K = c->n_experts > 0 ? c->top_k : 0;
+    m->F = c->n_experts > 0 ? c->expert_d_ff : c->d_ff;
+    int rc = model_tensor_table(c, ep_rank, ep_size, &m->tensors, &m->n_tensors, &m->n_params, err);
+    if (rc) return rc;
+    m->n_local_experts = m->E / ep_size;
+    m->expert_lo = ep_rank * m->n_local_experts;
+    m->params = moet_calloc(m->n_params * sizeof(float));
+    m->grads = moet_calloc(m->n_params * sizeof(float));
+    m->p.layers = calloc((size_t)m->L, sizeof(LayerParams));
+    m->g.layers = calloc((size_t)m->L, sizeof(LayerParams));
+    m->acts = calloc((size_t)m->L, sizeof(LayerActs));
+    m->layer_lb = calloc((size_t)m->L, sizeof(double));
+    m->layer_z = calloc((size_t)m->L, sizeof(double));
+    m->expert_tokens = calloc((size_t)m->L * (m->E > 0 ? m->E : 1), sizeof(int64_t));
+    if (!m->p.layers || !m->g.layers || !m->acts || !m->layer_lb || !m->layer_z ||
+        !m->expert_tokens)
+        moet_die("out of memory creating the model");
+    bind_pointers_(m, m->params, &m->p);
+    bind_pointers_(m, m->grads, &m->g);
+    return MOET_OK;
+}
+
+void model_free(Model *m) {
+    free(m->tensors);
+    free(m->params);
+    free(m->grads);
+    free(m->p.layers);
+    free(m->g.layers);
+    free(m->acts);
+    free(m->arena);
+    free(m->iarena);
+    free(m->layer_lb);
+    free(m->layer_z);
+    free(m->expert_tokens);
+    memset(m, 0, sizeof *m);
+}
+
+const ParamTensor *model_find_tensor(const Model *m, const char *name) {
+    for (int i = 0; i < m->n_tensors; i++)
+        if (strcmp(m->tensors[i].name, name) == 0) return &m->tensors[i];
+    return NULL;
+}
+
+void model_zero_grad(Model *m) { zero_fill(m->grads, m->n_params); }
+
+// ---------------------------------------------------------------------------------------
+// init: truncated normal from a counter-based generator (§3)
+
+static uint64_t mix64_(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t hash_name_(const char *s) {  // FNV-1a
+    uint64_t h = 0xCBF29CE484222325ull;
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 0x100000001B3ull;
+    return h;
+}
+
+// Uniform in (0, 1) from (key, element, draw): a pure function of its arguments.
+static double uniform_(uint64_t key, uint64_t index, uint64_t draw) {
+    uint64_t bits = mix64_(key ^ mix64_(index * 0x9E3779B97F4A7C15ull + draw));
+    return ((double)(bits >> 11) + 0.5) * 0x1.0p-53;
+}
+
+// Standard normal truncated to [-3, 3] by rejection (Box-Muller on draws 2j, 2j+1).
+static double trunc_normal_(uint64_t key, uint64_t index) {
+    for (uint64_t j = 0;; j++) {
+        double u1 = uniform_(key, index, 2 * j), u2 = uniform_(key, index, 2 * j + 1);
+        double z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+        if (fabs(z) <= 3.0) return z;
+    }
+}
+
+void model_init_weights(Model *m, uint64_t seed) {
+    float std = m->cfg.init_std;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        float *w = m->params + t->offset;
+        if (t->ndim == 1) {  // norm weights
+            for (size_t j = 0; j < t->numel; j++) w[j] = 1.0f;
+            continue;
+        }
+        uint64_t key = mix64_(seed ^ hash_name_(t->name));
+        // the global index of local element j: experts are offset by the first local expert
+        uint64_t base = t->is_expert ? (uint64_t)m->expert_lo * (t->numel / t->shape[0]) : 0;
+#pragma omp parallel for schedule(static)
+        for (size_t j = 0; j < t->numel; j++) w[j] = (float)(std * trunc_normal_(key, base + j));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// forward
+
+void model_forward(Model *m, const int32_t *tokens) {
+    int B = m->B, T = m->T, D = m->D, H = m->H, Dh = m->Dh, V = m->V;
+    int N = B * T;
+    float eps = m->cfg.norm_eps, theta = m->cfg.rope_theta;
+
+    memcpy(m->tokens, tokens, (size_t)N * sizeof(int32_t));
+    m->n_targets = 0;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            int i = b * T + t;
+            m->targets[i] = t + 1 < T ? tokens[i + 1] : -1;
+            m->n_targets += t + 1 < T;
+        }
+
+    embedding_forward(m->acts[0].x, tokens, m->p.embed, N, D);
+    double lb = 0.0, z = 0.0;
+    for (int l = 0; l < m->L; l++) {
+        LayerActs *a = &m->acts[l];
+        LayerParams *p = &m->p.layers[l];
+        // attention block: h = x + o_proj(attn(rope(q_norm(q)), rope(k_norm(k)), v))
+        rmsnorm_forward(a->ln1, a->ln1_rstd, a->x, p->ln1, N, D, eps);
+        matmul_forward(a->q, a->ln1, p->wq, N, D, D);
+        matmul_forward(a->k, a->ln1, p->wk, N, D, D);
+        matmul_forward(a->v, a->ln1, p->wv, N, D, D);
+        rmsnorm_forward(a->qr, a->qn_rstd, a->q, p->q_norm, N, D, eps);
+        rmsnorm_forward(a->kr, a->kn_rstd, a->k, p->k_norm, N, D, eps);
+        rope_forward(a->qr, a->qr, B, T, H, Dh, theta);
+        rope_forward(a->kr, a->kr, B, T, H, Dh, theta);
+        attention_forward(a->att, a->att_lse, a->qr, a->kr, a->v, B, T, H, Dh);
+        matmul_forward(a->h, a->att, p->wo, N, D, D);
+        add_forward(a->h, a->h, a->x, (size_t)N * D);
+        // MLP block: out = h + moe(ln2(h))
+        rmsnorm_forward(a->ln2, a->ln2_rstd, a->h, p->ln2, N, D, eps);
+        if (m->E > 0) {
+            MoeLayerLoss ll;
+            moe_forward(m, l, &ll);
+            m->layer_lb[l] = ll.lb;
+            m->layer_z[l] = ll.z;
+            lb += ll.lb;
+            z += ll.z;
+        } else {
+            mlp_forward(m, l);
+        }
+        float *out = l + 1 < m->L ? m->acts[l + 1].x : m->x_final;
+        add_forward(out, a->h, a->mlp_out, (size_t)N * D);
+    }
+    rmsnorm_forward(m->lnf, m->lnf_rstd, m->x_final, m->p.norm, N, D, eps);
+    matmul_forward(m->logits, m->lnf, m->p.lm_head, N, D, V);
+    m->logits_are_grads = 0;
+    double ce_sum = crossentropy_forward(m->losses, m->logits, m->targets, N, V);
+    m->ce = m->n_targets > 0 ? ce_sum / m->n_targets : 0.0;
+    m->lb = m->E > 0 ? lb / m->L : 0.0;
+    m->z = m->E > 0 ? z / m->L : 0.0;
+    m->loss = m->ce + m->cfg.lb_coef * m->lb + m->cfg.z_coef * m->z;
+}
+
+// ---------------------------------------------------------------------------------------
+// backward: the forward in reverse; d_res carries the gradient of the residual stream.
+
+void model_backward(Model *m) {
+    int B = m->B, T = m->T, D = m->D, H = m->H, Dh = m->Dh, V = m->V;
+    int N = B * T;
+    size_t ND = (size_t)N * D;
+    float theta = m->cfg.rope_theta;
+
+    // d ce / d logits, written over the logits
+    float scale = m->n_targets > 0 ? 1.0f / (float)m->n_targets : 0.0f;
+    crossentropy_forward_backward(m->logits, m->losses, m->logits, m->targets, N, V, scale);
+    m->logits_are_grads = 1;
+    zero_fill(m->d_ln, ND);
+    matmul_backward(m->d_ln, m->g.lm_head, m->logits, m->lnf, m->p.lm_head, N, D, V);
+    zero_fill(m->d_res, ND);
+    rmsnorm_backward(m->d_res, m->g.norm, m->d_ln, m->x_final, m->p.norm, m->lnf_rstd, N, D);
+
+    // loss = ce + lb_coef * (1/L) sum_l lb_l + z_coef * (1/L) sum_l z_l
+    double lb_scale = m->cfg.lb_coef / m->L, z_scale = m->cfg.z_coef / m->L;
+    for (int l = m->L - 1; l >= 0; l--) {
+        LayerActs *a = &m->acts[l];
+        LayerParams *p = &m->p.layers[l];
+        LayerParams *gp = &m->g.layers[l];
+        // MLP block; d_res is d out = d h (residual) + the path through the MLP
+        zero_fill(m->d_ln, ND);
+        if (m->E > 0) moe_backward(m, l, m->d_res, m->d_ln, lb_scale, z_scale);
+        else mlp_backward(m, l, m->d_res, m->d_ln);
+        rmsnorm_backward(m->d_res, gp->ln2, m->d_ln, a->h, p->ln2, a->ln2_rstd, N, D);
+        // attention block; d_res is now d h = d x (residual) + the path through attention
+        zero_fill(m->d_att, ND);
+        matmul_backward(m->d_att, gp->wo, m->d_res, a->att, p->wo, N, D, D);
+        zero_fill(m->d_qr, ND);
+        zero_fill(m->d_kr, ND);
+        zero_fill(m->d_v, ND);
+        attention_backward(m->d_qr, m->d_kr, m->d_v, m->d_att, a->att, a->att_lse, a->qr, a->kr,
+                           a->v, B, T, H, Dh);
+        // RoPE backward into d_att (free again), then q_norm backward into d_q
+        zero_fill(m->d_att, ND);
+        rope_backward(m->d_att, m->d_qr, B, T, H, Dh, theta);
+        zero_fill(m->d_q, ND);
+        rmsnorm_backward(m->d_q, gp->q_norm, m->d_att, a->q, p->q_norm, a->qn_rstd, N, D);
+        zero_fill(m->d_att, ND);
+        rope_backward(m->d_att, m->d_kr, B, T, H, Dh, theta);
+        zero_fill(m->d_k, ND);
+        rmsnorm_backward(m->d_k, gp->k_norm, m->d_att, a->k, p->k_norm, a->kn_rstd, N, D);
+        zero_fill(m->d_ln, ND);
+        matmul_backward(m->d_ln, gp->wq, m->d_q, a->ln1, p->wq, N, D, D);
+        matmul_backward(m->d_ln, gp->wk, m->d_k, a->ln1, p->wk, N, D, D);
+        matmul_backward(m->d_ln, gp->wv, m->d_v, a->ln1, p->wv, N, D, D);
+        rmsnorm_backward(m->d_res, gp->ln1, m->d_ln, a->x, p->ln1, a->ln1_rstd, N, D);
+    }
+    embedding_backward(m->g.embed, m->d_res, m->tokens, N, D);
+}

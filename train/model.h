@@ -1,0 +1,142 @@
+// model: the OLMoE transformer of ARCHITECTURE §3 (dense when n_experts = 0).
+// Parameters live in one buffer described by a table of named tensors (HF names), gradients in a
+// second buffer with the same layout, activations in one arena; forward/backward call kernels.h.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#include "train/common.h"
+#include "train/config.h"
+
+#define MODEL_NAME_MAX 96
+#define MODEL_MAX_DIMS 3
+
+typedef struct {
+    char name[MODEL_NAME_MAX];  // HF name, e.g. "model.layers.3.mlp.experts.up_proj.weight"
+    int ndim;
+    int64_t shape[MODEL_MAX_DIMS];  // local shape (experts: this rank's experts only)
+    int64_t global_shape[MODEL_MAX_DIMS];
+    size_t offset;               // in floats, into params and grads
+    size_t numel;                // local element count
+    int layer;                   // -1 outside the layers
+    int is_expert;               // 1: the first dim indexes experts (sharded by ep)
+    int decay;                   // 1: weight decay applies (matrices; not norms)
+} ParamTensor;
+
+// Pointers into the parameter (or gradient) buffer for one layer.
+typedef struct {
+    float *ln1;                  // input_layernorm (D)
+    float *wq, *wk, *wv, *wo;    // (D,D)
+    float *q_norm, *k_norm;      // (D)
+    float *ln2;                  // post_attention_layernorm (D)
+    float *router;               // (E,D); NULL for dense
+    float *w_gate, *w_up;        // experts (El,F,D) or dense (F,D)
+    float *w_down;               // experts (El,D,F) or dense (D,F)
+} LayerParams;
+
+typedef struct {
+    float *embed;                // (V,D)
+    float *norm;                 // (D)
+    float *lm_head;              // (V,D)
+    LayerParams *layers;         // (L)
+} ParamPointers;
+
+// Saved activations of one layer (pointers into the arena). Shapes with N = B*T tokens and
+// R = N*K routed rows (dense: R = N, no routing).
+typedef struct {
+    float *x;                    // (N,D) layer input (residual stream)
+    float *ln1, *ln1_rstd;       // (N,D), (N)
+    float *q, *k, *v;            // (N,D) projections; q, k before q_norm / k_norm
+    float *qr, *kr;              // (N,D) after q_norm / k_norm and RoPE
+    float *qn_rstd, *kn_rstd;    // (N)
+    float *att, *att_lse;        // (N,D), (B,H,T)
+    float *h;                    // (N,D) residual after attention
+    float *ln2, *ln2_rstd;       // (N,D), (N)
+    float *rlogits, *rprobs;     // (N,E) router logits and softmax
+    float *rlse;                 // (N) router logsumexp (z-loss)
+    float *topk_w;               // (N,K)
+    int32_t *topk_idx;           // (N,K)
+    int32_t *counts, *offsets;   // (E), (E+1)
+    int32_t *row_token;          // (R)
+    int32_t *assign_row;         // (N*K)
+    float *xp;                   // (R,D) permuted input rows (dense: = ln2)
+    float *g, *u, *a;            // (R,F) gate, up, silu(gate)*up
+    float *yp;                   // (R,D) expert outputs, permuted order (dense: mlp output)
+    float *mlp_out;              // (N,D)
+} LayerActs;
+
+typedef struct {
+    Config cfg;
+    int L, D, H, Dh, V, E, K, F; // F = expert_d_ff (MoE) or d_ff (dense)
+    int n_local_experts, expert_lo;  // experts held here: [expert_lo, expert_lo + El)
+
+    int n_tensors;
+    ParamTensor *tensors;
+    size_t n_params;             // floats in params (local)
+    float *params, *grads;
+    ParamPointers p, g;          // views of params and grads
+
+    // activation arena, sized for (B,T) by model_set_batch
+    int B, T;
+    float *arena;
+    int32_t *iarena;
+    size_t arena_floats, iarena_ints;
+    LayerActs *acts;             // (L)
+    float *x_final;              // (N,D) output of the last layer
+    float *lnf, *lnf_rstd;       // (N,D), (N) final norm
+    float *logits;               // (N,V); holds dlogits after backward
+    float *losses;               // (N)
+    int32_t *tokens, *targets;   // (N)
+    // backward scratch
+    float *d_res, *d_ln, *d_q, *d_k, *d_v, *d_qr, *d_kr, *d_att; // (N,D)
+    float *d_xp, *d_yp;          // (R,D)
+    float *d_g, *d_u, *d_a;      // (R,F)
+    float *d_rlogits;            // (N,E)
+    float *d_topk_w;             // (N,K)
+
+    // results of the last forward
+    int logits_are_grads;        // 1 after backward overwrote logits with dlogits
+    int n_targets;
+    double ce, lb, z, loss;
+    double *layer_lb, *layer_z;  // (L)
+    int64_t *expert_tokens;      // (L,E) assignments per expert in the last forward
+} Model;
+
+// Parameter counts by component (global, i.e. all experts), for `moet info`.
+typedef struct {
+    int64_t embed, lm_head, attention, norms, router, experts, dense_mlp;
+    int64_t total;
+    int64_t active;          // with k of E experts per token (embedding included)
+    int64_t active_flops;    // N_active of §10: attention + router + k experts + lm_head
+                             // (+ dense MLP), embedding lookup excluded
+} ParamCounts;
+
+// Builds the tensor table for cfg without allocating anything (used by `moet info` for models
+// far larger than memory). ep_rank/ep_size select the local experts. The caller frees *out.
+int model_tensor_table(const Config *cfg, int ep_rank, int ep_size, ParamTensor **out,
+                       int *n_out, size_t *n_params_out, MoetErr *err);
+void model_param_counts(const Config *cfg, ParamCounts *pc);
+// Training FLOPs per token, §10: 6*N_active + 12*L*D*seq_len.
+double model_flops_per_token(const Config *cfg);
+// Floats the activation arena (plus backward scratch) needs for a micro-batch of (B,T).
+size_t model_activation_floats(const Config *cfg, int B, int T, int n_local_experts);
+
+// Allocates the parameter and gradient buffers (uninitialised values). Single-rank: ep 1.
+int model_create(Model *m, const Config *cfg, int ep_rank, int ep_size, MoetErr *err);
+void model_free(Model *m);
+// Initialises every parameter per §3 from a counter-based generator keyed by
+// (seed, tensor name, global element index): identical weights for any rank count or ep.
+void model_init_weights(Model *m, uint64_t seed);
+// Sizes the activation arena for micro-batches of B sequences of T tokens.
+int model_set_batch(Model *m, int B, int T, MoetErr *err);
+
+// Forward pass over tokens (B,T). Targets are the tokens shifted by one (position t predicts
+// t+1; the last position of each sequence has none). Sets m->ce, lb, z, loss and leaves the
+// logits in m->logits.
+void model_forward(Model *m, const int32_t *tokens);
+// Backward pass of the last forward: ACCUMULATES d(loss)/d(theta) into m->grads.
+// Overwrites m->logits with dlogits.
+void model_backward(Model *m);
+void model_zero_grad(Model *m);
+
+const ParamTensor *model_find_tensor(const Model *m, const char *name);
