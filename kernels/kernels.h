@@ -39,7 +39,8 @@ void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp
 
 // ---------------------------------------------------------------------------------------
 // RoPE, rotate-half layout (pairs i and i + Dh/2), HF convention; position = t within each
-// sequence. inp/out are (B,T,H,Dh) = (N, H*Dh); may be the same buffer.
+// sequence. inp/out are (B,T,H,Dh) = (N, H*Dh). Forward may work in place (out == inp);
+// backward accumulates, so dinp must not alias dout.
 void rope_forward(float *out, const float *inp, int B, int T, int H, int Dh, float theta);
 void rope_backward(float *dinp, const float *dout, int B, int T, int H, int Dh, float theta);
 
@@ -73,8 +74,9 @@ void router_forward(float *probs, float *lse, int32_t *topk_idx, float *topk_w,
 // Router backward: dlogits += J_softmax^T (dprobs) + dz_coef * 2*lse*probs, where dprobs is
 // the gradient reaching probs from the top-k weights (dtopk_w, through the optional
 // renormalisation) plus dprob_bias[e] for every token (the load-balancing term).
-// dlogits is (N,E); dtopk_w is (N,K); dprob_bias is (E) or NULL; dz_coef is d loss / d lse^2
-// for each token (0 to skip)
+// dlogits is (N,E); dtopk_w is (N,K) or NULL (zero); dprob_bias is (E) or NULL; dz_coef is one
+// scalar, d loss / d lse_t^2, the same for every token (0 to skip). topk_w is not read: the
+// backward recomputes the weights from probs in double.
 void router_backward(float *dlogits, const float *dtopk_w, const float *dprob_bias,
                      float dz_coef, const float *probs, const float *lse,
                      const int32_t *topk_idx, const float *topk_w, int N, int E, int K,
@@ -120,7 +122,8 @@ void grouped_matmul_backward(float *dinp, float *dw, const float *dout, const fl
 double crossentropy_forward(float *losses, const float *logits, const int32_t *targets, int N,
                             int V);
 // Fused forward + backward in one pass over the logits: dlogits = scale*(softmax - onehot)
-// written (not accumulated) into dlogits, which may alias logits; rows without target get 0.
+// written (not accumulated: the one exception to the rule above) into dlogits, which may
+// alias logits; rows without target get 0. losses may be NULL.
 // Returns the summed loss, like crossentropy_forward.
 double crossentropy_forward_backward(float *dlogits, float *losses, const float *logits,
                                      const int32_t *targets, int N, int V, float scale);

@@ -1,6 +1,8 @@
 // test_ops: the CPU kernels of kernels/kernels.h. Forward results against naive references in
 // double written here; every backward against central finite differences of its forward, and
 // against itself called twice (backward accumulates); the MoE dispatch plan's invariants.
+// Each op runs at a small size (every input element probed) and at a size above the kernels'
+// OpenMP thresholds (random probes), so that both the serial and the parallel paths are tested.
 #include "kernels/kernels.h"
 #include "tests/testutil.h"
 
@@ -13,30 +15,54 @@
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-static float *falloc_(size_t n) {
-    float *p = calloc(n ? n : 1, sizeof(float));
-    if (!p) {
-        fprintf(stderr, "test_ops: out of memory\n");
+// The buffers of one test case, freed together at its end.
+typedef struct {
+    void *p[64];
+    int n;
+} Arena;
+
+static void *arena_alloc_(Arena *a, size_t bytes) {
+    void *p = calloc(bytes ? bytes : 1, 1);
+    if (!p || a->n == 64) {
+        fprintf(stderr, "test_ops: out of memory (or arena full)\n");
         exit(1);
     }
+    a->p[a->n++] = p;
     return p;
 }
 
-static float *frand_(size_t n, uint64_t seed, float scale) {
-    float *p = falloc_(n);
+static void arena_free_(Arena *a) {
+    while (a->n > 0) free(a->p[--a->n]);
+}
+
+static float *fa_(Arena *a, size_t n) {
+    return arena_alloc_(a, n * sizeof(float));
+}
+
+static double *da_(Arena *a, size_t n) {
+    return arena_alloc_(a, n * sizeof(double));
+}
+
+static int32_t *ia_(Arena *a, size_t n) {
+    return arena_alloc_(a, n * sizeof(int32_t));
+}
+
+// uniform in [-scale, scale), from a fixed seed
+static float *fr_(Arena *a, size_t n, uint64_t seed, float scale) {
+    float *p = fa_(a, n);
     tu_fill_uniform(p, n, seed, scale);
     return p;
 }
 
-static float *fcopy_(const float *x, size_t n) {
-    float *p = falloc_(n);
+static float *fcopy_(Arena *a, const float *x, size_t n) {
+    float *p = fa_(a, n);
     memcpy(p, x, n * sizeof(float));
     return p;
 }
 
 static int allclose_d_(const char *name, const float *got, const double *want, size_t n,
                        double atol, double rtol) {
-    float *w = falloc_(n);
+    float *w = malloc(n * sizeof(float));
     for (size_t i = 0; i < n; i++) w[i] = (float)want[i];
     int ok = tu_allclose(name, got, w, n, atol, rtol);
     free(w);
@@ -46,12 +72,16 @@ static int allclose_d_(const char *name, const float *got, const double *want, s
 // g2 holds the gradient of two identical backward calls into a zeroed buffer, g1 of one: it
 // must be twice g1 (the backward accumulates). Exact up to the fp32 rounding of the second sum.
 static int check_doubled_(const char *name, const float *g2, const float *g1, size_t n) {
-    float *want = falloc_(n);
+    float *want = malloc(n * sizeof(float));
     for (size_t i = 0; i < n; i++) want[i] = 2.0f * g1[i];
     int ok = tu_allclose(name, g2, want, n, 1e-6 * tu_max_abs(g1, n) + 1e-30, 1e-5);
     free(want);
     return ok;
 }
+
+// Every probe of x when the check is small, else this many random ones.
+#define PROBES_ALL   ((size_t)1 << 40)
+#define PROBES_LARGE 100
 
 // ---------------------------------------------------------------------------------------
 // Finite differences.
@@ -61,7 +91,7 @@ static int check_doubled_(const char *name, const float *g2, const float *g1, si
 // projection r; the analytic gradient is the op's backward with dout = r. Each probed input
 // element x_i gives numeric = (L(x_i + h) - L(x_i - h)) / (h+ + h-), with h+ and h- the steps
 // actually taken after rounding x_i +- h to fp32. (An op with a double loss of its own, the
-// cross-entropy, is wrapped as loss(ctx) instead, with a bound on that loss's roundoff.)
+// cross-entropy, is wrapped as loss(ctx) instead, with bounds on that loss's roundoff.)
 //
 // Step: h = 1e-2. The roundoff of the quotient grows like eps_f32 / h and the truncation like
 // h^2, so on O(1) inputs the best fp32 step is near (3 eps_f32)^(1/3) ~ 7e-3. (Measured: at
@@ -80,7 +110,8 @@ static int check_doubled_(const char *name, const float *g2, const float *g1, si
 //    O(1) and O(f') for these ops on O(1) inputs (exactly 0 for the linear ones); FD_RTOL also
 //    covers the fp32 roundoff of the analytic gradient itself (~1e-6 relative).
 // A wrong formula (a missing term, factor, transpose or mask) errs at O(1) relative and fails
-// by orders of magnitude: the median tolerance is 0.03% .. 3% of the gradient, by op.
+// by orders of magnitude; the median roundoff term is 0.02% .. 3% of the gradient, by op (the
+// loosest: attention dk, whose probes move every later row of the output).
 #define FD_H        1e-2
 #define FD_ROUND    32.0
 #define FD_ATOL     1e-5
@@ -95,9 +126,9 @@ typedef struct {
     void *ctx;
     const float *r; // (n_out), the projection of the outputs
     size_t n_out;
-    double h;     // FD step
-    LossFn loss;  // instead of fwd: the loss itself, in double
-    double noise; // with loss: a bound on its roundoff between two probes
+    double h;            // FD step
+    LossFn loss;         // instead of fwd: the loss itself, in double
+    const double *noise; // with loss: (n) bounds on its roundoff between the probes of x_i
 } FdOp;
 
 static double project_(const float *out, const float *r, size_t n) {
@@ -125,7 +156,8 @@ static int fd_eval_(const FdOp *op, float *out, double *loss) {
 static int fd_check_(const char *name, const FdOp *op, float *x, const float *ana, size_t n,
                      size_t max_probe, uint64_t seed) {
     const size_t no = op->loss ? 1 : op->n_out;
-    float *base = falloc_(no), *dep = falloc_(no), *plus = falloc_(no), *minus = falloc_(no);
+    Arena A = {0};
+    float *base = fa_(&A, no), *dep = fa_(&A, no), *plus = fa_(&A, no), *minus = fa_(&A, no);
     double l0, ld, lp, lm;
     fd_eval_(op, base, &l0);
     const int all = n <= max_probe;
@@ -152,7 +184,7 @@ static int fd_check_(const char *name, const FdOp *op, float *x, const float *an
             skipped++;
             continue;
         }
-        double noise = op->noise;
+        double noise = op->loss ? op->noise[i] : 0.0;
         if (!op->loss) {
             double s2 = 0.0;
             for (size_t k = 0; k < no; k++) {
@@ -184,10 +216,7 @@ static int fd_check_(const char *name, const FdOp *op, float *x, const float *an
         fprintf(stderr, "  fd %s: %zu of %zu probes outside tolerance, %zu skipped\n", name, bad,
                 n_probe, skipped);
     }
-    free(minus);
-    free(plus);
-    free(dep);
-    free(base);
+    arena_free_(&A);
     return bad == 0 && !too_many_skipped;
 }
 
@@ -206,11 +235,14 @@ static const float *emb_fwd_(void *p) {
     return c->out;
 }
 
-static void test_embedding(void) {
-    enum { N = 9, V = 7, D = 70 }; // D > 64: more than one column slice in backward
-    const int32_t tokens[N] = {3, 0, 6, 3, 3, 1, 0, 5, 3}; // repeats, token 2 and 4 unused
-    float *wte = frand_((size_t)V * D, 11, 1.0f), *out = falloc_((size_t)N * D);
-    float *r = frand_((size_t)N * D, 12, 1.0f);
+static void embedding_case_(int N, int V, int D, size_t max_probe) {
+    Arena A = {0};
+    int32_t *tokens = ia_(&A, N);
+    uint64_t s = 10 + N;
+    // ids from [0, V-2): repeats, and two rows of wte that get no gradient
+    for (int i = 0; i < N; i++) tokens[i] = (int32_t)(tu_rand_u64(&s) % (uint64_t)(V - 2));
+    const size_t nw = (size_t)V * D, no = (size_t)N * D;
+    float *wte = fr_(&A, nw, 11, 1.0f), *out = fa_(&A, no), *r = fr_(&A, no, 12, 1.0f);
     EmbCtx c = {out, wte, tokens, N, D};
     emb_fwd_(&c);
     int ok = 1;
@@ -219,20 +251,21 @@ static void test_embedding(void) {
     }
     CU_ASSERT(ok);
 
-    float *g1 = falloc_((size_t)V * D), *g2 = falloc_((size_t)V * D);
+    float *g1 = fa_(&A, nw), *g2 = fa_(&A, nw);
     embedding_backward(g1, r, tokens, N, D);
     embedding_backward(g2, r, tokens, N, D);
     embedding_backward(g2, r, tokens, N, D);
-    CU_ASSERT(check_doubled_("embedding dwte doubled", g2, g1, (size_t)V * D));
+    CU_ASSERT(check_doubled_("embedding dwte doubled", g2, g1, nw));
     embedding_backward(NULL, r, tokens, N, D); // NULL gradient: skipped
 
-    FdOp op = {.fwd = emb_fwd_, .ctx = &c, .r = r, .n_out = (size_t)N * D, .h = FD_H};
-    CU_ASSERT(fd_check_("embedding dwte", &op, wte, g1, (size_t)V * D, 100000, 1));
-    free(g2);
-    free(g1);
-    free(r);
-    free(out);
-    free(wte);
+    FdOp op = {.fwd = emb_fwd_, .ctx = &c, .r = r, .n_out = no, .h = FD_H};
+    CU_ASSERT(fd_check_("embedding dwte", &op, wte, g1, nw, max_probe, 1));
+    arena_free_(&A);
+}
+
+static void test_embedding(void) {
+    embedding_case_(9, 7, 70, PROBES_ALL); // D > 64: more than one column slice in backward
+    embedding_case_(64, 40, 1100, PROBES_LARGE);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -250,45 +283,44 @@ static const float *rms_fwd_(void *p) {
     return c->out;
 }
 
-static void test_rmsnorm(void) {
-    enum { N = 5, D = 80 };
+static void rmsnorm_case_(int N, int D, size_t max_probe) {
+    Arena A = {0};
     const float eps = 1e-5f;
-    float *x = frand_(N * D, 21, 1.0f), *w = frand_(D, 22, 0.5f);
+    const size_t n = (size_t)N * D;
+    float *x = fr_(&A, n, 21, 1.0f), *w = fr_(&A, D, 22, 0.5f);
     for (int c = 0; c < D; c++) w[c] += 1.0f;
-    float *out = falloc_(N * D), *rstd = falloc_(N), *r = frand_(N * D, 23, 1.0f);
+    float *out = fa_(&A, n), *rstd = fa_(&A, N), *r = fr_(&A, n, 23, 1.0f);
     RmsCtx c = {out, rstd, x, w, N, D, eps};
     rms_fwd_(&c);
 
-    double want[N * D], want_rstd[N];
+    double *want = da_(&A, n), *want_rstd = da_(&A, N);
     for (int i = 0; i < N; i++) {
+        const float *xi = x + (size_t)i * D;
         double ss = 0.0;
-        for (int k = 0; k < D; k++) ss += (double)x[i * D + k] * x[i * D + k];
+        for (int k = 0; k < D; k++) ss += (double)xi[k] * xi[k];
         want_rstd[i] = 1.0 / sqrt(ss / D + eps);
-        for (int k = 0; k < D; k++) want[i * D + k] = x[i * D + k] * want_rstd[i] * w[k];
+        for (int k = 0; k < D; k++) want[(size_t)i * D + k] = xi[k] * want_rstd[i] * w[k];
     }
-    CU_ASSERT(allclose_d_("rmsnorm out", out, want, N * D, 1e-6, 1e-6));
+    CU_ASSERT(allclose_d_("rmsnorm out", out, want, n, 1e-6, 1e-6));
     CU_ASSERT(allclose_d_("rmsnorm rstd", rstd, want_rstd, N, 0, 1e-6));
 
-    float *dx1 = falloc_(N * D), *dw1 = falloc_(D), *dx2 = falloc_(N * D), *dw2 = falloc_(D);
+    float *dx1 = fa_(&A, n), *dw1 = fa_(&A, D), *dx2 = fa_(&A, n), *dw2 = fa_(&A, D);
     rmsnorm_backward(dx1, dw1, r, x, w, rstd, N, D);
+    rmsnorm_backward(dx2, NULL, r, x, w, rstd, N, D);
     rmsnorm_backward(dx2, dw2, r, x, w, rstd, N, D);
-    rmsnorm_backward(dx2, dw2, r, x, w, rstd, N, D);
-    CU_ASSERT(check_doubled_("rmsnorm dx doubled", dx2, dx1, N * D));
+    rmsnorm_backward(NULL, dw2, r, x, w, rstd, N, D);
+    CU_ASSERT(check_doubled_("rmsnorm dx doubled", dx2, dx1, n));
     CU_ASSERT(check_doubled_("rmsnorm dw doubled", dw2, dw1, D));
-    rmsnorm_backward(NULL, NULL, r, x, w, rstd, N, D);
 
-    FdOp op = {.fwd = rms_fwd_, .ctx = &c, .r = r, .n_out = N * D, .h = FD_H};
-    CU_ASSERT(fd_check_("rmsnorm dx", &op, x, dx1, N * D, 100000, 2));
-    CU_ASSERT(fd_check_("rmsnorm dw", &op, w, dw1, D, 100000, 3));
-    free(dw2);
-    free(dx2);
-    free(dw1);
-    free(dx1);
-    free(r);
-    free(rstd);
-    free(out);
-    free(w);
-    free(x);
+    FdOp op = {.fwd = rms_fwd_, .ctx = &c, .r = r, .n_out = n, .h = FD_H};
+    CU_ASSERT(fd_check_("rmsnorm dx", &op, x, dx1, n, max_probe, 2));
+    CU_ASSERT(fd_check_("rmsnorm dw", &op, w, dw1, D, max_probe, 3));
+    arena_free_(&A);
+}
+
+static void test_rmsnorm(void) {
+    rmsnorm_case_(5, 80, PROBES_ALL);
+    rmsnorm_case_(40, 1700, PROBES_LARGE);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -305,28 +337,37 @@ static const float *mm_fwd_(void *p) {
     return c->out;
 }
 
-static void naive_matmul_(double *out, const float *inp, const float *w, int N, int C, int OC) {
-    for (int i = 0; i < N; i++) {
-        for (int o = 0; o < OC; o++) {
+// out (M,N) = a @ b in double, with a (M,K) and b (K,N) read through strides, so that one loop
+// serves the forward and both backward products. a[m,k] = a[m*as0 + k*as1], likewise b.
+static void naive_mm_(double *out, const float *a, size_t as0, size_t as1, const float *b,
+                      size_t bs0, size_t bs1, int M, int N, int K) {
+    for (int m = 0; m < M; m++) {
+        for (int n = 0; n < N; n++) {
             double s = 0.0;
-            for (int k = 0; k < C; k++) s += (double)inp[(size_t)i * C + k] * w[(size_t)o * C + k];
-            out[(size_t)i * OC + o] = s;
+            for (int k = 0; k < K; k++) s += (double)a[m * as0 + k * as1] * b[k * bs0 + n * bs1];
+            out[(size_t)m * N + n] = s;
         }
     }
 }
 
+// out = inp @ w^T: inp (N,C), w (OC,C)
+static void naive_matmul_(double *out, const float *inp, const float *w, int N, int C, int OC) {
+    naive_mm_(out, inp, C, 1, w, 1, C, N, OC, C);
+}
+
 static void test_matmul(void) {
+    Arena A = {0};
     enum { N = 7, C = 70, OC = 9 };
-    float *inp = frand_(N * C, 31, 1.0f), *w = frand_(OC * C, 32, 0.5f);
-    float *out = falloc_(N * OC), *r = frand_(N * OC, 33, 1.0f);
+    float *inp = fr_(&A, N * C, 31, 1.0f), *w = fr_(&A, OC * C, 32, 0.5f);
+    float *out = fa_(&A, N * OC), *r = fr_(&A, N * OC, 33, 1.0f);
     MmCtx c = {out, inp, w, N, C, OC};
     mm_fwd_(&c);
-    double want[N * OC];
+    double *want = da_(&A, N * OC);
     naive_matmul_(want, inp, w, N, C, OC);
     CU_ASSERT(allclose_d_("matmul out", out, want, N * OC, 1e-5, 1e-5));
 
-    float *di1 = falloc_(N * C), *dw1 = falloc_(OC * C), *di2 = falloc_(N * C),
-          *dw2 = falloc_(OC * C);
+    float *di1 = fa_(&A, N * C), *dw1 = fa_(&A, OC * C), *di2 = fa_(&A, N * C);
+    float *dw2 = fa_(&A, OC * C);
     matmul_backward(di1, dw1, r, inp, w, N, C, OC);
     matmul_backward(di2, NULL, r, inp, w, N, C, OC); // NULL dw: skipped
     matmul_backward(di2, dw2, r, inp, w, N, C, OC);
@@ -335,16 +376,29 @@ static void test_matmul(void) {
     CU_ASSERT(check_doubled_("matmul dw doubled", dw2, dw1, OC * C));
 
     FdOp op = {.fwd = mm_fwd_, .ctx = &c, .r = r, .n_out = N * OC, .h = FD_H};
-    CU_ASSERT(fd_check_("matmul dinp", &op, inp, di1, N * C, 100000, 4));
-    CU_ASSERT(fd_check_("matmul dw", &op, w, dw1, OC * C, 100000, 5));
-    free(dw2);
-    free(di2);
-    free(dw1);
-    free(di1);
-    free(r);
-    free(out);
-    free(w);
-    free(inp);
+    CU_ASSERT(fd_check_("matmul dinp", &op, inp, di1, N * C, PROBES_ALL, 4));
+    CU_ASSERT(fd_check_("matmul dw", &op, w, dw1, OC * C, PROBES_ALL, 5));
+    arena_free_(&A);
+}
+
+// Sizes where OpenBLAS threads itself: forward and both backward products against naive ones
+// (the FD check above has proven the formulas).
+static void test_matmul_large(void) {
+    Arena A = {0};
+    enum { N = 96, C = 160, OC = 200 };
+    float *inp = fr_(&A, N * C, 34, 1.0f), *w = fr_(&A, OC * C, 35, 0.5f);
+    float *dout = fr_(&A, N * OC, 36, 1.0f), *out = fa_(&A, N * OC);
+    float *dinp = fa_(&A, N * C), *dw = fa_(&A, OC * C);
+    double *want = da_(&A, N * OC), *want_di = da_(&A, N * C), *want_dw = da_(&A, OC * C);
+    matmul_forward(out, inp, w, N, C, OC);
+    matmul_backward(dinp, dw, dout, inp, w, N, C, OC);
+    naive_matmul_(want, inp, w, N, C, OC);
+    naive_mm_(want_di, dout, OC, 1, w, C, 1, N, C, OC);   // dout @ w
+    naive_mm_(want_dw, dout, 1, OC, inp, C, 1, OC, C, N); // dout^T @ inp
+    CU_ASSERT(allclose_d_("matmul large out", out, want, N * OC, 1e-4, 1e-5));
+    CU_ASSERT(allclose_d_("matmul large dinp", dinp, want_di, N * C, 1e-4, 1e-5));
+    CU_ASSERT(allclose_d_("matmul large dw", dw, want_dw, OC * C, 1e-4, 1e-5));
+    arena_free_(&A);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -381,33 +435,34 @@ static void naive_rope_(double *out, const float *inp, int B, int T, int H, int 
     }
 }
 
-static void test_rope(void) {
-    enum { B = 2, T = 7, H = 3, Dh = 8, n = B * T * H * Dh };
+static void rope_case_(int B, int T, int H, int Dh, size_t max_probe) {
+    Arena A = {0};
     const float theta = 10000.0f;
-    float *inp = frand_(n, 41, 1.0f), *out = falloc_(n), *r = frand_(n, 42, 1.0f);
+    const size_t n = (size_t)B * T * H * Dh;
+    float *inp = fr_(&A, n, 41, 1.0f), *out = fa_(&A, n), *r = fr_(&A, n, 42, 1.0f);
     RopeCtx c = {out, inp, B, T, H, Dh, theta};
     rope_fwd_(&c);
-    double want[n];
+    double *want = da_(&A, n);
     naive_rope_(want, inp, B, T, H, Dh, theta);
     CU_ASSERT(allclose_d_("rope out", out, want, n, 1e-6, 1e-6));
-    float *inplace = fcopy_(inp, n);
+    float *inplace = fcopy_(&A, inp, n);
     rope_forward(inplace, inplace, B, T, H, Dh, theta);
     CU_ASSERT(memcmp(inplace, out, n * sizeof(float)) == 0);
 
-    float *g1 = falloc_(n), *g2 = falloc_(n);
+    float *g1 = fa_(&A, n), *g2 = fa_(&A, n);
     rope_backward(g1, r, B, T, H, Dh, theta);
     rope_backward(g2, r, B, T, H, Dh, theta);
     rope_backward(g2, r, B, T, H, Dh, theta);
     CU_ASSERT(check_doubled_("rope dinp doubled", g2, g1, n));
 
     FdOp op = {.fwd = rope_fwd_, .ctx = &c, .r = r, .n_out = n, .h = FD_H};
-    CU_ASSERT(fd_check_("rope dinp", &op, inp, g1, n, 100000, 6));
-    free(g2);
-    free(g1);
-    free(inplace);
-    free(r);
-    free(out);
-    free(inp);
+    CU_ASSERT(fd_check_("rope dinp", &op, inp, g1, n, max_probe, 6));
+    arena_free_(&A);
+}
+
+static void test_rope(void) {
+    rope_case_(2, 7, 3, 8, PROBES_ALL);
+    rope_case_(2, 64, 4, 128, PROBES_LARGE);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -457,46 +512,41 @@ static void naive_attention_(double *out, double *lse, const float *q, const flo
     free(s);
 }
 
-static void test_attention_forward(void) {
-    // the CPU kernel's query block is 64 rows: T crosses 0, 1 and 2 block boundaries
-    const int Ts[] = {1, 5, 64, 65, 160};
-    enum { B = 2, H = 2, Dh = 16 };
-    for (size_t ti = 0; ti < sizeof(Ts) / sizeof(Ts[0]); ti++) {
-        const int T = Ts[ti];
-        const size_t n = (size_t)B * T * H * Dh, nl = (size_t)B * H * T;
-        float *q = frand_(n, 51 + ti, 1.5f), *k = frand_(n, 61 + ti, 1.5f);
-        float *v = frand_(n, 71 + ti, 1.0f);
-        float *out = falloc_(n), *lse = falloc_(nl);
-        double *want = malloc(n * sizeof(double)), *want_lse = malloc(nl * sizeof(double));
-        attention_forward(out, lse, q, k, v, B, T, H, Dh);
-        naive_attention_(want, want_lse, q, k, v, B, T, H, Dh);
-        char name[64];
-        snprintf(name, sizeof(name), "attention out T=%d", T);
-        CU_ASSERT(allclose_d_(name, out, want, n, 1e-5, 1e-4));
-        snprintf(name, sizeof(name), "attention lse T=%d", T);
-        CU_ASSERT(allclose_d_(name, lse, want_lse, nl, 1e-5, 1e-5));
-        free(want_lse);
-        free(want);
-        free(lse);
-        free(out);
-        free(v);
-        free(k);
-        free(q);
-    }
+static void attention_forward_case_(int B, int T, int H, int Dh, uint64_t seed) {
+    Arena A = {0};
+    const size_t n = (size_t)B * T * H * Dh, nl = (size_t)B * H * T;
+    float *q = fr_(&A, n, seed, 1.5f), *k = fr_(&A, n, seed + 1, 1.5f);
+    float *v = fr_(&A, n, seed + 2, 1.0f), *out = fa_(&A, n), *lse = fa_(&A, nl);
+    double *want = da_(&A, n), *want_lse = da_(&A, nl);
+    attention_forward(out, lse, q, k, v, B, T, H, Dh);
+    naive_attention_(want, want_lse, q, k, v, B, T, H, Dh);
+    char name[80];
+    snprintf(name, sizeof(name), "attention out B=%d T=%d H=%d Dh=%d", B, T, H, Dh);
+    CU_ASSERT(allclose_d_(name, out, want, n, 1e-5, 1e-4));
+    snprintf(name, sizeof(name), "attention lse B=%d T=%d H=%d Dh=%d", B, T, H, Dh);
+    CU_ASSERT(allclose_d_(name, lse, want_lse, nl, 1e-5, 1e-5));
+    arena_free_(&A);
 }
 
-static void test_attention_backward(void) {
-    // T = 160 = 2.5 query blocks of 64: full blocks, a partial last block, and keys beyond
-    // each block's end that the kernel skips
-    enum { B = 2, T = 160, H = 2, Dh = 16, n = B * T * H * Dh };
-    float *q = frand_(n, 81, 1.5f), *k = frand_(n, 82, 1.5f), *v = frand_(n, 83, 1.0f);
-    float *out = falloc_(n), *lse = falloc_(B * H * T), *r = frand_(n, 84, 1.0f);
+static void test_attention_forward(void) {
+    // the CPU kernel's query block is 64 rows: T crosses 0, 1 and 2 block boundaries; the last
+    // size is above the kernel's OpenMP threshold
+    const int Ts[] = {1, 5, 64, 65, 160};
+    for (int i = 0; i < 5; i++) attention_forward_case_(2, Ts[i], 2, 16, 51 + 3 * i);
+    attention_forward_case_(2, 200, 4, 32, 71);
+}
+
+static void attention_backward_case_(int B, int T, int H, int Dh, size_t max_probe) {
+    Arena A = {0};
+    const size_t n = (size_t)B * T * H * Dh;
+    float *q = fr_(&A, n, 81, 1.5f), *k = fr_(&A, n, 82, 1.5f), *v = fr_(&A, n, 83, 1.0f);
+    float *out = fa_(&A, n), *lse = fa_(&A, (size_t)B * H * T), *r = fr_(&A, n, 84, 1.0f);
     AttnCtx c = {out, lse, q, k, v, B, T, H, Dh};
     attn_fwd_(&c);
 
-    float *dq = falloc_(n), *dk = falloc_(n), *dv = falloc_(n);
+    float *dq = fa_(&A, n), *dk = fa_(&A, n), *dv = fa_(&A, n);
     attention_backward(dq, dk, dv, r, out, lse, q, k, v, B, T, H, Dh);
-    float *dq2 = falloc_(n), *dk2 = falloc_(n), *dv2 = falloc_(n);
+    float *dq2 = fa_(&A, n), *dk2 = fa_(&A, n), *dv2 = fa_(&A, n);
     for (int rep = 0; rep < 2; rep++) {
         attention_backward(dq2, dk2, dv2, r, out, lse, q, k, v, B, T, H, Dh);
     }
@@ -514,23 +564,19 @@ static void test_attention_backward(void) {
     CU_ASSERT(tu_allclose("attention dk alone", dk2, dk, n, 0, 0));
     CU_ASSERT(tu_allclose("attention dv alone", dv2, dv, n, 0, 0));
 
-    // 10240 elements per tensor: probe 400 random ones of each (two forwards per probe)
     FdOp op = {.fwd = attn_fwd_, .ctx = &c, .r = r, .n_out = n, .h = FD_H};
-    CU_ASSERT(fd_check_("attention dq", &op, q, dq, n, 400, 7));
-    CU_ASSERT(fd_check_("attention dk", &op, k, dk, n, 400, 8));
-    CU_ASSERT(fd_check_("attention dv", &op, v, dv, n, 400, 9));
-    free(dv2);
-    free(dk2);
-    free(dq2);
-    free(dv);
-    free(dk);
-    free(dq);
-    free(r);
-    free(lse);
-    free(out);
-    free(v);
-    free(k);
-    free(q);
+    CU_ASSERT(fd_check_("attention dq", &op, q, dq, n, max_probe, 7));
+    CU_ASSERT(fd_check_("attention dk", &op, k, dk, n, max_probe, 8));
+    CU_ASSERT(fd_check_("attention dv", &op, v, dv, n, max_probe, 9));
+    arena_free_(&A);
+}
+
+static void test_attention_backward(void) {
+    // T = 160 = 2.5 query blocks of 64: full blocks, a partial last block, and keys beyond each
+    // block's end that the kernel skips; 10240 elements per tensor, 400 random probes of each
+    attention_backward_case_(2, 160, 2, 16, 400);
+    // above the OpenMP threshold: (b,h) pairs on different threads
+    attention_backward_case_(2, 200, 4, 32, 50);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -547,17 +593,17 @@ static const float *swi_fwd_(void *p) {
     return c->out;
 }
 
-static void test_swiglu(void) {
-    enum { n = 300 };
-    float *g = frand_(n, 91, 4.0f), *u = frand_(n, 92, 1.0f);
-    float *out = falloc_(n), *r = frand_(n, 93, 1.0f);
+static void swiglu_case_(size_t n, size_t max_probe) {
+    Arena A = {0};
+    float *g = fr_(&A, n, 91, 4.0f), *u = fr_(&A, n, 92, 1.0f);
+    float *out = fa_(&A, n), *r = fr_(&A, n, 93, 1.0f);
     SwiCtx c = {out, g, u, n};
     swi_fwd_(&c);
-    double want[n];
-    for (int i = 0; i < n; i++) want[i] = g[i] / (1.0 + exp(-(double)g[i])) * u[i];
+    double *want = da_(&A, n);
+    for (size_t i = 0; i < n; i++) want[i] = g[i] / (1.0 + exp(-(double)g[i])) * u[i];
     CU_ASSERT(allclose_d_("swiglu out", out, want, n, 1e-7, 1e-6));
 
-    float *dg = falloc_(n), *du = falloc_(n), *dg2 = falloc_(n), *du2 = falloc_(n);
+    float *dg = fa_(&A, n), *du = fa_(&A, n), *dg2 = fa_(&A, n), *du2 = fa_(&A, n);
     swiglu_backward(dg, du, r, g, u, n);
     swiglu_backward(dg2, NULL, r, g, u, n);
     swiglu_backward(dg2, du2, r, g, u, n);
@@ -566,34 +612,55 @@ static void test_swiglu(void) {
     CU_ASSERT(check_doubled_("swiglu du doubled", du2, du, n));
 
     FdOp op = {.fwd = swi_fwd_, .ctx = &c, .r = r, .n_out = n, .h = FD_H};
-    CU_ASSERT(fd_check_("swiglu dg", &op, g, dg, n, 100000, 10));
-    CU_ASSERT(fd_check_("swiglu du", &op, u, du, n, 100000, 11));
-    free(du2);
-    free(dg2);
-    free(du);
-    free(dg);
-    free(r);
-    free(out);
-    free(u);
-    free(g);
+    CU_ASSERT(fd_check_("swiglu dg", &op, g, dg, n, max_probe, 10));
+    CU_ASSERT(fd_check_("swiglu du", &op, u, du, n, max_probe, 11));
+    arena_free_(&A);
+}
+
+static void test_swiglu(void) {
+    swiglu_case_(300, PROBES_ALL);
+    swiglu_case_(70000, PROBES_LARGE);
 }
 
 static void test_add(void) {
-    enum { n = 100 };
-    float *a = frand_(n, 95, 1.0f), *b = frand_(n, 96, 1.0f), *out = falloc_(n);
-    add_forward(out, a, b, n);
-    int ok = 1;
-    for (int i = 0; i < n; i++) ok &= out[i] == a[i] + b[i];
-    CU_ASSERT(ok);
-    add_forward(a, a, b, n); // out aliases a
-    CU_ASSERT(memcmp(a, out, n * sizeof(float)) == 0);
-    free(out);
-    free(b);
-    free(a);
+    const size_t sizes[] = {100, 70000};
+    for (int s = 0; s < 2; s++) {
+        Arena A = {0};
+        const size_t n = sizes[s];
+        float *a = fr_(&A, n, 95, 1.0f), *b = fr_(&A, n, 96, 1.0f), *out = fa_(&A, n);
+        add_forward(out, a, b, n);
+        int ok = 1;
+        for (size_t i = 0; i < n; i++) ok &= out[i] == a[i] + b[i];
+        CU_ASSERT(ok);
+        add_forward(a, a, b, n); // out aliases a
+        CU_ASSERT(memcmp(a, out, n * sizeof(float)) == 0);
+        arena_free_(&A);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
 // Router
+
+// Well-separated logits: each token's E values are a random permutation of a grid with
+// spacing 0.8 below 0.3, jittered by +-0.2, so no two are closer than 0.4 and no FD step (nor
+// the large dependency step) can reorder the top-k. lse ~ 1: the fp32 rounding of lse, which
+// bounds how finely FD resolves the z term (noise ~ eps * lse^2), stays small.
+static void separated_logits_(float *logits, int N, int E, uint64_t seed) {
+    uint64_t s = seed;
+    for (int t = 0; t < N; t++) {
+        float *l = logits + (size_t)t * E;
+        for (int e = 0; e < E; e++) l[e] = 0.8f * (e - (E - 1)) + 0.3f;
+        for (int e = E - 1; e > 0; e--) {
+            const int j = (int)(tu_rand_u64(&s) % (uint64_t)(e + 1));
+            const float tmp = l[e];
+            l[e] = l[j];
+            l[j] = tmp;
+        }
+        for (int e = 0; e < E; e++) {
+            l[e] += 0.4f * ((float)((tu_rand_u64(&s) >> 11) * 0x1.0p-53) - 0.5f);
+        }
+    }
+}
 
 // Naive: softmax in double; top-k by repeatedly taking the largest remaining probability,
 // lower index first on ties. probs is (N,E), lse is (N), idx and w are (N,K)
@@ -622,26 +689,36 @@ static void naive_router_(double *probs, double *lse, int32_t *idx, double *w, c
     }
 }
 
-static void test_router_forward(void) {
-    enum { N = 16, E = 8, K = 3 };
-    float *logits = frand_(N * E, 101, 3.0f);
-    // ties: row 0 all equal -> experts 0,1,2; row 1 three equal maxima at 1, 2, 5
-    for (int e = 0; e < E; e++) logits[e] = 0.25f;
-    for (int e = 0; e < E; e++) logits[E + e] = (e == 1 || e == 2 || e == 5) ? 2.0f : -1.0f;
-    float probs[N * E], lse[N], w[N * K];
-    int32_t idx[N * K], want_idx[N * K];
-    double want_p[N * E], want_lse[N], want_w[N * K];
+static void router_forward_case_(int N, int E, int K, int ties) {
+    Arena A = {0};
+    float *logits = fr_(&A, (size_t)N * E, 101, 3.0f);
+    if (ties) {
+        // row 0 all equal -> experts 0,1,2; row 1 has three equal maxima at 1, 2, 5
+        for (int e = 0; e < E; e++) logits[e] = 0.25f;
+        for (int e = 0; e < E; e++) logits[E + e] = (e == 1 || e == 2 || e == 5) ? 2.0f : -1.0f;
+    }
+    float *probs = fa_(&A, (size_t)N * E), *lse = fa_(&A, N), *w = fa_(&A, (size_t)N * K);
+    int32_t *idx = ia_(&A, (size_t)N * K), *want_idx = ia_(&A, (size_t)N * K);
+    double *want_p = da_(&A, (size_t)N * E), *want_lse = da_(&A, N);
+    double *want_w = da_(&A, (size_t)N * K);
     for (int norm = 0; norm <= 1; norm++) {
         router_forward(probs, lse, idx, w, logits, N, E, K, norm);
         naive_router_(want_p, want_lse, want_idx, want_w, logits, N, E, K, norm);
-        CU_ASSERT(allclose_d_("router probs", probs, want_p, N * E, 1e-7, 1e-6));
+        CU_ASSERT(allclose_d_("router probs", probs, want_p, (size_t)N * E, 1e-7, 1e-6));
         CU_ASSERT(allclose_d_("router lse", lse, want_lse, N, 1e-6, 1e-6));
-        CU_ASSERT(allclose_d_("router topk_w", w, want_w, N * K, 1e-7, 1e-6));
-        CU_ASSERT(memcmp(idx, want_idx, sizeof(idx)) == 0);
-        CU_ASSERT(idx[0] == 0 && idx[1] == 1 && idx[2] == 2);
-        CU_ASSERT(idx[K] == 1 && idx[K + 1] == 2 && idx[K + 2] == 5);
+        CU_ASSERT(allclose_d_("router topk_w", w, want_w, (size_t)N * K, 1e-7, 1e-6));
+        CU_ASSERT(memcmp(idx, want_idx, (size_t)N * K * sizeof(int32_t)) == 0);
+        if (ties) {
+            CU_ASSERT(idx[0] == 0 && idx[1] == 1 && idx[2] == 2);
+            CU_ASSERT(idx[K] == 1 && idx[K + 1] == 2 && idx[K + 2] == 5);
+        }
     }
-    free(logits);
+    arena_free_(&A);
+}
+
+static void test_router_forward(void) {
+    router_forward_case_(16, 8, 3, 1);
+    router_forward_case_(2048, 8, 4, 0);
 }
 
 typedef struct {
@@ -655,49 +732,55 @@ typedef struct {
 // token, dz_coef per token) is the loss whose gradient router_backward computes.
 static const float *router_fwd_(void *p) {
     RouterCtx *c = p;
-    const int N = c->N, E = c->E, K = c->K;
-    router_forward(c->probs, c->lse, c->idx, c->w, c->logits, N, E, K, c->norm);
-    if (memcmp(c->idx, c->idx0, (size_t)N * K * sizeof(int32_t)) != 0) return NULL;
-    memcpy(c->packed, c->w, (size_t)N * K * sizeof(float));
-    memcpy(c->packed + N * K, c->probs, (size_t)N * E * sizeof(float));
-    for (int t = 0; t < N; t++) c->packed[N * K + N * E + t] = c->lse[t] * c->lse[t];
+    const size_t N = c->N, E = c->E, K = c->K;
+    router_forward(c->probs, c->lse, c->idx, c->w, c->logits, c->N, c->E, c->K, c->norm);
+    if (memcmp(c->idx, c->idx0, N * K * sizeof(int32_t)) != 0) return NULL;
+    memcpy(c->packed, c->w, N * K * sizeof(float));
+    memcpy(c->packed + N * K, c->probs, N * E * sizeof(float));
+    for (size_t t = 0; t < N; t++) c->packed[N * K + N * E + t] = c->lse[t] * c->lse[t];
     return c->packed;
 }
 
-static void test_router_backward(void) {
-    enum { N = 16, E = 8, K = 3, NO = N * K + N * E + N };
-    const char *term_names[] = {"topk_w", "prob_bias", "z", "all"};
-    float *logits = frand_(N * E, 111, 3.0f);
-    float *dw = frand_(N * K, 112, 1.0f), *bias = frand_(E, 113, 1.0f);
+// terms: bit 0 the top-k weights, bit 1 the per-expert probability bias, bit 2 the z term
+static void router_backward_case_(int N, int E, int K, int norm, int terms, size_t max_probe) {
+    Arena A = {0};
+    const size_t NK = (size_t)N * K, NE = (size_t)N * E, NO = NK + NE + N;
+    float *logits = fa_(&A, NE);
+    separated_logits_(logits, N, E, 111);
+    float *dw = fr_(&A, NK, 112, 1.0f), *bias = fr_(&A, E, 113, 1.0f);
     const float zc = 0.7f;
-    float probs[N * E], lse[N], w[N * K], packed[NO], r[NO];
-    int32_t idx[N * K], idx0[N * K];
-    for (int norm = 0; norm <= 1; norm++) {
-        RouterCtx c = {probs, lse, w, logits, idx, idx0, packed, N, E, K, norm};
-        router_forward(probs, lse, idx0, w, logits, N, E, K, norm);
-        for (int term = 0; term < 4; term++) {
-            const int use_w = term == 0 || term == 3, use_b = term == 1 || term == 3;
-            const int use_z = term == 2 || term == 3;
-            for (int i = 0; i < N * K; i++) r[i] = use_w ? dw[i] : 0.0f;
-            for (int i = 0; i < N * E; i++) r[N * K + i] = use_b ? bias[i % E] : 0.0f;
-            for (int t = 0; t < N; t++) r[N * K + N * E + t] = use_z ? zc : 0.0f;
-            router_fwd_(&c);
+    float *probs = fa_(&A, NE), *lse = fa_(&A, N), *w = fa_(&A, NK), *packed = fa_(&A, NO);
+    float *r = fa_(&A, NO);
+    int32_t *idx = ia_(&A, NK), *idx0 = ia_(&A, NK);
+    const int use_w = terms & 1, use_b = terms & 2, use_z = terms & 4;
+    RouterCtx c = {probs, lse, w, logits, idx, idx0, packed, N, E, K, norm};
+    router_forward(probs, lse, idx0, w, logits, N, E, K, norm);
+    for (size_t i = 0; i < NK; i++) r[i] = use_w ? dw[i] : 0.0f;
+    for (size_t i = 0; i < NE; i++) r[NK + i] = use_b ? bias[i % E] : 0.0f;
+    for (int t = 0; t < N; t++) r[NK + NE + t] = use_z ? zc : 0.0f;
+    router_fwd_(&c);
 
-            float dl[N * E] = {0}, dl2[N * E] = {0};
-            for (int rep = 0; rep < 3; rep++) {
-                router_backward(rep == 0 ? dl : dl2, use_w ? dw : NULL, use_b ? bias : NULL,
-                                use_z ? zc : 0.0f, probs, lse, idx, w, N, E, K, norm);
-            }
-            CU_ASSERT(check_doubled_("router dlogits doubled", dl2, dl, N * E));
-            char name[64];
-            snprintf(name, sizeof(name), "router %s norm_topk=%d", term_names[term], norm);
-            FdOp op = {.fwd = router_fwd_, .ctx = &c, .r = r, .n_out = NO, .h = FD_H};
-            CU_ASSERT(fd_check_(name, &op, logits, dl, N * E, 100000, 12 + term));
-        }
+    float *dl = fa_(&A, NE), *dl2 = fa_(&A, NE);
+    for (int rep = 0; rep < 3; rep++) {
+        router_backward(rep == 0 ? dl : dl2, use_w ? dw : NULL, use_b ? bias : NULL,
+                        use_z ? zc : 0.0f, probs, lse, idx, w, N, E, K, norm);
     }
-    free(bias);
-    free(dw);
-    free(logits);
+    CU_ASSERT(check_doubled_("router dlogits doubled", dl2, dl, NE));
+    const char *what = terms == 1 ? "topk_w" : terms == 2 ? "prob_bias" : terms == 4 ? "z" : "all";
+    char name[64];
+    snprintf(name, sizeof(name), "router %s norm_topk=%d", what, norm);
+    FdOp op = {.fwd = router_fwd_, .ctx = &c, .r = r, .n_out = NO, .h = FD_H};
+    CU_ASSERT(fd_check_(name, &op, logits, dl, NE, max_probe, 12 + terms));
+    arena_free_(&A);
+}
+
+static void test_router_backward(void) {
+    // each term alone and all together, with and without renormalised top-k weights
+    const int terms[] = {1, 2, 4, 7};
+    for (int norm = 0; norm <= 1; norm++) {
+        for (int i = 0; i < 4; i++) router_backward_case_(16, 8, 3, norm, terms[i], PROBES_ALL);
+        router_backward_case_(2048, 8, 4, norm, 7, PROBES_LARGE);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -710,13 +793,21 @@ static void random_topk_(int32_t *idx, int N, int K, int E, int skip, uint64_t s
         for (int j = 0; j < K; j++) {
             int e, dup;
             do {
-                e = (int)(tu_rand_u64(&s) % E);
+                e = (int)(tu_rand_u64(&s) % (uint64_t)E);
                 dup = e == skip;
                 for (int jj = 0; jj < j; jj++) dup |= idx[t * K + jj] == e;
             } while (dup);
             idx[t * K + j] = e;
         }
     }
+}
+
+// A plan for random routing. idx, row_token, assign_row are (N*K); offsets is (E+1)
+static void random_plan_(int32_t *idx, int32_t *offsets, int32_t *row_token, int32_t *assign_row,
+                         int N, int K, int E, uint64_t seed) {
+    int32_t counts[64];
+    random_topk_(idx, N, K, E, -1, seed);
+    moe_plan(counts, offsets, row_token, assign_row, idx, N, K, E);
 }
 
 static void test_moe_plan(void) {
@@ -778,34 +869,36 @@ static const float *perm_fwd_(void *p) {
     return c->out;
 }
 
-static void test_permute(void) {
-    enum { N = 11, K = 3, E = 5, D = 6, R = N * K };
-    int32_t idx[R], counts[E], offsets[E + 1], row_token[R], assign_row[R];
-    random_topk_(idx, N, K, E, -1, 131);
-    moe_plan(counts, offsets, row_token, assign_row, idx, N, K, E);
-    float *x = frand_(N * D, 132, 1.0f), *xp = falloc_(R * D), *r = frand_(R * D, 133, 1.0f);
+static void permute_case_(int N, int K, int E, int D, size_t max_probe) {
+    Arena A = {0};
+    const int R = N * K;
+    int32_t *idx = ia_(&A, R), *offsets = ia_(&A, E + 1), *row_token = ia_(&A, R);
+    int32_t *assign_row = ia_(&A, R);
+    random_plan_(idx, offsets, row_token, assign_row, N, K, E, 131);
+    float *x = fr_(&A, (size_t)N * D, 132, 1.0f), *xp = fa_(&A, (size_t)R * D);
+    float *r = fr_(&A, (size_t)R * D, 133, 1.0f);
     PermCtx c = {xp, x, row_token, R, D};
     perm_fwd_(&c);
     int ok = 1;
-    for (int t = 0; t < N; t++) {
-        for (int j = 0; j < K; j++) {
-            ok &= memcmp(xp + (size_t)assign_row[t * K + j] * D, x + t * D, D * 4) == 0;
-        }
+    for (int a = 0; a < R; a++) {
+        ok &=
+            memcmp(xp + (size_t)assign_row[a] * D, x + (size_t)(a / K) * D, D * sizeof(float)) == 0;
     }
     CU_ASSERT(ok);
 
-    float *dx = falloc_(N * D), *dx2 = falloc_(N * D);
+    float *dx = fa_(&A, (size_t)N * D), *dx2 = fa_(&A, (size_t)N * D);
     permute_backward(dx, r, assign_row, N, K, D);
     permute_backward(dx2, r, assign_row, N, K, D);
     permute_backward(dx2, r, assign_row, N, K, D);
-    CU_ASSERT(check_doubled_("permute dx doubled", dx2, dx, N * D));
-    FdOp op = {.fwd = perm_fwd_, .ctx = &c, .r = r, .n_out = R * D, .h = FD_H};
-    CU_ASSERT(fd_check_("permute dx", &op, x, dx, N * D, 100000, 20));
-    free(dx2);
-    free(dx);
-    free(r);
-    free(xp);
-    free(x);
+    CU_ASSERT(check_doubled_("permute dx doubled", dx2, dx, (size_t)N * D));
+    FdOp op = {.fwd = perm_fwd_, .ctx = &c, .r = r, .n_out = (size_t)R * D, .h = FD_H};
+    CU_ASSERT(fd_check_("permute dx", &op, x, dx, (size_t)N * D, max_probe, 20));
+    arena_free_(&A);
+}
+
+static void test_permute(void) {
+    permute_case_(11, 3, 5, 6, PROBES_ALL);
+    permute_case_(64, 4, 8, 256, PROBES_LARGE);
 }
 
 typedef struct {
@@ -820,46 +913,45 @@ static const float *unperm_fwd_(void *p) {
     return c->out;
 }
 
-static void test_unpermute(void) {
-    enum { N = 11, K = 3, E = 5, D = 6, R = N * K };
-    int32_t idx[R], counts[E], offsets[E + 1], row_token[R], assign_row[R];
-    random_topk_(idx, N, K, E, -1, 141);
-    moe_plan(counts, offsets, row_token, assign_row, idx, N, K, E);
-    float *yp = frand_(R * D, 142, 1.0f), *w = frand_(N * K, 143, 1.0f);
-    float *out = falloc_(N * D), *r = frand_(N * D, 144, 1.0f);
+static void unpermute_case_(int N, int K, int E, int D, size_t max_probe) {
+    Arena A = {0};
+    const int R = N * K;
+    const size_t no = (size_t)N * D, ny = (size_t)R * D;
+    int32_t *idx = ia_(&A, R), *offsets = ia_(&A, E + 1), *row_token = ia_(&A, R);
+    int32_t *assign_row = ia_(&A, R);
+    random_plan_(idx, offsets, row_token, assign_row, N, K, E, 141);
+    float *yp = fr_(&A, ny, 142, 1.0f), *w = fr_(&A, R, 143, 1.0f);
+    float *out = fa_(&A, no), *r = fr_(&A, no, 144, 1.0f);
     UnpermCtx c = {out, yp, w, assign_row, N, K, D};
     unperm_fwd_(&c);
-    double want[N * D];
+    double *want = da_(&A, no);
     for (int t = 0; t < N; t++) {
         for (int d = 0; d < D; d++) {
             double s = 0.0;
             for (int j = 0; j < K; j++) {
                 s += (double)w[t * K + j] * yp[(size_t)assign_row[t * K + j] * D + d];
             }
-            want[t * D + d] = s;
+            want[(size_t)t * D + d] = s;
         }
     }
-    CU_ASSERT(allclose_d_("unpermute out", out, want, N * D, 1e-6, 1e-6));
+    CU_ASSERT(allclose_d_("unpermute out", out, want, no, 1e-6, 1e-6));
 
-    float *dyp = falloc_(R * D), *dw = falloc_(N * K), *dyp2 = falloc_(R * D),
-          *dw2 = falloc_(N * K);
+    float *dyp = fa_(&A, ny), *dw = fa_(&A, R), *dyp2 = fa_(&A, ny), *dw2 = fa_(&A, R);
     unpermute_backward(dyp, dw, r, yp, w, assign_row, N, K, D);
     unpermute_backward(dyp2, NULL, r, yp, w, assign_row, N, K, D);
     unpermute_backward(dyp2, dw2, r, yp, w, assign_row, N, K, D);
     unpermute_backward(NULL, dw2, r, yp, w, assign_row, N, K, D);
-    CU_ASSERT(check_doubled_("unpermute dyp doubled", dyp2, dyp, R * D));
-    CU_ASSERT(check_doubled_("unpermute dtopk_w doubled", dw2, dw, N * K));
-    FdOp op = {.fwd = unperm_fwd_, .ctx = &c, .r = r, .n_out = N * D, .h = FD_H};
-    CU_ASSERT(fd_check_("unpermute dyp", &op, yp, dyp, R * D, 100000, 21));
-    CU_ASSERT(fd_check_("unpermute dtopk_w", &op, w, dw, N * K, 100000, 22));
-    free(dw2);
-    free(dyp2);
-    free(dw);
-    free(dyp);
-    free(r);
-    free(out);
-    free(w);
-    free(yp);
+    CU_ASSERT(check_doubled_("unpermute dyp doubled", dyp2, dyp, ny));
+    CU_ASSERT(check_doubled_("unpermute dtopk_w doubled", dw2, dw, R));
+    FdOp op = {.fwd = unperm_fwd_, .ctx = &c, .r = r, .n_out = no, .h = FD_H};
+    CU_ASSERT(fd_check_("unpermute dyp", &op, yp, dyp, ny, max_probe, 21));
+    CU_ASSERT(fd_check_("unpermute dtopk_w", &op, w, dw, R, max_probe, 22));
+    arena_free_(&A);
+}
+
+static void test_unpermute(void) {
+    unpermute_case_(11, 3, 5, 6, PROBES_ALL);
+    unpermute_case_(64, 4, 8, 256, PROBES_LARGE);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -878,21 +970,22 @@ static const float *gmm_fwd_(void *p) {
 }
 
 static void test_grouped_matmul(void) {
+    Arena A = {0};
     enum { E = 4, R = 12, C = 10, OC = 7 };
     const int32_t offsets[E + 1] = {0, 3, 8, 8, 12}; // expert 2 has no rows
-    float *inp = frand_(R * C, 151, 1.0f), *w = frand_(E * OC * C, 152, 0.5f);
-    float *out = falloc_(R * OC), *r = frand_(R * OC, 153, 1.0f);
+    float *inp = fr_(&A, R * C, 151, 1.0f), *w = fr_(&A, E * OC * C, 152, 0.5f);
+    float *out = fa_(&A, R * OC), *r = fr_(&A, R * OC, 153, 1.0f);
     GmmCtx c = {out, inp, w, offsets, E, C, OC};
     gmm_fwd_(&c);
-    double want[R * OC];
+    double *want = da_(&A, R * OC);
     for (int e = 0; e < E; e++) {
         const int r0 = offsets[e], n = offsets[e + 1] - r0;
         naive_matmul_(want + r0 * OC, inp + r0 * C, w + (size_t)e * OC * C, n, C, OC);
     }
     CU_ASSERT(allclose_d_("grouped_matmul out", out, want, R * OC, 1e-5, 1e-5));
 
-    float *di = falloc_(R * C), *dw = falloc_(E * OC * C), *di2 = falloc_(R * C),
-          *dw2 = falloc_(E * OC * C);
+    float *di = fa_(&A, R * C), *dw = fa_(&A, E * OC * C), *di2 = fa_(&A, R * C);
+    float *dw2 = fa_(&A, E * OC * C);
     grouped_matmul_backward(di, dw, r, inp, w, offsets, E, C, OC);
     grouped_matmul_backward(di2, NULL, r, inp, w, offsets, E, C, OC);
     grouped_matmul_backward(di2, dw2, r, inp, w, offsets, E, C, OC);
@@ -900,7 +993,7 @@ static void test_grouped_matmul(void) {
     CU_ASSERT(check_doubled_("grouped_matmul dinp doubled", di2, di, R * C));
     CU_ASSERT(check_doubled_("grouped_matmul dw doubled", dw2, dw, E * OC * C));
     // the empty expert's gradient is left alone, whatever it holds
-    float *dw3 = falloc_(E * OC * C);
+    float *dw3 = fa_(&A, E * OC * C);
     for (int i = 0; i < E * OC * C; i++) dw3[i] = 3.0f;
     grouped_matmul_backward(NULL, dw3, r, inp, w, offsets, E, C, OC);
     int ok = 1;
@@ -908,17 +1001,9 @@ static void test_grouped_matmul(void) {
     CU_ASSERT(ok);
 
     FdOp op = {.fwd = gmm_fwd_, .ctx = &c, .r = r, .n_out = R * OC, .h = FD_H};
-    CU_ASSERT(fd_check_("grouped_matmul dinp", &op, inp, di, R * C, 100000, 23));
-    CU_ASSERT(fd_check_("grouped_matmul dw", &op, w, dw, E * OC * C, 100000, 24));
-    free(dw3);
-    free(dw2);
-    free(di2);
-    free(dw);
-    free(di);
-    free(r);
-    free(out);
-    free(w);
-    free(inp);
+    CU_ASSERT(fd_check_("grouped_matmul dinp", &op, inp, di, R * C, PROBES_ALL, 23));
+    CU_ASSERT(fd_check_("grouped_matmul dw", &op, w, dw, E * OC * C, PROBES_ALL, 24));
+    arena_free_(&A);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -936,50 +1021,69 @@ static double ce_loss_(void *p) {
     return c->scale * crossentropy_forward(c->losses, c->logits, c->targets, c->N, c->V);
 }
 
-static void test_crossentropy(void) {
-    enum { N = 6, V = 37 };
-    const int32_t targets[N] = {3, -1, 0, 36, 17, -1};
+static void crossentropy_case_(int N, int V, size_t max_probe) {
+    Arena A = {0};
     const float scale = 2.5f;
-    float *logits = frand_(N * V, 161, 4.0f), *losses = falloc_(N);
-    double want[N], want_sum = 0.0, want_dl[N * V];
+    const size_t n = (size_t)N * V;
+    int32_t *targets = ia_(&A, N);
+    uint64_t s = 160 + N;
+    for (int i = 0; i < N; i++) targets[i] = (int32_t)(tu_rand_u64(&s) % (uint64_t)V);
+    targets[1] = targets[N - 1] = -1; // no target: no loss, no gradient
+    targets[0] = 0;
+    targets[2] = V - 1;
+    float *logits = fr_(&A, n, 161, 4.0f), *losses = fa_(&A, N);
+    double *want = da_(&A, N), *want_dl = da_(&A, n), want_sum = 0.0;
     for (int i = 0; i < N; i++) {
-        const float *l = logits + i * V;
+        const float *l = logits + (size_t)i * V;
         double m = -INFINITY, z = 0.0;
         for (int j = 0; j < V; j++) m = fmax(m, l[j]);
         for (int j = 0; j < V; j++) z += exp(l[j] - m);
         want[i] = targets[i] < 0 ? 0.0 : m + log(z) - l[targets[i]];
         want_sum += want[i];
         for (int j = 0; j < V; j++) {
-            want_dl[i * V + j] =
-                targets[i] < 0 ? 0.0 : scale * (exp(l[j] - m) / z - (j == targets[i] ? 1.0 : 0.0));
+            const double onehot = j == targets[i] ? 1.0 : 0.0;
+            want_dl[(size_t)i * V + j] =
+                targets[i] < 0 ? 0.0 : scale * (exp(l[j] - m) / z - onehot);
         }
     }
     const double sum = crossentropy_forward(losses, logits, targets, N, V);
     CU_ASSERT(allclose_d_("crossentropy losses", losses, want, N, 1e-6, 1e-6));
     CU_ASSERT(fabs(sum - want_sum) <= 1e-6 * fabs(want_sum));
 
-    float *dl = falloc_(N * V), *losses2 = falloc_(N);
-    for (int i = 0; i < N * V; i++) dl[i] = 123.0f; // written, not accumulated
+    float *dl = fa_(&A, n), *losses2 = fa_(&A, N);
+    for (size_t i = 0; i < n; i++) dl[i] = 123.0f; // written, not accumulated
     const double sum2 = crossentropy_forward_backward(dl, losses2, logits, targets, N, V, scale);
     CU_ASSERT(sum2 == sum);
     CU_ASSERT(memcmp(losses2, losses, N * sizeof(float)) == 0);
-    CU_ASSERT(allclose_d_("crossentropy dlogits", dl, want_dl, N * V, 1e-7, 1e-5));
-    float *alias = fcopy_(logits, N * V); // dlogits may alias logits
+    CU_ASSERT(allclose_d_("crossentropy dlogits", dl, want_dl, n, 1e-7, 1e-5));
+    float *alias = fcopy_(&A, logits, n); // dlogits may alias logits
     const double sum3 = crossentropy_forward_backward(alias, losses2, alias, targets, N, V, scale);
     CU_ASSERT(sum3 == sum);
-    CU_ASSERT(memcmp(alias, dl, N * V * sizeof(float)) == 0);
+    CU_ASSERT(memcmp(alias, dl, n * sizeof(float)) == 0);
 
-    // FD of scale * crossentropy_forward's total (double). Its roundoff between two probes:
-    // moving one logit changes its own fp32 exp term (all terms when it is the row max), so
-    // the row's sum moves by <= eps_f32 relative and the loss by <= eps_f32 * scale.
+    // FD of scale * crossentropy_forward's total (double). Its roundoff between two probes of
+    // logit j: only j's fp32 exp term is recomputed (every term when j is the row max, as the
+    // max is subtracted), so the sum errs by <= eps_f32 * p_j relative and the loss by
+    // <= eps_f32 * scale * (p_j + [j is the row max]); the target logit enters exactly.
+    double *noise = da_(&A, n);
+    for (int i = 0; i < N; i++) {
+        const float *l = logits + (size_t)i * V;
+        int jmax = 0;
+        for (int j = 1; j < V; j++) jmax = l[j] > l[jmax] ? j : jmax;
+        for (int j = 0; j < V; j++) {
+            const double p = want_dl[(size_t)i * V + j] / scale + (j == targets[i]);
+            noise[(size_t)i * V + j] = FLT_EPSILON * scale * (fabs(p) + (j == jmax));
+        }
+    }
     CeCtx c = {losses, logits, targets, N, V, scale};
-    FdOp op = {.ctx = &c, .h = FD_H, .loss = ce_loss_, .noise = FLT_EPSILON * scale};
-    CU_ASSERT(fd_check_("crossentropy dlogits", &op, logits, dl, N * V, 100000, 25));
-    free(alias);
-    free(losses2);
-    free(dl);
-    free(losses);
-    free(logits);
+    FdOp op = {.ctx = &c, .h = FD_H, .loss = ce_loss_, .noise = noise};
+    CU_ASSERT(fd_check_("crossentropy dlogits", &op, logits, dl, n, max_probe, 25));
+    arena_free_(&A);
+}
+
+static void test_crossentropy(void) {
+    crossentropy_case_(6, 37, PROBES_ALL);
+    crossentropy_case_(8, 8200, PROBES_LARGE);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -999,30 +1103,47 @@ static void test_adamw(void) {
     CU_ASSERT(tu_allclose("adamw p", p, want_p, 4, 1e-7, 1e-6));
     CU_ASSERT(tu_allclose("adamw m", m, want_m, 4, 1e-9, 1e-6));
     CU_ASSERT(tu_allclose("adamw v", v, want_v, 4, 1e-10, 1e-6));
+
+    // above the OpenMP threshold, against the same formula in double
+    Arena A = {0};
+    const size_t n = 70000;
+    float *pp = fr_(&A, n, 172, 1.0f), *gg = fr_(&A, n, 173, 1.0f), *mm = fr_(&A, n, 174, 0.1f);
+    float *vv = fr_(&A, n, 175, 0.01f);
+    for (size_t i = 0; i < n; i++) vv[i] = fabsf(vv[i]);
+    double *wp = da_(&A, n);
+    for (size_t i = 0; i < n; i++) {
+        const double gi = 0.5 * gg[i], mi = 0.9 * mm[i] + 0.1 * gi;
+        const double vi = 0.95 * vv[i] + 0.05 * gi * gi;
+        const double mhat = mi / (1 - pow(0.9, 3)), vhat = vi / (1 - pow(0.95, 3));
+        wp[i] = pp[i] - 0.01 * (mhat / (sqrt(vhat) + 1e-8) + 0.1 * pp[i]);
+    }
+    adamw_update(pp, gg, mm, vv, n, 0.01f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, 0.5f);
+    CU_ASSERT(allclose_d_("adamw large p", pp, wp, n, 1e-6, 1e-6));
+    arena_free_(&A);
 }
 
 static void test_reductions(void) {
+    Arena A = {0};
     const size_t n = 100003; // above the parallel threshold, not a multiple of the chunks
-    float *x = frand_(n, 171, 2.0f);
+    float *x = fr_(&A, n, 171, 2.0f);
     double want = 0.0;
     for (size_t i = 0; i < n; i++) want += (double)x[i] * x[i];
     CU_ASSERT(fabs(sum_squares(x, n) - want) <= 1e-12 * want);
     CU_ASSERT(sum_squares(x, 3) == (double)x[0] * x[0] + (double)x[1] * x[1] + (double)x[2] * x[2]);
     CU_ASSERT(sum_squares(x, 0) == 0.0);
-    float *y = fcopy_(x, n);
+    float *y = fcopy_(&A, x, n);
     scale_inplace(y, 0.5f, n);
     int ok = 1;
     for (size_t i = 0; i < n; i++) ok &= y[i] == 0.5f * x[i];
     CU_ASSERT(ok);
     zero_fill(y, n);
     CU_ASSERT(tu_max_abs(y, n) == 0.0);
-    free(y);
-    free(x);
+    arena_free_(&A);
 }
 
 static void test_info(void) {
     const char *info = kernels_blas_info();
-    printf("\n    %s, kernels_num_threads %d", info, kernels_num_threads());
+    printf("\n    %s, kernels_num_threads %d ", info, kernels_num_threads());
     CU_ASSERT(strstr(info, "OpenBLAS") != NULL);
     CU_ASSERT(kernels_num_threads() >= 1);
 }
@@ -1032,6 +1153,7 @@ int main(void) {
         {"embedding", test_embedding},
         {"rmsnorm", test_rmsnorm},
         {"matmul", test_matmul},
+        {"matmul_large", test_matmul_large},
         {"rope", test_rope},
         {"attention_forward", test_attention_forward},
         {"attention_backward", test_attention_backward},

@@ -12,6 +12,10 @@
 // Query rows per block. A strip of scores is (ATTN_BQ, T) floats per thread: 1 MiB at T=4096.
 #define ATTN_BQ 64
 
+// Below this many multiply-adds (B*H*T*T*Dh, twice the causal count) the whole op runs on the
+// calling thread: tiny problems (tests, toy configs) gain nothing from waking the team.
+#define ATTN_PAR_MIN (1 << 22)
+
 // Kernels return no error code; running out of memory for scratch is fatal.
 static float *scratch_alloc_(int T) {
     float *p = malloc((size_t)ATTN_BQ * (size_t)(T > 0 ? T : 1) * sizeof(float));
@@ -33,7 +37,7 @@ void attention_forward(float *out, float *lse, const float *q, const float *k, c
     const int nqb = (T + ATTN_BQ - 1) / ATTN_BQ;
     const int nbh = B * H;
     const int nwork = nbh * nqb;
-#pragma omp parallel
+#pragma omp parallel if ((size_t)nbh * T * T * Dh >= ATTN_PAR_MIN)
     {
         float *s = scratch_alloc_(T); // scores, then probabilities; (bq, kend)
         // the last query blocks (the most keys) first, for a balanced dynamic schedule
@@ -83,7 +87,7 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout, cons
     const float scale = 1.0f / sqrtf((float)Dh);
     const int nqb = (T + ATTN_BQ - 1) / ATTN_BQ;
     const int nbh = B * H;
-#pragma omp parallel
+#pragma omp parallel if ((size_t)nbh * T * T * Dh >= ATTN_PAR_MIN)
     {
         float *p = scratch_alloc_(T);  // probabilities (bq, kend)
         float *dp = scratch_alloc_(T); // dP, then dS in place (bq, kend)

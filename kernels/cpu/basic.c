@@ -14,7 +14,8 @@
 // order fixed (row order), so the result is bitwise the same for any thread count.
 #define COL_SLICE 64
 
-// Elementwise loops below this size are not worth waking the thread team.
+// Loops over fewer elements than this run on the calling thread: waking the team costs more
+// than it saves, and on a loaded machine a barrier can wait a whole time slice for a thread.
 #define PAR_MIN 65536
 
 // ---------------------------------------------------------------------------------------
@@ -22,7 +23,7 @@
 
 // out is (N,D), tokens is (N), wte is (V,D)
 void embedding_forward(float *out, const int32_t *tokens, const float *wte, int N, int D) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * D >= PAR_MIN)
     for (int i = 0; i < N; i++) {
         memcpy(out + (size_t)i * D, wte + (size_t)tokens[i] * D, (size_t)D * sizeof(float));
     }
@@ -32,7 +33,7 @@ void embedding_forward(float *out, const int32_t *tokens, const float *wte, int 
 void embedding_backward(float *dwte, const float *dout, const int32_t *tokens, int N, int D) {
     if (!dwte) return;
     const int n_slices = (D + COL_SLICE - 1) / COL_SLICE;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * D >= PAR_MIN)
     for (int s = 0; s < n_slices; s++) {
         const int c0 = s * COL_SLICE;
         const int c1 = c0 + COL_SLICE < D ? c0 + COL_SLICE : D;
@@ -50,7 +51,7 @@ void embedding_backward(float *dwte, const float *dout, const int32_t *tokens, i
 // out, x are (N,D), w is (D), rstd is (N)
 void rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int D,
                      float eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * D >= PAR_MIN)
     for (int i = 0; i < N; i++) {
         const float *xi = x + (size_t)i * D;
         float *oi = out + (size_t)i * D;
@@ -68,7 +69,7 @@ void rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, in
 void rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, const float *w,
                       const float *rstd, int N, int D) {
     if (dx) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * D >= PAR_MIN)
         for (int i = 0; i < N; i++) {
             const float *xi = x + (size_t)i * D, *gi = dout + (size_t)i * D;
             float *dxi = dx + (size_t)i * D;
@@ -82,7 +83,7 @@ void rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, c
     }
     if (dw) {
         const int n_slices = (D + COL_SLICE - 1) / COL_SLICE;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * D >= PAR_MIN)
         for (int s = 0; s < n_slices; s++) {
             const int c0 = s * COL_SLICE;
             const int nc = c0 + COL_SLICE < D ? COL_SLICE : D - c0;

@@ -6,6 +6,10 @@
 #include <math.h>
 #include <string.h>
 
+// Loops over fewer elements than this run on the calling thread: waking the team costs more
+// than it saves, and on a loaded machine a barrier can wait a whole time slice for a thread.
+#define PAR_MIN 65536
+
 // The rows are cut into a fixed number of chunks; each chunk sums its losses in row order and
 // the chunk sums are added in order, so the total does not depend on the thread count.
 #define CE_CHUNKS 256
@@ -40,7 +44,7 @@ static double ce_row_(float *dl, const float *logits, int target, int V, float s
 static double ce_rows_(float *dlogits, float *losses, const float *logits, const int32_t *targets,
                        int N, int V, float scale) {
     double part[CE_CHUNKS];
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if ((size_t)N * V >= PAR_MIN)
     for (int c = 0; c < CE_CHUNKS; c++) {
         const int i0 = (int)((int64_t)N * c / CE_CHUNKS);
         const int i1 = (int)((int64_t)N * (c + 1) / CE_CHUNKS);

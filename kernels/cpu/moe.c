@@ -5,6 +5,10 @@
 
 #include <string.h>
 
+// Loops over fewer elements than this run on the calling thread: waking the team costs more
+// than it saves, and on a loaded machine a barrier can wait a whole time slice for a thread.
+#define PAR_MIN 65536
+
 // counts is (E), offsets is (E+1), row_token is (R), assign_row is (N*K), topk_idx is (N,K)
 void moe_plan(int32_t *counts, int32_t *offsets, int32_t *row_token, int32_t *assign_row,
               const int32_t *topk_idx, int N, int K, int E) {
@@ -25,7 +29,7 @@ void moe_plan(int32_t *counts, int32_t *offsets, int32_t *row_token, int32_t *as
 
 // xp is (R,D), x is (N,D), row_token is (R)
 void permute_forward(float *xp, const float *x, const int32_t *row_token, int R, int D) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)R * D >= PAR_MIN)
     for (int r = 0; r < R; r++) {
         memcpy(xp + (size_t)r * D, x + (size_t)row_token[r] * D, (size_t)D * sizeof(float));
     }
@@ -34,7 +38,7 @@ void permute_forward(float *xp, const float *x, const int32_t *row_token, int R,
 // dx is (N,D), dxp is (R,D), assign_row is (N,K)
 void permute_backward(float *dx, const float *dxp, const int32_t *assign_row, int N, int K, int D) {
     if (!dx) return;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * K * D >= PAR_MIN)
     for (int t = 0; t < N; t++) {
         float *dst = dx + (size_t)t * D;
         for (int j = 0; j < K; j++) {
@@ -47,7 +51,7 @@ void permute_backward(float *dx, const float *dxp, const int32_t *assign_row, in
 // out is (N,D), yp is (R,D), topk_w and assign_row are (N,K)
 void unpermute_forward(float *out, const float *yp, const float *topk_w, const int32_t *assign_row,
                        int N, int K, int D) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * K * D >= PAR_MIN)
     for (int t = 0; t < N; t++) {
         float *dst = out + (size_t)t * D;
         for (int c = 0; c < D; c++) dst[c] = 0.0f;
@@ -63,7 +67,7 @@ void unpermute_forward(float *out, const float *yp, const float *topk_w, const i
 // dyp is (R,D), dtopk_w is (N,K), dout is (N,D), yp is (R,D), topk_w and assign_row are (N,K)
 void unpermute_backward(float *dyp, float *dtopk_w, const float *dout, const float *yp,
                         const float *topk_w, const int32_t *assign_row, int N, int K, int D) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * K * D >= PAR_MIN)
     for (int t = 0; t < N; t++) {
         const float *g = dout + (size_t)t * D;
         for (int j = 0; j < K; j++) {

@@ -5,6 +5,10 @@
 
 #include <math.h>
 
+// Loops over fewer elements than this run on the calling thread: waking the team costs more
+// than it saves, and on a loaded machine a barrier can wait a whole time slice for a thread.
+#define PAR_MIN 65536
+
 // Rotates every (b, t, h) row of src by +angle (dir = 1, forward) or -angle (dir = -1, the
 // transpose, backward). dst = R src when acc = 0, dst += R src when acc = 1. Both elements of
 // a pair are read before either is written, so dst may alias src when acc = 0.
@@ -13,7 +17,7 @@ static void rope_apply_(float *dst, const float *src, int B, int T, int H, int D
                         float dir, int acc) {
     const int half = Dh / 2;
     const size_t ld = (size_t)H * Dh;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)B * T * H * Dh >= PAR_MIN)
     for (int t = 0; t < T; t++) {
         for (int i = 0; i < half; i++) {
             const double inv_freq = pow((double)theta, -2.0 * i / Dh);

@@ -5,10 +5,14 @@
 
 #include <math.h>
 
+// Loops over fewer elements than this run on the calling thread: waking the team costs more
+// than it saves, and on a loaded machine a barrier can wait a whole time slice for a thread.
+#define PAR_MIN 65536
+
 // probs, logits are (N,E); lse is (N); topk_idx, topk_w are (N,K)
 void router_forward(float *probs, float *lse, int32_t *topk_idx, float *topk_w, const float *logits,
                     int N, int E, int K, int norm_topk) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * E * K >= PAR_MIN)
     for (int t = 0; t < N; t++) {
         const float *l = logits + (size_t)t * E;
         float *p = probs + (size_t)t * E;
@@ -50,7 +54,7 @@ void router_backward(float *dlogits, const float *dtopk_w, const float *dprob_bi
                      const float *topk_w, int N, int E, int K, int norm_topk) {
     if (!dlogits) return;
     (void)topk_w; // recomputed from probs in double, to the same effect
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * E * K >= PAR_MIN)
     for (int t = 0; t < N; t++) {
         const float *p = probs + (size_t)t * E;
         const int32_t *idx = topk_idx + (size_t)t * K;
