@@ -12,6 +12,7 @@ PACKAGES=(
   libinih-dev libcjson-dev            # INI configs, JSON (Dolma documents, HF files)
   zlib1g-dev libzstd-dev              # .gz / .zst documents
   libonig-dev                         # Oniguruma regex (HF tokenizers' pre-tokenizer engine)
+  libutf8proc-dev                     # Unicode NFC and categories (tokenizer)
 )
 
 missing=()

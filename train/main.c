@@ -7,6 +7,7 @@
 #include <sys/resource.h>
 
 #include "kernels/kernels.h"
+#include "train/cli.h"
 #include "train/common.h"
 #include "train/config.h"
 #include "train/model.h"
@@ -74,7 +75,7 @@ static const char *INFO_HELP =
     "memory each rank needs (fp32 parameters, gradients, AdamW state and activations of one\n"
     "micro-batch) for a world of W ranks (default: [parallel] ep) with ep from the config.\n";
 
-static int cmd_info(int argc, char **argv, MoetErr *err) {
+int cmd_info(int argc, char **argv, MoetErr *err) {
     if (want_help_(argc, argv)) {
         fputs(INFO_HELP, stdout);
         return MOET_OK;
@@ -207,7 +208,7 @@ static double sgemm_peak_gflops_(void) {
     return best;
 }
 
-static int cmd_bench(int argc, char **argv, MoetErr *err) {
+int cmd_bench(int argc, char **argv, MoetErr *err) {
     if (want_help_(argc, argv)) {
         fputs(BENCH_HELP, stdout);
         return MOET_OK;

@@ -1,0 +1,9 @@
+// cli: the subcommands of `moet`, one function each, dispatched by main.c. Each takes argc/argv
+// starting at the command name, prints its own --help, and returns 0, MOET_EUSAGE (bad usage or
+// configuration) or MOET_EFAIL with the message in err.
+#pragma once
+#include "train/common.h"
+
+int cmd_info(int argc, char **argv, MoetErr *err);
+int cmd_bench(int argc, char **argv, MoetErr *err);
+int cmd_tokenize(int argc, char **argv, MoetErr *err);   // train/cmd_tokenize.c
