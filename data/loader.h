@@ -28,7 +28,8 @@ typedef struct {
 typedef struct {
     uint64_t seed;
     uint64_t epoch;          // 0-based
-    uint64_t consumed;       // instances of this epoch consumed (a multiple of global_batch)
+    uint64_t consumed;       // instances of this epoch consumed (a multiple of global_batch at
+                             // step boundaries; set_pos accepts any count <= the epoch)
     char fingerprint[17];    // of the data set (16 hex digits)
 } LoaderPos;
 

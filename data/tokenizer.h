@@ -34,3 +34,10 @@ int tokenizer_vocab_size(const Tokenizer *t);   // largest id + 1 (added tokens 
 int tokenizer_token_id(const Tokenizer *t, const char *token);
 // The EOS id: the added token "<|endoftext|>" where it exists, else -1.
 int tokenizer_eos_id(const Tokenizer *t);
+
+// Test hook: the pre-tokenizer's pieces of text[0..len) (already normalized, no added tokens),
+// as piece end offsets in bytes (piece i is [ends[i-1], ends[i]), ends[-1] = 0) appended to
+// ends. force_regex = 1 uses the Oniguruma path on the file's pattern instead of the hand
+// scanner (both must agree). len must be < 2^31.
+int tokenizer_pretokenize(const Tokenizer *t, const char *text, size_t len, int force_regex,
+                          TokIds *ends, MoetErr *err);

@@ -299,6 +299,7 @@ typedef struct {
 static const Command COMMANDS[] = {
     {"info", cmd_info, "resolved config, parameters (total / active), FLOPs per token, memory"},
     {"bench", cmd_bench, "timed forward+backward: tokens/s, MFU, peak memory"},
+    {"tokenize", cmd_tokenize, "Dolma JSONL documents -> token shards (.npy + .csv.gz)"},
 };
 #define N_COMMANDS ((int)(sizeof COMMANDS / sizeof COMMANDS[0]))
 
