@@ -1,6 +1,7 @@
 // tokenizer: HF tokenizer.json byte-level BPE. Encode = split added tokens (raw, then after
 // NFC the normalized ones) -> pre-tokenize (hand scanners for the GPT-2 and cl100k regexes,
-// Oniguruma for any other pattern) -> BPE by merge rank on byte ids. Decode = id bytes + lossy UTF-8.
+// Oniguruma for any other pattern) -> BPE by merge rank on byte ids. Decode = id bytes + lossy
+// UTF-8.
 #include "data/tokenizer.h"
 
 #include <cjson/cJSON.h>
@@ -18,40 +19,40 @@ static const char CL100K_PATTERN_[] =
     "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
 enum { PRE_GPT2, PRE_CL100K, PRE_REGEX };
-enum { C_O = 0, C_L = 1, C_N = 2, C_S = 3 };   // other, \p{L}, \p{N}, \s (Unicode White_Space)
+enum { C_O = 0, C_L = 1, C_N = 2, C_S = 3 }; // other, \p{L}, \p{N}, \s (Unicode White_Space)
 
 // A byte trie of added-token contents for leftmost-longest matching.
 typedef struct {
-    int32_t (*next)[256];   // next[node][byte] = child node, 0 = none (node 0 is the root)
-    int32_t *id;            // id[node] = token id ending here, or -1
+    int32_t (*next)[256]; // next[node][byte] = child node, 0 = none (node 0 is the root)
+    int32_t *id;          // id[node] = token id ending here, or -1
     int n, cap;
 } Trie;
 
 typedef struct {
-    uint64_t key;   // (left << 32 | right) + 1; 0 = empty slot
+    uint64_t key; // (left << 32 | right) + 1; 0 = empty slot
     uint32_t rank;
     int32_t id;
 } MergeSlot;
 
 struct Tokenizer {
     int vocab_size;
-    char **tok;            // tok[id] = token string as in the JSON (NUL-terminated) or NULL
-    uint32_t *smap;        // string -> id hash (id + 1, 0 = empty), open addressing
+    char **tok;     // tok[id] = token string as in the JSON (NUL-terminated) or NULL
+    uint32_t *smap; // string -> id hash (id + 1, 0 = empty), open addressing
     size_t smap_cap;
     MergeSlot *merges;
     size_t merges_cap;
-    int32_t byte_id[256];  // id of the one-byte token of each byte
-    uint8_t *dec;          // decoded bytes of every id: dec[dec_off[id] .. dec_off[id+1])
+    int32_t byte_id[256]; // id of the one-byte token of each byte
+    uint8_t *dec;         // decoded bytes of every id: dec[dec_off[id] .. dec_off[id+1])
     size_t *dec_off;
-    Trie raw, norm;        // added tokens with normalized false / true
+    Trie raw, norm; // added tokens with normalized false / true
     int nfc, ignore_merges, pre, keep_gaps, eos;
-    OnigRegex re;          // the file's pattern (always compiled: the generic path and tests)
+    OnigRegex re; // the file's pattern (always compiled: the generic path and tests)
     uint8_t cls_bmp[65536];
 };
 
 // ---- small helpers ----
 
-static uint64_t hash_bytes_(const char *s, size_t n) {   // FNV-1a
+static uint64_t hash_bytes_(const char *s, size_t n) { // FNV-1a
     uint64_t h = 1469598103934665603ull;
     for (size_t i = 0; i < n; i++) h = (h ^ (uint8_t)s[i]) * 1099511628211ull;
     return h;
@@ -72,7 +73,8 @@ static int utf8_seq_(const uint8_t *s, size_t i, size_t len, int *vp) {
     if (b < 0x80) return 1;
     int n;
     uint8_t lo = 0x80, hi = 0xBF;
-    if (b >= 0xC2 && b <= 0xDF) n = 2;
+    if (b >= 0xC2 && b <= 0xDF)
+        n = 2;
     else if (b >= 0xE0 && b <= 0xEF) {
         n = 3;
         if (b == 0xE0) lo = 0xA0;
@@ -81,7 +83,8 @@ static int utf8_seq_(const uint8_t *s, size_t i, size_t len, int *vp) {
         n = 4;
         if (b == 0xF0) lo = 0x90;
         if (b == 0xF4) hi = 0x8F;
-    } else return 0;
+    } else
+        return 0;
     for (int k = 1; k < n; k++) {
         if (i + k >= len) return 0;
         uint8_t c = s[i + k];
@@ -91,7 +94,7 @@ static int utf8_seq_(const uint8_t *s, size_t i, size_t len, int *vp) {
     return n;
 }
 
-static size_t utf8_invalid_at_(const uint8_t *s, size_t len) {   // len when valid
+static size_t utf8_invalid_at_(const uint8_t *s, size_t len) { // len when valid
     size_t i = 0;
     while (i < len) {
         if (s[i] < 0x80) {
@@ -118,7 +121,8 @@ static inline uint32_t cp_at_(const uint8_t *s, size_t i, int *n) {
     }
     if (b < 0xF0) {
         *n = 3;
-        return ((uint32_t)(b & 0x0F) << 12) | ((uint32_t)(s[i + 1] & 0x3F) << 6) | (s[i + 2] & 0x3F);
+        return ((uint32_t)(b & 0x0F) << 12) | ((uint32_t)(s[i + 1] & 0x3F) << 6) |
+               (s[i + 2] & 0x3F);
     }
     *n = 4;
     return ((uint32_t)(b & 0x07) << 18) | ((uint32_t)(s[i + 1] & 0x3F) << 12) |
@@ -177,17 +181,18 @@ static size_t space_run_(const Tokenizer *t, const uint8_t *s, size_t i, size_t 
 }
 
 static size_t scan_gpt2_(const Tokenizer *t, const uint8_t *s, size_t i, size_t end) {
-    if (s[i] == '\'' && i + 1 < end) {   // 's|'t|'re|'ve|'m|'ll|'d
+    if (s[i] == '\'' && i + 1 < end) { // 's|'t|'re|'ve|'m|'ll|'d
         uint8_t c = s[i + 1];
         if (c == 's' || c == 't' || c == 'm' || c == 'd') return i + 2;
         if (i + 2 < end) {
             uint8_t d = s[i + 2];
-            if ((c == 'r' && d == 'e') || (c == 'v' && d == 'e') || (c == 'l' && d == 'l')) return i + 3;
+            if ((c == 'r' && d == 'e') || (c == 'v' && d == 'e') || (c == 'l' && d == 'l'))
+                return i + 3;
         }
     }
     int n;
     uint32_t c = cp_at_(s, i, &n);
-    if (c == ' ' && i + 1 < end) {   // ' ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+' with the space
+    if (c == ' ' && i + 1 < end) { // ' ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+' with the space
         int n2;
         int k2 = cls_(t, cp_at_(s, i + 1, &n2));
         if (k2 != C_S) return run_(t, s, i + 1 + n2, end, k2);
@@ -197,9 +202,9 @@ static size_t scan_gpt2_(const Tokenizer *t, const uint8_t *s, size_t i, size_t 
     return space_run_(t, s, i, end, 0);
 }
 
-static inline uint32_t fold_(uint32_t c) {   // the case folds that reach 's t re ve m ll d
+static inline uint32_t fold_(uint32_t c) { // the case folds that reach 's t re ve m ll d
     if (c >= 'A' && c <= 'Z') return c + 32;
-    if (c == 0x17F) return 's';   // LATIN SMALL LETTER LONG S folds to s
+    if (c == 0x17F) return 's'; // LATIN SMALL LETTER LONG S folds to s
     return c;
 }
 
@@ -209,7 +214,7 @@ static size_t crlf_tail_(const uint8_t *s, size_t j, size_t end) {
 }
 
 static size_t scan_cl100k_(const Tokenizer *t, const uint8_t *s, size_t i, size_t end) {
-    if (s[i] == '\'' && i + 1 < end) {   // (?i:'s|'t|'re|'ve|'m|'ll|'d)
+    if (s[i] == '\'' && i + 1 < end) { // (?i:'s|'t|'re|'ve|'m|'ll|'d)
         int n1;
         uint32_t c = fold_(cp_at_(s, i + 1, &n1));
         if (c == 's' || c == 't' || c == 'm' || c == 'd') return i + 1 + n1;
@@ -223,12 +228,12 @@ static size_t scan_cl100k_(const Tokenizer *t, const uint8_t *s, size_t i, size_
     int n;
     uint32_t c = cp_at_(s, i, &n);
     int k = cls_(t, c);
-    if (k == C_L) return run_(t, s, i + n, end, C_L);   // [^\r\n\p{L}\p{N}]?\p{L}+
+    if (k == C_L) return run_(t, s, i + n, end, C_L); // [^\r\n\p{L}\p{N}]?\p{L}+
     if (k != C_N && c != '\r' && c != '\n' && i + n < end) {
         int n2;
         if (cls_(t, cp_at_(s, i + n, &n2)) == C_L) return run_(t, s, i + n + n2, end, C_L);
     }
-    if (k == C_N) {   // \p{N}{1,3}
+    if (k == C_N) { // \p{N}{1,3}
         size_t j = i + n;
         for (int m = 1; m < 3 && j < end; m++) {
             int n2;
@@ -237,7 +242,7 @@ static size_t scan_cl100k_(const Tokenizer *t, const uint8_t *s, size_t i, size_
         }
         return j;
     }
-    if (c == ' ' && i + 1 < end) {   // ' ?[^\s\p{L}\p{N}]+[\r\n]*' with the space
+    if (c == ' ' && i + 1 < end) { // ' ?[^\s\p{L}\p{N}]+[\r\n]*' with the space
         int n2;
         if (cls_(t, cp_at_(s, i + 1, &n2)) == C_O)
             return crlf_tail_(s, run_(t, s, i + 1 + n2, end, C_O), end);
@@ -248,7 +253,8 @@ static size_t scan_cl100k_(const Tokenizer *t, const uint8_t *s, size_t i, size_
 
 // ---- BPE ----
 
-static inline int merge_get_(const Tokenizer *t, int32_t a, int32_t b, uint32_t *rank, int32_t *id) {
+static inline int merge_get_(const Tokenizer *t, int32_t a, int32_t b, uint32_t *rank,
+                             int32_t *id) {
     uint64_t key = (((uint64_t)(uint32_t)a << 32) | (uint32_t)b) + 1;
     size_t mask = t->merges_cap - 1, h = hash_u64_(key) & mask;
     for (;;) {
@@ -289,7 +295,7 @@ void tokids_free(TokIds *b) {
     b->n = b->cap = 0;
 }
 
-enum { BPE_SMALL = 128 };   // pieces up to this many bytes: O(n^2) array merge; longer: heap
+enum { BPE_SMALL = 128 }; // pieces up to this many bytes: O(n^2) array merge; longer: heap
 
 static void bpe_small_(const Tokenizer *t, const uint8_t *p, size_t n, TokIds *out) {
     int32_t sym[BPE_SMALL], mid[BPE_SMALL];
@@ -303,7 +309,7 @@ static void bpe_small_(const Tokenizer *t, const uint8_t *p, size_t n, TokIds *o
             if (rk[i] < rk[best]) best = i;
         if (rk[best] == UINT32_MAX) break;
         sym[best] = mid[best];
-        size_t tail = n - best - 2;   // entries after best + 1
+        size_t tail = n - best - 2; // entries after best + 1
         memmove(sym + best + 1, sym + best + 2, tail * sizeof(int32_t));
         memmove(rk + best + 1, rk + best + 2, tail * sizeof(uint32_t));
         memmove(mid + best + 1, mid + best + 2, tail * sizeof(int32_t));
@@ -360,9 +366,9 @@ static void bpe_large_(const Tokenizer *t, const uint8_t *p, size_t n, TokIds *o
         uint64_t top = heap_pop_(h, &hn);
         uint32_t rank = (uint32_t)(top >> 32);
         int32_t i = (int32_t)(uint32_t)top;
-        if (sym[i] < 0 || nx[i] < 0) continue;   // merged away, or now last
+        if (sym[i] < 0 || nx[i] < 0) continue; // merged away, or now last
         int32_t j = nx[i];
-        if (!merge_get_(t, sym[i], sym[j], &r, &id) || r != rank) continue;   // stale
+        if (!merge_get_(t, sym[i], sym[j], &r, &id) || r != rank) continue; // stale
         sym[i] = id;
         sym[j] = -1;
         nx[i] = nx[j];
@@ -389,7 +395,7 @@ static void bpe_piece_(const Tokenizer *t, const uint8_t *p, size_t n, TokIds *o
         return;
     }
     if (t->ignore_merges) {
-        char *bl = malloc(n * 2);   // a rare option: no effort spent on allocations
+        char *bl = malloc(n * 2); // a rare option: no effort spent on allocations
         if (!bl) moet_die("tokenizer: out of memory");
         size_t bn = byte_level_(p, n, bl);
         int id = str_lookup_(t, bl, bn);
@@ -399,8 +405,10 @@ static void bpe_piece_(const Tokenizer *t, const uint8_t *p, size_t n, TokIds *o
             return;
         }
     }
-    if (n <= BPE_SMALL) bpe_small_(t, p, n, out);
-    else bpe_large_(t, p, n, out);
+    if (n <= BPE_SMALL)
+        bpe_small_(t, p, n, out);
+    else
+        bpe_large_(t, p, n, out);
 }
 
 // ---- byte-to-unicode ----
@@ -419,7 +427,8 @@ static size_t byte_level_(const uint8_t *p, size_t n, char *dst) {
     size_t o = 0;
     for (size_t i = 0; i < n; i++) {
         uint32_t c = map[p[i]];
-        if (c < 0x80) dst[o++] = (char)c;
+        if (c < 0x80)
+            dst[o++] = (char)c;
         else {
             dst[o++] = (char)(0xC0 | (c >> 6));
             dst[o++] = (char)(0x80 | (c & 0x3F));
@@ -456,7 +465,7 @@ static int pretok_(const Tokenizer *t, const uint8_t *s, size_t n, int force_reg
         }
         size_t ms = (size_t)reg->beg[0], me = (size_t)reg->end[0];
         if (ms > i && t->keep_gaps) emit(t, s, i, ms, ctx);
-        if (me == ms) {   // an empty match: the next char goes with the gap
+        if (me == ms) { // an empty match: the next char goes with the gap
             if (me >= n) break;
             int cn;
             cp_at_(s, me, &cn);
@@ -477,7 +486,8 @@ static void emit_bpe_(const Tokenizer *t, const uint8_t *s, size_t a, size_t b, 
 }
 
 // Leftmost-longest added-token match in s[from..n): returns the token id, -1 when none.
-static int trie_find_(const Trie *tr, const uint8_t *s, size_t from, size_t n, size_t *ms, size_t *me) {
+static int trie_find_(const Trie *tr, const uint8_t *s, size_t from, size_t n, size_t *ms,
+                      size_t *me) {
     if (tr->n <= 1) return -1;
     const int32_t *root = tr->next[0];
     for (size_t i = from; i < n; i++) {
@@ -508,7 +518,7 @@ static int nfc_(const uint8_t *s, size_t n, uint8_t **buf, size_t *cap, size_t *
     while (i < n) {
         size_t a = i;
         while (i < n && s[i] < 0x80) i++;
-        size_t b = i;   // [a, b) ASCII; then the non-ASCII run [b, c)
+        size_t b = i; // [a, b) ASCII; then the non-ASCII run [b, c)
         while (i < n && s[i] >= 0x80) i++;
         size_t c = i;
         size_t start = (b > a && c > b) ? b - 1 : b;
@@ -544,7 +554,8 @@ typedef struct {
     size_t nfc_cap;
 } Scratch;
 
-static int encode_segment_(const Tokenizer *t, const uint8_t *s, size_t n, TokIds *out, Scratch *sc) {
+static int encode_segment_(const Tokenizer *t, const uint8_t *s, size_t n, TokIds *out,
+                           Scratch *sc) {
     if (t->nfc) {
         size_t i = 0;
         while (i < n && s[i] < 0x80) i++;
@@ -613,13 +624,14 @@ int tokenizer_pretokenize(const Tokenizer *t, const char *text, size_t len, int 
 char *tokenizer_decode(const Tokenizer *t, const int32_t *ids, size_t n, size_t *len_out) {
     size_t total = 0;
     for (size_t i = 0; i < n; i++)
-        if (ids[i] >= 0 && ids[i] < t->vocab_size) total += t->dec_off[ids[i] + 1] - t->dec_off[ids[i]];
+        if (ids[i] >= 0 && ids[i] < t->vocab_size)
+            total += t->dec_off[ids[i] + 1] - t->dec_off[ids[i]];
     uint8_t *raw = malloc(total + 1);
-    char *res = malloc(total * 3 + 1);   // each invalid byte becomes 3 bytes of U+FFFD at most
+    char *res = malloc(total * 3 + 1); // each invalid byte becomes 3 bytes of U+FFFD at most
     if (!raw || !res) moet_die("tokenizer: out of memory");
     size_t o = 0;
     for (size_t i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= t->vocab_size) continue;   // HF skips unknown ids
+        if (ids[i] < 0 || ids[i] >= t->vocab_size) continue; // HF skips unknown ids
         size_t a = t->dec_off[ids[i]], b = t->dec_off[ids[i] + 1];
         memcpy(raw + o, t->dec + a, b - a);
         o += b - a;
@@ -631,7 +643,7 @@ char *tokenizer_decode(const Tokenizer *t, const int32_t *ids, size_t n, size_t 
             memcpy(res + r, raw + i, (size_t)k);
             r += (size_t)k;
             i += (size_t)k;
-        } else {   // one U+FFFD per maximal invalid subpart, as Rust's from_utf8_lossy
+        } else { // one U+FFFD per maximal invalid subpart, as Rust's from_utf8_lossy
             memcpy(res + r, "\xEF\xBF\xBD", 3);
             r += 3;
             i += (size_t)vp;
@@ -645,13 +657,17 @@ char *tokenizer_decode(const Tokenizer *t, const int32_t *ids, size_t n, size_t 
 
 // ---- accessors ----
 
-int tokenizer_vocab_size(const Tokenizer *t) { return t->vocab_size; }
+int tokenizer_vocab_size(const Tokenizer *t) {
+    return t->vocab_size;
+}
 
 int tokenizer_token_id(const Tokenizer *t, const char *token) {
     return str_lookup_(t, token, strlen(token));
 }
 
-int tokenizer_eos_id(const Tokenizer *t) { return t->eos; }
+int tokenizer_eos_id(const Tokenizer *t) {
+    return t->eos;
+}
 
 // ---- loading ----
 
@@ -661,7 +677,7 @@ static void trie_free_(Trie *tr) {
 }
 
 static void trie_add_(Trie *tr, const char *s, int id) {
-    if (tr->n == 0) tr->n = 1;   // the root
+    if (tr->n == 0) tr->n = 1; // the root
     int node = 0;
     for (size_t i = 0;; i++) {
         if (tr->n + 1 > tr->cap) {
@@ -719,7 +735,9 @@ static char *read_file_(const char *path, size_t *n) {
     return buf;
 }
 
-static int is_null_(const cJSON *j) { return !j || cJSON_IsNull(j); }
+static int is_null_(const cJSON *j) {
+    return !j || cJSON_IsNull(j);
+}
 
 static int set_token_(Tokenizer *t, int id, const char *s, const char *path, MoetErr *err) {
     if (id < 0 || id >= t->vocab_size)
@@ -735,10 +753,12 @@ static int set_token_(Tokenizer *t, int id, const char *s, const char *path, Moe
     return 0;
 }
 
-static int load_pre_(Tokenizer *t, const cJSON *pre, const char **pattern, const char *path, MoetErr *err) {
+static int load_pre_(Tokenizer *t, const cJSON *pre, const char **pattern, const char *path,
+                     MoetErr *err) {
     const cJSON *split = NULL, *bl = NULL;
     const char *type = cJSON_GetStringValue(cJSON_GetObjectItem(pre, "type"));
-    if (type && strcmp(type, "ByteLevel") == 0) bl = pre;
+    if (type && strcmp(type, "ByteLevel") == 0)
+        bl = pre;
     else if (type && strcmp(type, "Sequence") == 0) {
         const cJSON *seq = cJSON_GetObjectItem(pre, "pretokenizers");
         if (cJSON_GetArraySize(seq) == 2) {
@@ -750,34 +770,47 @@ static int load_pre_(Tokenizer *t, const cJSON *pre, const char **pattern, const
         }
     }
     if (!bl)
-        return moet_errf(err, MOET_EUSAGE,
-                         "%s: pre_tokenizer: only ByteLevel or Sequence[Split, ByteLevel] is supported", path);
+        return moet_errf(
+            err, MOET_EUSAGE,
+            "%s: pre_tokenizer: only ByteLevel or Sequence[Split, ByteLevel] is supported", path);
     if (cJSON_IsTrue(cJSON_GetObjectItem(bl, "add_prefix_space")))
-        return moet_errf(err, MOET_EUSAGE, "%s: pre_tokenizer: ByteLevel add_prefix_space=true is unsupported", path);
+        return moet_errf(err, MOET_EUSAGE,
+                         "%s: pre_tokenizer: ByteLevel add_prefix_space=true is unsupported", path);
     const cJSON *ur = cJSON_GetObjectItem(bl, "use_regex");
     int use_regex = !ur || cJSON_IsTrue(ur);
     if (!split) {
         if (!use_regex)
-            return moet_errf(err, MOET_EUSAGE, "%s: pre_tokenizer: ByteLevel without regex is unsupported", path);
+            return moet_errf(err, MOET_EUSAGE,
+                             "%s: pre_tokenizer: ByteLevel without regex is unsupported", path);
         *pattern = GPT2_PATTERN_;
         t->keep_gaps = 1;
     } else {
         if (use_regex)
-            return moet_errf(err, MOET_EUSAGE, "%s: pre_tokenizer: Split followed by a regex ByteLevel is unsupported", path);
-        *pattern = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(split, "pattern"), "Regex"));
+            return moet_errf(
+                err, MOET_EUSAGE,
+                "%s: pre_tokenizer: Split followed by a regex ByteLevel is unsupported", path);
+        *pattern = cJSON_GetStringValue(
+            cJSON_GetObjectItem(cJSON_GetObjectItem(split, "pattern"), "Regex"));
         const char *beh = cJSON_GetStringValue(cJSON_GetObjectItem(split, "behavior"));
         int inv = cJSON_IsTrue(cJSON_GetObjectItem(split, "invert"));
         if (!*pattern || !beh)
-            return moet_errf(err, MOET_EUSAGE, "%s: pre_tokenizer: Split needs a Regex pattern and a behavior", path);
-        if (strcmp(beh, "Removed") == 0 && inv) t->keep_gaps = 0;
-        else if (strcmp(beh, "Isolated") == 0 && !inv) t->keep_gaps = 1;
+            return moet_errf(err, MOET_EUSAGE,
+                             "%s: pre_tokenizer: Split needs a Regex pattern and a behavior", path);
+        if (strcmp(beh, "Removed") == 0 && inv)
+            t->keep_gaps = 0;
+        else if (strcmp(beh, "Isolated") == 0 && !inv)
+            t->keep_gaps = 1;
         else
-            return moet_errf(err, MOET_EUSAGE, "%s: pre_tokenizer: Split behavior %s invert=%d is unsupported",
-                             path, beh, inv);
+            return moet_errf(err, MOET_EUSAGE,
+                             "%s: pre_tokenizer: Split behavior %s invert=%d is unsupported", path,
+                             beh, inv);
     }
-    if (strcmp(*pattern, GPT2_PATTERN_) == 0) t->pre = PRE_GPT2;
-    else if (strcmp(*pattern, CL100K_PATTERN_) == 0) t->pre = PRE_CL100K;
-    else t->pre = PRE_REGEX;
+    if (strcmp(*pattern, GPT2_PATTERN_) == 0)
+        t->pre = PRE_GPT2;
+    else if (strcmp(*pattern, CL100K_PATTERN_) == 0)
+        t->pre = PRE_CL100K;
+    else
+        t->pre = PRE_REGEX;
     OnigErrorInfo einfo;
     const OnigUChar *pat = (const OnigUChar *)*pattern;
     int r = onig_new(&t->re, pat, pat + strlen(*pattern), ONIG_OPTION_NONE, ONIG_ENCODING_UTF8,
@@ -804,7 +837,8 @@ static int load_json_(Tokenizer *t, const cJSON *root, const char *path, MoetErr
     const char *keys[] = {"continuing_subword_prefix", "end_of_word_suffix"};
     for (int k = 0; k < 2; k++) {
         const char *v = cJSON_GetStringValue(cJSON_GetObjectItem(model, keys[k]));
-        if (v && *v) return moet_errf(err, MOET_EUSAGE, "%s: model.%s is unsupported", path, keys[k]);
+        if (v && *v)
+            return moet_errf(err, MOET_EUSAGE, "%s: model.%s is unsupported", path, keys[k]);
     }
     t->ignore_merges = cJSON_IsTrue(cJSON_GetObjectItem(model, "ignore_merges"));
 
@@ -812,14 +846,16 @@ static int load_json_(Tokenizer *t, const cJSON *root, const char *path, MoetErr
     if (!is_null_(norm)) {
         const char *nt = cJSON_GetStringValue(cJSON_GetObjectItem(norm, "type"));
         if (!nt || strcmp(nt, "NFC") != 0)
-            return moet_errf(err, MOET_EUSAGE, "%s: normalizer %s is unsupported (only NFC or null)",
-                             path, nt ? nt : "?");
+            return moet_errf(err, MOET_EUSAGE,
+                             "%s: normalizer %s is unsupported (only NFC or null)", path,
+                             nt ? nt : "?");
         t->nfc = 1;
     }
     const cJSON *dec = cJSON_GetObjectItem(root, "decoder");
     const char *dt = is_null_(dec) ? NULL : cJSON_GetStringValue(cJSON_GetObjectItem(dec, "type"));
     if (dt && strcmp(dt, "ByteLevel") != 0)
-        return moet_errf(err, MOET_EUSAGE, "%s: decoder %s is unsupported (only ByteLevel)", path, dt);
+        return moet_errf(err, MOET_EUSAGE, "%s: decoder %s is unsupported (only ByteLevel)", path,
+                         dt);
     const char *pattern = NULL;
     int rc = load_pre_(t, cJSON_GetObjectItem(root, "pre_tokenizer"), &pattern, path, err);
     if (rc) return rc;
@@ -857,10 +893,13 @@ static int load_json_(Tokenizer *t, const cJSON *root, const char *path, MoetErr
         int normalized = nz ? cJSON_IsTrue(nz) : !cJSON_IsTrue(cJSON_GetObjectItem(a, "special"));
         if (normalized && t->nfc) {
             char *nc = (char *)utf8proc_NFC((const utf8proc_uint8_t *)content);
-            if (!nc) return moet_errf(err, MOET_EUSAGE, "%s: added token \"%s\": bad UTF-8", path, content);
+            if (!nc)
+                return moet_errf(err, MOET_EUSAGE, "%s: added token \"%s\": bad UTF-8", path,
+                                 content);
             trie_add_(&t->norm, nc, idj->valueint);
             free(nc);
-        } else trie_add_(normalized ? &t->norm : &t->raw, content, idj->valueint);
+        } else
+            trie_add_(normalized ? &t->norm : &t->raw, content, idj->valueint);
         if (strcmp(content, "<|endoftext|>") == 0) t->eos = idj->valueint;
     }
 
@@ -890,7 +929,8 @@ static int load_json_(Tokenizer *t, const cJSON *root, const char *path, MoetErr
         // GPT-NeoX lacks the bytes that never occur in UTF-8 (0xC0, 0xC1, 0xF5..0xFF): fine.
         int utf8_byte = b != 0xC0 && b != 0xC1 && b < 0xF5;
         if (t->byte_id[b] < 0 && utf8_byte)
-            return moet_errf(err, MOET_EUSAGE, "%s: the vocab lacks the byte-level token of byte %d", path, b);
+            return moet_errf(err, MOET_EUSAGE,
+                             "%s: the vocab lacks the byte-level token of byte %d", path, b);
     }
     size_t total = 0;
     for (int id = 0; id < t->vocab_size; id++) total += t->tok[id] ? strlen(t->tok[id]) : 0;
@@ -907,8 +947,10 @@ static int load_json_(Tokenizer *t, const cJSON *root, const char *path, MoetErr
         for (size_t i = 0; i < n && all;) {
             int vp, k = utf8_seq_(s, i, n, &vp);
             uint32_t c = k ? cp_at_(s, i, &k) : 0xFFFFFFFF;
-            if (!k || c >= 512 || inv[c] < 0) all = 0;
-            else t->dec[o++] = (uint8_t)inv[c];
+            if (!k || c >= 512 || inv[c] < 0)
+                all = 0;
+            else
+                t->dec[o++] = (uint8_t)inv[c];
             i += k ? (size_t)k : 1;
         }
         if (!all) {
@@ -936,7 +978,8 @@ static int load_json_(Tokenizer *t, const cJSON *root, const char *path, MoetErr
             if (!buf) moet_die("tokenizer: out of memory");
             sp = strchr(buf, ' ');
             if (!sp || strchr(sp + 1, ' ')) {
-                rc = moet_errf(err, MOET_EUSAGE, "%s: merge %u \"%s\" is not \"a b\"", path, rank, buf);
+                rc = moet_errf(err, MOET_EUSAGE, "%s: merge %u \"%s\" is not \"a b\"", path, rank,
+                               buf);
                 break;
             }
             *sp = 0;
@@ -950,7 +993,8 @@ static int load_json_(Tokenizer *t, const cJSON *root, const char *path, MoetErr
                 break;
             }
         } else {
-            rc = moet_errf(err, MOET_EUSAGE, "%s: merge %u is neither \"a b\" nor [a, b]", path, rank);
+            rc = moet_errf(err, MOET_EUSAGE, "%s: merge %u is neither \"a b\" nor [a, b]", path,
+                           rank);
             break;
         }
         size_t la = strlen(a), lb = strlen(b);
@@ -962,14 +1006,15 @@ static int load_json_(Tokenizer *t, const cJSON *root, const char *path, MoetErr
         memcpy(ab + la, b, lb + 1);
         int iab = str_lookup_(t, ab, la + lb);
         if (ia < 0 || ib < 0 || iab < 0) {
-            rc = moet_errf(err, MOET_EUSAGE, "%s: merge %u (\"%s\" \"%s\") uses a token not in the vocab",
-                           path, rank, a, b);
+            rc = moet_errf(err, MOET_EUSAGE,
+                           "%s: merge %u (\"%s\" \"%s\") uses a token not in the vocab", path, rank,
+                           a, b);
             break;
         }
         uint64_t key = (((uint64_t)(uint32_t)ia << 32) | (uint32_t)ib) + 1;
         size_t h = hash_u64_(key) & (t->merges_cap - 1);
         while (t->merges[h].key && t->merges[h].key != key) h = (h + 1) & (t->merges_cap - 1);
-        if (t->merges[h].key) continue;   // a repeated merge keeps its first (lowest) rank
+        if (t->merges[h].key) continue; // a repeated merge keeps its first (lowest) rank
         t->merges[h] = (MergeSlot){key, rank, iab};
     }
     free(buf);
@@ -988,7 +1033,7 @@ int tokenizer_load(Tokenizer **out, const char *path, MoetErr *err) {
     free(text);
     if (!root) return moet_errf(err, MOET_EUSAGE, "%s: not valid JSON", path);
     static OnigEncoding enc[1] = {ONIG_ENCODING_UTF8};
-    onig_initialize(enc, 1);   // idempotent
+    onig_initialize(enc, 1); // idempotent
     Tokenizer *t = calloc(1, sizeof *t);
     if (!t) moet_die("tokenizer: out of memory");
     int rc = load_json_(t, root, path, err);

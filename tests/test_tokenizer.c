@@ -67,7 +67,8 @@ static int check_ids(int k, const char *s, size_t len, const cJSON *want) {
         for (size_t j = 0; j < ids.n && j < 20; j++) fprintf(stderr, " %d", ids.ids[j]);
         fprintf(stderr, "; want %d ids:", cJSON_GetArraySize(want));
         int j = 0;
-        for (const cJSON *w = want->child; w && j < 20; w = w->next, j++) fprintf(stderr, " %d", w->valueint);
+        for (const cJSON *w = want->child; w && j < 20; w = w->next, j++)
+            fprintf(stderr, " %d", w->valueint);
         fprintf(stderr, ")\n");
     }
     tokids_free(&ids);
@@ -148,7 +149,7 @@ static void test_persuasion(void) {
         CU_ASSERT_EQUAL(tokenizer_eos_id(tok(k)), EOS[k]);
         size_t gn;
         char *g = slurp(GOLD[k], &gn);
-        size_t w = k == 1 ? 4 : 2;   // u32 for dolma2, u16 for the 50k vocabularies
+        size_t w = k == 1 ? 4 : 2; // u32 for dolma2, u16 for the 50k vocabularies
         CU_ASSERT_EQUAL(gn, (ids.n + 1) * w);
         int eq = gn == (ids.n + 1) * w;
         for (size_t i = 0; eq && i <= ids.n; i++) {
@@ -192,14 +193,15 @@ static void test_dolma_vector(void) {
 }
 
 static void test_invalid_utf8(void) {
-    const char *bad[] = {"ab\x80", "\xC0\xAF", "x\xED\xA0\x80", "\xF5\x80\x80\x80", "\xE4\xB8",
-                         "\xF4\x90\x80\x80", "ok \xFF"};
+    const char *bad[] = {"ab\x80",   "\xC0\xAF",         "x\xED\xA0\x80", "\xF5\x80\x80\x80",
+                         "\xE4\xB8", "\xF4\x90\x80\x80", "ok \xFF"};
     for (int k = 0; k < 3; k++)
         for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
             TokIds ids = {0};
             ids.n = 0;
             MoetErr err;
-            CU_ASSERT_EQUAL(tokenizer_encode(tok(k), bad[i], strlen(bad[i]), &ids, &err), MOET_EFAIL);
+            CU_ASSERT_EQUAL(tokenizer_encode(tok(k), bad[i], strlen(bad[i]), &ids, &err),
+                            MOET_EFAIL);
             CU_ASSERT_EQUAL(ids.n, 0);
             tokids_free(&ids);
         }
@@ -219,7 +221,7 @@ static void test_invalid_utf8(void) {
 
 typedef struct {
     OnigRegex re;
-    int gaps;   // ByteLevel (Isolated): gaps are pieces too; dolma2's Split(Removed, invert)
+    int gaps; // ByteLevel (Isolated): gaps are pieces too; dolma2's Split(Removed, invert)
 } Oracle;
 
 static void oracle_pieces(const Oracle *o, const char *s, size_t n, TokIds *ends) {
@@ -232,16 +234,19 @@ static void oracle_pieces(const Oracle *o, const char *s, size_t n, TokIds *ends
         size_t ms = (size_t)reg->beg[0], me = (size_t)reg->end[0];
         if (ms > i && o->gaps) {
             TokIds *e = ends;
-            if (e->n == e->cap) e->ids = realloc(e->ids, (e->cap = e->cap * 2 + 64) * sizeof(int32_t));
+            if (e->n == e->cap)
+                e->ids = realloc(e->ids, (e->cap = e->cap * 2 + 64) * sizeof(int32_t));
             e->ids[e->n++] = (int32_t)ms;
         }
-        if (me == ms) break;   // the two patterns never match empty
-        if (ends->n == ends->cap) ends->ids = realloc(ends->ids, (ends->cap = ends->cap * 2 + 64) * sizeof(int32_t));
+        if (me == ms) break; // the two patterns never match empty
+        if (ends->n == ends->cap)
+            ends->ids = realloc(ends->ids, (ends->cap = ends->cap * 2 + 64) * sizeof(int32_t));
         ends->ids[ends->n++] = (int32_t)me;
         i = me;
     }
     if (i < n && o->gaps) {
-        if (ends->n == ends->cap) ends->ids = realloc(ends->ids, (ends->cap = ends->cap * 2 + 64) * sizeof(int32_t));
+        if (ends->n == ends->cap)
+            ends->ids = realloc(ends->ids, (ends->cap = ends->cap * 2 + 64) * sizeof(int32_t));
         ends->ids[ends->n++] = (int32_t)n;
     }
     onig_region_free(reg, 1);
@@ -283,8 +288,9 @@ static int utf8proc_class(uint32_t c) {
         c == 0x3000)
         return 3;
     int k = utf8proc_category((utf8proc_int32_t)c);
-    return (k >= UTF8PROC_CATEGORY_LU && k <= UTF8PROC_CATEGORY_LO) ? 1
-           : (k >= UTF8PROC_CATEGORY_ND && k <= UTF8PROC_CATEGORY_NO) ? 2 : 0;
+    return (k >= UTF8PROC_CATEGORY_LU && k <= UTF8PROC_CATEGORY_LO)   ? 1
+           : (k >= UTF8PROC_CATEGORY_ND && k <= UTF8PROC_CATEGORY_NO) ? 2
+                                                                      : 0;
 }
 
 static size_t put_cp(char *dst, uint32_t c) {
@@ -299,26 +305,32 @@ static void test_scanner_vs_oniguruma(void) {
         OnigErrorInfo einfo;
         const OnigUChar *p = (const OnigUChar *)cls_pat[i];
         CU_ASSERT_EQUAL_FATAL(onig_new(&CLS_RE[i], p, p + strlen(cls_pat[i]), ONIG_OPTION_NONE,
-                                       ONIG_ENCODING_UTF8, ONIG_SYNTAX_ONIGURUMA, &einfo), ONIG_NORMAL);
+                                       ONIG_ENCODING_UTF8, ONIG_SYNTAX_ONIGURUMA, &einfo),
+                              ONIG_NORMAL);
     }
     size_t pn;
     char *pers = slurp(FIX "persuasion.stripped.txt", &pn);
     size_t dn;
     char *djson = slurp(FIX "dolma2.json", &dn);
     cJSON *droot = cJSON_Parse(djson);
-    const char *cl100k = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetArrayItem(
-        cJSON_GetObjectItem(cJSON_GetObjectItem(droot, "pre_tokenizer"), "pretokenizers"), 0), "pattern"), "Regex"));
+    const char *cl100k = cJSON_GetStringValue(cJSON_GetObjectItem(
+        cJSON_GetObjectItem(
+            cJSON_GetArrayItem(
+                cJSON_GetObjectItem(cJSON_GetObjectItem(droot, "pre_tokenizer"), "pretokenizers"),
+                0),
+            "pattern"),
+        "Regex"));
     CU_ASSERT_PTR_NOT_NULL_FATAL(cl100k);
     // The code points the random strings draw from: letters (L*), numbers (Nd, Nl, No), marks,
     // White_Space and look-alikes that are not (U+001C, U+180E, U+200B), punctuation, emoji, CJK.
     static const uint32_t POOL[] = {
-        'a', 'Z', 's', 'S', 't', 'T', 'r', 'R', 'e', 'E', 'v', 'V', 'm', 'M', 'l', 'L', 'd', 'D',
-        0xE9, 0xDF, 0x17F, 0x3A9, 0x4E2D, 0x30A2, 0x30FC, 0x1D400, 0x10400, 0x2C6, 0x1C5,
-        '0', '7', 0x663, 0x216B, 0xBD, 0x1D7D8, 0xFF11,
-        0x301, 0x308, 0x93F, 0x20DD,
-        ' ', ' ', ' ', '\t', '\n', '\r', 0xA0, 0x2003, 0x3000, 0x85, 0x2028, 0x0B, 0x0C, 0x1680,
-        0x1C, 0x180E, 0x200B, 0x200D,
-        '\'', '\'', '!', '.', '(', '-', '_', '$', 0x20AC, 0x1F600, 0x1F3FD, 0xFF01, 0xE000};
+        'a',    'Z',     's',     'S',     't',     'T',   'r',    'R',  'e',  'E',    'v',
+        'V',    'm',     'M',     'l',     'L',     'd',   'D',    0xE9, 0xDF, 0x17F,  0x3A9,
+        0x4E2D, 0x30A2,  0x30FC,  0x1D400, 0x10400, 0x2C6, 0x1C5,  '0',  '7',  0x663,  0x216B,
+        0xBD,   0x1D7D8, 0xFF11,  0x301,   0x308,   0x93F, 0x20DD, ' ',  ' ',  ' ',    '\t',
+        '\n',   '\r',    0xA0,    0x2003,  0x3000,  0x85,  0x2028, 0x0B, 0x0C, 0x1680, 0x1C,
+        0x180E, 0x200B,  0x200D,  '\'',    '\'',    '!',   '.',    '(',  '-',  '_',    '$',
+        0x20AC, 0x1F600, 0x1F3FD, 0xFF01,  0xE000};
     const size_t NP = sizeof POOL / sizeof *POOL;
     for (int k = 0; k < 3; k++) {
         Oracle o = {NULL, k != 1};
@@ -352,8 +364,16 @@ static void test_scanner_vs_oniguruma(void) {
             if (it % 10 == 0 && !diff_one(k, &o, buf, len, 1)) bad++;
         }
         // contractions in every case
-        const char *cs[] = {"I'LL DON'T we've", "'S'T'RE'VE'M'LL'D", "'s't're've'm'll'd", "x'Re y'vE",
-                            "'ſ 'ſt", "'\n's", " 's", "''s", "'", "don'T\r\n\r\n  x"};
+        const char *cs[] = {"I'LL DON'T we've",
+                            "'S'T'RE'VE'M'LL'D",
+                            "'s't're've'm'll'd",
+                            "x'Re y'vE",
+                            "'ſ 'ſt",
+                            "'\n's",
+                            " 's",
+                            "''s",
+                            "'",
+                            "don'T\r\n\r\n  x"};
         for (size_t j = 0; j < sizeof cs / sizeof *cs; j++)
             if (!diff_one(k, &o, cs[j], strlen(cs[j]), 0)) bad++;
         CU_ASSERT_EQUAL(bad, 0);
@@ -370,9 +390,9 @@ static void test_scanner_vs_oniguruma(void) {
 typedef struct {
     const Tokenizer *t;
     const char *text;
-    const size_t *cut;   // chunk c is text[cut[c] .. cut[c+1])
+    const size_t *cut; // chunk c is text[cut[c] .. cut[c+1])
     size_t first, n_chunks;
-    TokIds *out;         // one per chunk
+    TokIds *out; // one per chunk
     int rc;
 } Job;
 
@@ -380,7 +400,8 @@ static void *run_job(void *arg) {
     Job *j = arg;
     MoetErr err;
     for (size_t c = j->first; c < j->first + j->n_chunks; c++)
-        j->rc |= tokenizer_encode(j->t, j->text + j->cut[c], j->cut[c + 1] - j->cut[c], &j->out[c], &err);
+        j->rc |= tokenizer_encode(j->t, j->text + j->cut[c], j->cut[c + 1] - j->cut[c], &j->out[c],
+                                  &err);
     return NULL;
 }
 
@@ -390,7 +411,7 @@ static void test_threads(void) {
     enum { C = 64, NT = 4 };
     size_t cut[C + 1];
     cut[0] = 0;
-    for (int c = 1; c < C; c++) {   // cut at the next newline after an even split
+    for (int c = 1; c < C; c++) { // cut at the next newline after an even split
         size_t p = n * (size_t)c / C;
         while (p < n && txt[p] != '\n') p++;
         cut[c] = p > cut[c - 1] ? p : cut[c - 1];
@@ -416,7 +437,8 @@ static void test_threads(void) {
         CU_ASSERT_EQUAL(rc, 0);
         int eq = 1;
         for (int c = 0; c < C; c++) {
-            eq &= one[c].n == par[c].n && memcmp(one[c].ids, par[c].ids, one[c].n * sizeof(int32_t)) == 0;
+            eq &= one[c].n == par[c].n &&
+                  memcmp(one[c].ids, par[c].ids, one[c].n * sizeof(int32_t)) == 0;
             tokids_free(&one[c]);
             tokids_free(&par[c]);
         }
