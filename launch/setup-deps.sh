@@ -10,7 +10,7 @@ PACKAGES=(
   libopenblas-openmp-dev              # sgemm (OpenMP build: no oversubscription in our loops)
   libcunit1-dev                       # unit tests
   libinih-dev libcjson-dev            # INI configs, JSON (Dolma documents, HF files)
-  zlib1g-dev libzstd-dev              # .gz / .zst documents
+  zlib1g-dev libzstd-dev zstd         # .gz / .zst documents (the zstd tool: tokenize tests)
   libonig-dev                         # Oniguruma regex (HF tokenizers' pre-tokenizer engine)
   libutf8proc-dev                     # Unicode NFC and categories (tokenizer)
 )
