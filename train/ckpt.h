@@ -1,17 +1,56 @@
-// ckpt: HDF5 checkpoints (ARCHITECTURE §6). This first part reads the /model group and the
-// config attribute into a model of any expert layout; writing, checksums, optimizer state and
-// the trainer group come with the trainer.
+// ckpt: HDF5 checkpoints (ARCHITECTURE §6): OUT/stepNNNNNNNN.h5 with /model, /optim and
+// /trainer, every dataset carrying a checksum; written under a temporary name and renamed,
+// OUT/latest.h5 a symlink updated atomically, keep_last / keep_every retention.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
 
+#include "data/loader.h"
 #include "train/common.h"
 #include "train/model.h"
+
+// What a checkpoint stores besides the tensors (the /trainer group and root attributes).
+typedef struct {
+    int64_t step;           // optimizer steps completed
+    int64_t tokens_seen;    // training tokens consumed, all ranks
+    int64_t optim_step;     // AdamW's t (bias correction), = step unless restarted by --init
+    LoaderPos data;         // training data position: seed, epoch, consumed, fingerprint
+    uint64_t rng_state;     // the trainer's random state (reserved: dropout-free models use none)
+    double lr;              // the learning rate of the last step (informational)
+} TrainState;
+
+typedef struct {
+    const char *dir;        // checkpoint.dir
+    int keep_last;          // rotating checkpoints kept (>= 1)
+    int keep_every;         // also keep every step that is a multiple of keep_every (0: none)
+    int model_only;         // 1: no /optim group
+} CkptSaveOpts;
+
+// Saves the checkpoint of step st->step: the model, the AdamW moments (exp_avg, exp_avg_sq,
+// laid out like m->params; NULL with model_only), st, and the config INI text. Writes
+// DIR/stepNNNNNNNN.h5.tmp, renames it, points DIR/latest.h5 at it, then applies retention.
+// On failure (e.g. disk full) the temporary file is removed, earlier checkpoints and latest.h5
+// are untouched, and the message says so. path_out (may be NULL) receives the final path.
+int ckpt_save(const CkptSaveOpts *o, const Model *m, const float *exp_avg,
+              const float *exp_avg_sq, const TrainState *st, const char *config_ini,
+              char *path_out, size_t path_out_size, MoetErr *err);
+
+// Resolves "latest" (DIR/latest.h5 of dir), a directory (its latest.h5) or a file path.
+int ckpt_resolve(const char *spec, const char *dir, char *path, size_t path_size, MoetErr *err);
+
+// Loads a checkpoint into m (shapes checked against the config, every checksum verified, each
+// expert read exactly once), and when exp_avg / exp_avg_sq / st are not NULL, the optimizer
+// state and the trainer state (a model-only file then is an error naming it).
+int ckpt_load(const char *path, Model *m, float *exp_avg, float *exp_avg_sq, TrainState *st,
+              MoetErr *err);
+
+// Verifies every dataset's checksum; prints nothing. Error names the file and the tensor.
+int ckpt_verify(const char *path, MoetErr *err);
 
 // Reads the root attribute `config` (the INI text of the run). *text is malloc'ed.
 int ckpt_read_config_text(const char *path, char **text, MoetErr *err);
 
-// Loads every tensor of m from /model/<name> in path: checks each shape against the model's
+// Loads every tensor of m from /model/<name> in path (checksums are verified where present): checks each shape against the model's
 // global shape and reads this rank's experts [expert_lo, expert_lo + El) by hyperslab.
 int ckpt_load_model(const char *path, Model *m, MoetErr *err);
 
