@@ -7,12 +7,14 @@ PACKAGES=(
   build-essential cmake pkg-config
   libopenmpi-dev openmpi-bin          # MPI (launch, expert parallel all-to-all on CPU)
   libhdf5-openmpi-dev                 # parallel HDF5 (checkpoints)
+  hdf5-tools                          # h5dump / h5ls: look inside checkpoints by hand
   libopenblas-openmp-dev              # sgemm (OpenMP build: no oversubscription in our loops)
   libcunit1-dev                       # unit tests
   libinih-dev libcjson-dev            # INI configs, JSON (Dolma documents, HF files)
   zlib1g-dev libzstd-dev zstd         # .gz / .zst documents (the zstd tool: tokenize tests)
   libonig-dev                         # Oniguruma regex (HF tokenizers' pre-tokenizer engine)
   libutf8proc-dev                     # Unicode NFC and categories (tokenizer)
+  gnuplot-nox                         # launch/plot-metrics.sh: loss curves as PNG
 )
 
 missing=()

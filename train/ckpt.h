@@ -29,13 +29,17 @@ typedef struct {
 // Saves the checkpoint of step st->step: the model, the AdamW moments (exp_avg, exp_avg_sq,
 // laid out like m->params; NULL with model_only), st, and the config INI text. Writes
 // DIR/stepNNNNNNNN.h5.tmp, renames it, points DIR/latest.h5 at it, then applies retention.
-// On failure (e.g. disk full) the temporary file is removed, earlier checkpoints and latest.h5
-// are untouched, and the message says so. path_out (may be NULL) receives the final path.
+// The file's disk space is reserved (posix_fallocate) before HDF5 writes, so a full disk fails
+// cleanly up front. On failure (e.g. disk full) the temporary file is removed, earlier
+// checkpoints and latest.h5 are untouched, and the message says so. path_out (may be NULL)
+// receives the final path. Single rank for now: a model holding only some experts is refused.
 int ckpt_save(const CkptSaveOpts *o, const Model *m, const float *exp_avg,
               const float *exp_avg_sq, const TrainState *st, const char *config_ini,
               char *path_out, size_t path_out_size, MoetErr *err);
 
-// Resolves "latest" (DIR/latest.h5 of dir), a directory (its latest.h5) or a file path.
+// Resolves "latest" (DIR/latest.h5 of dir), a directory (its latest.h5) or a file path. A
+// latest.h5 symlink is followed to DIR/stepNNNNNNNN.h5 (logs name the step; a concurrent save
+// cannot swap the file under the loader). Errors: "no checkpoint in DIR yet", missing file.
 int ckpt_resolve(const char *spec, const char *dir, char *path, size_t path_size, MoetErr *err);
 
 // Loads a checkpoint into m (shapes checked against the config, every checksum verified, each
@@ -46,12 +50,15 @@ int ckpt_load(const char *path, Model *m, float *exp_avg, float *exp_avg_sq, Tra
 
 // Verifies every dataset's checksum; prints nothing. Error names the file and the tensor.
 int ckpt_verify(const char *path, MoetErr *err);
+// ckpt_verify that also reports how many datasets it verified (for `moet inspect --verify`).
+int ckpt_verify_count(const char *path, int *n_verified, MoetErr *err);
 
 // Reads the root attribute `config` (the INI text of the run). *text is malloc'ed.
 int ckpt_read_config_text(const char *path, char **text, MoetErr *err);
 
-// Loads every tensor of m from /model/<name> in path (checksums are verified where present): checks each shape against the model's
+// Loads every tensor of m from /model/<name> in path: checks each shape against the model's
 // global shape and reads this rank's experts [expert_lo, expert_lo + El) by hyperslab.
+// Checksums are verified where present (HF fixture files have none; ckpt_load requires them).
 int ckpt_load_model(const char *path, Model *m, MoetErr *err);
 
 typedef enum { CKPT_F32, CKPT_F64, CKPT_I32 } CkptType;

@@ -1,6 +1,5 @@
 // main: the `moet` command line, git style: `moet <command> [args]`, each command with --help.
 // Exit status: 0 success, 2 usage or configuration error, 1 any other failure.
-#include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,6 +10,7 @@
 #include "train/common.h"
 #include "train/config.h"
 #include "train/model.h"
+#include "train/trainer.h"
 
 #define MAX_SETS 256
 
@@ -181,33 +181,6 @@ static double median_(double *x, int n) {
     return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
 }
 
-// The machine's sgemm peak: the best of several square sgemm calls, in GFLOP/s. The best, not
-// the median: shared machines lose throughput to their neighbours now and then, and a peak is
-// what the hardware can do. bench measures it before and after the steps and keeps the larger.
-static double sgemm_peak_gflops_(void) {
-    const int n = 2048;
-    float *A = moet_malloc((size_t)n * n * sizeof(float));
-    float *B = moet_malloc((size_t)n * n * sizeof(float));
-    float *C = moet_malloc((size_t)n * n * sizeof(float));
-    for (size_t i = 0; i < (size_t)n * n; i++) {
-        A[i] = (float)((i * 7) % 13) * 0.01f;
-        B[i] = (float)((i * 5) % 11) * 0.01f;
-    }
-    double best = 0;
-    for (int r = 0; r < 10; r++) {
-        double t0 = moet_time();
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, A, n, B, n, 0.0f, C,
-                    n);
-        double dt = moet_time() - t0;
-        double gf = 2.0 * n * n * (double)n / dt / 1e9;
-        if (r > 0 && gf > best) best = gf;  // the first call warms up the threads
-    }
-    free(A);
-    free(B);
-    free(C);
-    return best;
-}
-
 int cmd_bench(int argc, char **argv, MoetErr *err) {
     if (want_help_(argc, argv)) {
         fputs(BENCH_HELP, stdout);
@@ -242,7 +215,7 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
 
     int B = c.micro_batch, T = c.seq_len;
     printf("moet bench %s: %d x %d tokens per step, %s\n", ca.config, B, T, kernels_blas_info());
-    double peak = sgemm_peak_gflops_();
+    double peak = cpu_sgemm_peak_gflops();
     printf("sgemm peak (2048^3, %d threads, best of 9): %.1f GFLOP/s\n", kernels_num_threads(),
            peak);
 
@@ -268,7 +241,7 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
                i < warmup ? " (warm-up)" : "", dt, m.loss, m.ce, m.lb, m.z);
         fflush(stdout);
     }
-    double peak_after = sgemm_peak_gflops_();
+    double peak_after = cpu_sgemm_peak_gflops();
     if (peak_after > peak) peak = peak_after;
     double med = median_(times, steps);
     double tok_s = (double)B * T / med;
@@ -300,6 +273,8 @@ static const Command COMMANDS[] = {
     {"info", cmd_info, "resolved config, parameters (total / active), FLOPs per token, memory"},
     {"bench", cmd_bench, "timed forward+backward: tokens/s, MFU, peak memory"},
     {"tokenize", cmd_tokenize, "Dolma JSONL documents -> token shards (.npy + .csv.gz)"},
+    {"train", cmd_train, "train: AdamW, schedule, clipping, accumulation, eval, checkpoints"},
+    {"inspect", cmd_inspect, "step, tokens, config, tensors of a checkpoint; --verify checks checksums"},
 };
 #define N_COMMANDS ((int)(sizeof COMMANDS / sizeof COMMANDS[0]))
 

@@ -1,0 +1,65 @@
+// optim: AdamW, the lr schedule, gradient norm and clipping (see optim.h).
+#include "train/optim.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+
+#define PI_ 3.14159265358979323846 // M_PI is not in C11
+
+void optim_create(Optim *o, const Model *m) {
+    o->n = m->n_params;
+    o->exp_avg = moet_calloc(o->n * sizeof(float));
+    o->exp_avg_sq = moet_calloc(o->n * sizeof(float));
+    o->t = 0;
+}
+
+void optim_free(Optim *o) {
+    free(o->exp_avg);
+    free(o->exp_avg_sq);
+    memset(o, 0, sizeof *o);
+}
+
+double optim_lr(const Config *c, int64_t step) {
+    double lr = c->lr, lo = c->min_lr;
+    int64_t W = c->warmup_steps, S = c->max_steps;
+    if (step <= W) return W > 0 ? lr * (double)step / (double)W : lr;
+    if (strcmp(c->schedule, "constant") == 0) return lr;
+    double p = S > W ? (double)(step - W) / (double)(S - W) : 1.0;
+    if (p > 1.0) p = 1.0;
+    if (p < 0.0) p = 0.0;
+    if (strcmp(c->schedule, "linear") == 0) return lo + (lr - lo) * (1.0 - p);
+    return lo + (lr - lo) * 0.5 * (1.0 + cos(PI_ * p)); // cosine (config_validate checks)
+}
+
+double optim_grad_norm(const Model *m, const ParamTensor **bad) {
+    double ss = 0;
+    if (bad) *bad = NULL;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        // a double sum of squares is inf or NaN exactly when an element is (floats cannot
+        // overflow it)
+        double s = sum_squares(m->grads + t->offset, t->numel);
+        if (bad && !*bad && !isfinite(s)) *bad = t;
+        ss += s;
+    }
+    return sqrt(ss);
+}
+
+float optim_clip_scale(double norm, float clip) {
+    if (clip > 0 && norm > clip) return (float)(clip / norm);
+    return 1.0f;
+}
+
+void optim_step(Optim *o, Model *m, const Config *c, float lr, float grad_scale) {
+    o->t++;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        float wd = t->decay ? c->weight_decay : 0.0f;
+        adamw_update(m->params + t->offset, m->grads + t->offset, o->exp_avg + t->offset,
+                     o->exp_avg_sq + t->offset, t->numel, lr, c->beta1, c->beta2, c->eps, wd,
+                     (int)o->t, grad_scale);
+    }
+}

@@ -1,0 +1,423 @@
+// trainer: the training loop (see trainer.h). One rank for now; the places where a multi-rank
+// run all-reduces are marked "(multi-rank)".
+#include "train/trainer.h"
+
+#include <cblas.h>
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "data/loader.h"
+#include "kernels/kernels.h"
+#include "train/ckpt.h"
+#include "train/model.h"
+#include "train/optim.h"
+
+// ---------------------------------------------------------------------------------------
+// helpers
+
+double cpu_sgemm_peak_gflops(void) {
+    // The best, not the median: shared machines lose throughput to their neighbours now and
+    // then, and a peak is what the hardware can do.
+    const int n = 2048;
+    float *A = moet_malloc((size_t)n * n * sizeof(float));
+    float *B = moet_malloc((size_t)n * n * sizeof(float));
+    float *C = moet_malloc((size_t)n * n * sizeof(float));
+    for (size_t i = 0; i < (size_t)n * n; i++) {
+        A[i] = (float)((i * 7) % 13) * 0.01f;
+        B[i] = (float)((i * 5) % 11) * 0.01f;
+    }
+    double best = 0;
+    for (int r = 0; r < 10; r++) {
+        double t0 = moet_time();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, A, n, B, n, 0.0f, C, n);
+        double dt = moet_time() - t0;
+        double gf = 2.0 * n * n * (double)n / dt / 1e9;
+        if (r > 0 && gf > best) best = gf; // the first call warms up the threads
+    }
+    free(A);
+    free(B);
+    free(C);
+    return best;
+}
+
+// The signal that asked us to stop (0: none). Set by the handler, read between steps: the
+// only global state of the trainer, as a signal handler can reach nothing else.
+static volatile sig_atomic_t stop_signal_ = 0;
+
+static void on_signal_(int sig) {
+    stop_signal_ = sig;
+}
+
+// mkdir -p
+static int mkdir_p_(const char *dir, MoetErr *err) {
+    char buf[1024];
+    size_t n = strlen(dir);
+    if (n == 0 || n >= sizeof buf) return moet_errf(err, MOET_EUSAGE, "checkpoint.dir: bad path");
+    memcpy(buf, dir, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (buf[i] != '/' && buf[i] != '\0') continue;
+        char ch = buf[i];
+        buf[i] = '\0';
+        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+            return moet_errf(err, MOET_EFAIL, "cannot create %s: %s", buf, strerror(errno));
+        buf[i] = ch;
+    }
+    return 0;
+}
+
+// The value of "step" in a metrics line, or -1.
+static long long line_step_(const char *line) {
+    const char *s = strstr(line, "\"step\":");
+    return s ? strtoll(s + 7, NULL, 10) : -1;
+}
+
+// Keeps the metrics lines of steps <= keep_upto (all gone for keep_upto < 0), so that a resumed
+// run continues a consistent file: the steps after its checkpoint are logged again.
+static int trim_metrics_(const char *path, long long keep_upto, MoetErr *err) {
+    FILE *in = fopen(path, "r");
+    if (!in) return 0; // nothing yet
+    char tmp[2200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *out = fopen(tmp, "w");
+    if (!out) {
+        fclose(in);
+        return moet_errf(err, MOET_EFAIL, "cannot write %s: %s", tmp, strerror(errno));
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, in) > 0) {
+        long long s = line_step_(line);
+        if (s >= 0 && s <= keep_upto) fputs(line, out);
+    }
+    free(line);
+    fclose(in);
+    if (fclose(out) != 0 || rename(tmp, path) != 0)
+        return moet_errf(err, MOET_EFAIL, "cannot rewrite %s: %s", path, strerror(errno));
+    return 0;
+}
+
+static void fmt_hms_(char *buf, size_t n, double s) {
+    if (!(s >= 0) || s > 1e8) s = 0;
+    long long t = (long long)(s + 0.5);
+    snprintf(buf, n, "%lld:%02lld:%02lld", t / 3600, t / 60 % 60, t % 60);
+}
+
+// A JSON number, or null for a value JSON cannot hold.
+static void json_num_(FILE *f, const char *key, double v) {
+    if (isfinite(v))
+        fprintf(f, ",\"%s\":%.17g", key, v);
+    else
+        fprintf(f, ",\"%s\":null", key);
+}
+
+// Mean cross-entropy over the first n micro-batches of the validation set (forward only).
+static int evaluate_(Model *m, Loader *vl, const LoaderPos *start, int n, int32_t *tokens,
+                     double *out, MoetErr *err) {
+    int rc = loader_set_pos(vl, start, 0, err);
+    if (rc) return rc;
+    double s = 0;
+    for (int i = 0; i < n; i++) {
+        if ((rc = loader_next(vl, tokens, err))) return rc;
+        model_forward(m, tokens);
+        s += m->ce;
+    }
+    *out = s / n;
+    return 0;
+}
+
+typedef struct {
+    const Config *c;
+    Model *m;
+    Optim *opt;
+    Loader *train;
+    const char *ini; // the config's INI text, stored in every checkpoint
+} SaveCtx;
+
+static int save_(const SaveCtx *s, int64_t step, int64_t tokens_seen, double lr, char *path,
+                 size_t path_size, MoetErr *err) {
+    TrainState st = {0};
+    st.step = step;
+    st.tokens_seen = tokens_seen;
+    st.optim_step = s->opt->t;
+    loader_get_pos(s->train, &st.data);
+    st.rng_state = 0;
+    st.lr = lr;
+    CkptSaveOpts so = {s->c->ckpt_dir, s->c->keep_last, s->c->keep_every, s->c->model_only};
+    const int mo = s->c->model_only;
+    return ckpt_save(&so, s->m, mo ? NULL : s->opt->exp_avg, mo ? NULL : s->opt->exp_avg_sq, &st,
+                     s->ini, path, path_size, err);
+}
+
+// ---------------------------------------------------------------------------------------
+// the loop
+
+int trainer_run(const Config *c, const TrainOpts *o, MoetErr *err) {
+    if (o->resume && o->init)
+        return moet_errf(err, MOET_EUSAGE,
+                         "train: --resume and --init exclude each other "
+                         "(--resume continues a run, --init starts a new one from weights)");
+    const int world = 1, rank = 0; // (multi-rank: from the communicator)
+    const int accum = c->global_batch / (c->micro_batch * world);
+    const int B = c->micro_batch, T = c->seq_len;
+    const int eval_on = c->eval_every > 0 && c->valid[0] && c->eval_batches > 0;
+
+    Model m;
+    memset(&m, 0, sizeof m);
+    Optim opt;
+    memset(&opt, 0, sizeof opt);
+    Loader *tl = NULL, *vl = NULL;
+    FILE *mf = NULL;
+    int32_t *tokens = NULL;
+    int64_t *load = NULL;
+    char *ini = NULL;
+    int rc = 0, have_model = 0, sig_installed = 0;
+    struct sigaction old_term, old_usr1;
+    char path[1100], mpath[2100];
+
+    int ini_len = config_to_ini(c, NULL, 0);
+    ini = moet_malloc((size_t)ini_len + 1);
+    config_to_ini(c, ini, ini_len + 1);
+
+    if ((rc = model_create(&m, c, 0, 1, err))) goto done;
+    have_model = 1;
+    if ((rc = model_set_batch(&m, B, T, err))) goto done;
+    optim_create(&opt, &m);
+
+    // data
+    LoaderConfig lc = {.glob = c->train,
+                       .seq_len = T,
+                       .vocab_size = c->vocab_size,
+                       .seed = c->seed,
+                       .shuffle = 1,
+                       .micro_batch = B,
+                       .global_batch = c->global_batch,
+                       .rank = rank,
+                       .world = world,
+                       .prefetch = 2};
+    if ((rc = loader_open(&tl, &lc, err))) goto done;
+    LoaderPos vstart = {0};
+    if (eval_on) {
+        // validation: file order from its start, one micro-batch per "global batch"
+        LoaderConfig vc = lc;
+        vc.glob = c->valid;
+        vc.shuffle = 0;
+        vc.global_batch = B * world;
+        vc.prefetch = 0;
+        if ((rc = loader_open(&vl, &vc, err))) goto done;
+        loader_get_pos(vl, &vstart);
+    }
+
+    // weights, optimizer and position
+    int64_t step = 0, tokens_seen = 0;
+    if (o->resume) {
+        if ((rc = ckpt_resolve(o->resume, c->ckpt_dir, path, sizeof path, err))) goto done;
+        TrainState st;
+        if ((rc = ckpt_load(path, &m, opt.exp_avg, opt.exp_avg_sq, &st, err))) goto done;
+        if ((rc = loader_set_pos(tl, &st.data, 0, err))) goto done;
+        step = st.step;
+        tokens_seen = st.tokens_seen;
+        opt.t = st.optim_step;
+        printf("resumed from %s: step %lld, %lld tokens seen\n", path, (long long)step,
+               (long long)tokens_seen);
+    } else if (o->init) {
+        if ((rc = ckpt_resolve(o->init, c->ckpt_dir, path, sizeof path, err))) goto done;
+        if ((rc = ckpt_load_model(path, &m, err))) goto done;
+        printf("initialised from the weights of %s (step 0, fresh optimizer)\n", path);
+    } else {
+        model_init_weights(&m, c->seed);
+    }
+    const int64_t end = o->stop_at > 0 && o->stop_at < c->max_steps ? o->stop_at : c->max_steps;
+    if (step >= end) {
+        printf("step %lld >= %lld: nothing to train\n", (long long)step, (long long)end);
+        goto done;
+    }
+
+    // metrics.jsonl: a fresh run starts it anew, a resumed one drops the steps after its
+    // checkpoint
+    if ((rc = mkdir_p_(c->ckpt_dir, err))) goto done;
+    snprintf(mpath, sizeof mpath, "%s/%s", c->ckpt_dir, c->metrics);
+    if ((rc = trim_metrics_(mpath, o->resume ? (long long)step : -1, err))) goto done;
+    if (!(mf = fopen(mpath, "a"))) {
+        rc = moet_errf(err, MOET_EFAIL, "cannot open %s: %s", mpath, strerror(errno));
+        goto done;
+    }
+
+    tokens = moet_malloc((size_t)B * T * sizeof(int32_t));
+    const int LE = m.E > 0 ? m.L * m.E : 0;
+    if (LE) load = moet_calloc((size_t)LE * sizeof(int64_t));
+    const double peak = cpu_sgemm_peak_gflops();
+    const double flops_tok = model_flops_per_token(c);
+    const int64_t tok_step = (int64_t)c->global_batch * T;
+    printf("moet train: %zu parameters, %d x %d tokens per micro-batch, %d micro-batches per "
+           "step (%lld tokens), steps %lld..%lld of %d; %s; sgemm peak %.1f GFLOP/s\n",
+           m.n_params, B, T, accum, (long long)tok_step, (long long)step + 1, (long long)end,
+           c->max_steps, kernels_blas_info(), peak);
+    fflush(stdout);
+
+    SaveCtx sc = {c, &m, &opt, tl, ini};
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal_;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART; // a signal during a checkpoint write must not fail the write
+    stop_signal_ = 0;
+    sigaction(SIGTERM, &sa, &old_term);
+    sigaction(SIGUSR1, &sa, &old_usr1);
+    sig_installed = 1;
+
+    if (eval_on && step == 0) {
+        double vl_loss;
+        if ((rc = evaluate_(&m, vl, &vstart, c->eval_batches, tokens, &vl_loss, err))) goto done;
+        printf("eval step 0 | val_loss %.4f | val_ppl %.2f\n", vl_loss, exp(vl_loss));
+        fprintf(mf, "{\"step\":0");
+        json_num_(mf, "val_loss", vl_loss);
+        json_num_(mf, "val_ppl", exp(vl_loss));
+        fprintf(mf, "}\n");
+        fflush(mf);
+    }
+
+    const int width = snprintf(NULL, 0, "%d", c->max_steps);
+    const int64_t first = step;
+    const double t_start = moet_time();
+    double lr = 0;
+    while (step < end) {
+        step++;
+        double t0 = moet_time();
+        model_zero_grad(&m);
+        if (LE) memset(load, 0, (size_t)LE * sizeof(int64_t));
+        double loss = 0, ce = 0, lb = 0, z = 0;
+        for (int a = 0; a < accum; a++) {
+            if ((rc = loader_next(tl, tokens, err))) goto done;
+            model_forward(&m, tokens);
+            model_backward(&m); // accumulates into m.grads
+            loss += m.loss;
+            ce += m.ce;
+            lb += m.lb;
+            z += m.z;
+            for (int i = 0; i < LE; i++) load[i] += m.expert_tokens[i];
+        }
+        // (multi-rank: all-reduce m.grads, the loss sums and the load here, then divide by
+        // accum * world below)
+        if (accum > 1) scale_inplace(m.grads, 1.0f / (float)accum, m.n_params);
+        loss /= accum;
+        ce /= accum;
+        lb /= accum;
+        z /= accum;
+
+        const ParamTensor *bad = NULL;
+        double gnorm = optim_grad_norm(&m, &bad);
+        if (bad || !isfinite(loss)) {
+            if (bad)
+                rc = moet_errf(err, MOET_EFAIL,
+                               "step %lld: non-finite gradient in tensor %s "
+                               "(loss %g); no checkpoint written, the last one is untouched\n"
+                               "---> HINT: lower optim.lr or set optim.grad_clip, then resume "
+                               "from the last checkpoint",
+                               (long long)step, bad->name, loss);
+            else
+                rc = moet_errf(err, MOET_EFAIL,
+                               "step %lld: non-finite loss %g; no checkpoint "
+                               "written, the last one is untouched\n---> HINT: lower optim.lr",
+                               (long long)step, loss);
+            goto done;
+        }
+        lr = optim_lr(c, step);
+        optim_step(&opt, &m, c, (float)lr, optim_clip_scale(gnorm, c->grad_clip));
+        tokens_seen += tok_step;
+        const double dt = moet_time() - t0;
+
+        if (step % c->log_every == 0 || step == end) {
+            double tok_s = (double)tok_step / dt;
+            double mfu = flops_tok * tok_s / (peak * 1e9);
+            double lmm = 0;
+            for (int l = 0; l < (LE ? m.L : 0); l++) {
+                int64_t mx = 0, sum = 0;
+                for (int e = 0; e < m.E; e++) {
+                    int64_t v = load[(size_t)l * m.E + e];
+                    sum += v;
+                    if (v > mx) mx = v;
+                }
+                double r = sum > 0 ? (double)mx * m.E / (double)sum : 0;
+                if (r > lmm) lmm = r;
+            }
+            char eta[32], lbuf[48] = "";
+            fmt_hms_(eta, sizeof eta,
+                     (moet_time() - t_start) / (double)(step - first) * (double)(end - step));
+            if (LE) snprintf(lbuf, sizeof lbuf, " | load max/mean %.2f", lmm);
+            printf("step %*lld/%d | loss %.4f ce %.4f lb %.4f z %.3f | lr %.1e | gnorm %.3f | "
+                   "%.0f tok/s | MFU %.1f%%%s | ETA %s\n",
+                   width, (long long)step, c->max_steps, loss, ce, lb, z, lr, gnorm, tok_s,
+                   100 * mfu, lbuf, eta);
+            fflush(stdout);
+            fprintf(mf, "{\"step\":%lld,\"tokens\":%lld", (long long)step, (long long)tokens_seen);
+            json_num_(mf, "loss", loss);
+            json_num_(mf, "ce", ce);
+            json_num_(mf, "lb", lb);
+            json_num_(mf, "z", z);
+            json_num_(mf, "lr", lr);
+            json_num_(mf, "grad_norm", gnorm);
+            json_num_(mf, "tok_per_s", tok_s);
+            json_num_(mf, "mfu", mfu);
+            if (LE) json_num_(mf, "load_max_mean", lmm);
+            fprintf(mf, "}\n");
+            fflush(mf);
+        }
+
+        if (eval_on && (step % c->eval_every == 0 || step == end)) {
+            double vl_loss;
+            if ((rc = evaluate_(&m, vl, &vstart, c->eval_batches, tokens, &vl_loss, err)))
+                goto done;
+            printf("eval step %lld | val_loss %.4f | val_ppl %.2f\n", (long long)step, vl_loss,
+                   exp(vl_loss));
+            fflush(stdout);
+            fprintf(mf, "{\"step\":%lld", (long long)step);
+            json_num_(mf, "val_loss", vl_loss);
+            json_num_(mf, "val_ppl", exp(vl_loss));
+            fprintf(mf, "}\n");
+            fflush(mf);
+        }
+
+        const int stopping = stop_signal_ != 0;
+        if (stopping || step == end || (c->ckpt_every > 0 && step % c->ckpt_every == 0)) {
+            if (save_(&sc, step, tokens_seen, lr, path, sizeof path, err)) {
+                char why[sizeof err->msg];
+                memcpy(why, err->msg, sizeof why);
+                rc = moet_errf(err, MOET_EFAIL, "step %lld: checkpoint failed, stopping: %.1900s",
+                               (long long)step, why);
+                goto done;
+            }
+            printf("checkpoint %s\n", path);
+            fflush(stdout);
+        }
+        if (stopping) {
+            printf("received %s: stopped after step %lld, checkpoint %s\n"
+                   "resume with: moet train --config ... --resume latest\n",
+                   stop_signal_ == SIGTERM ? "SIGTERM" : "SIGUSR1", (long long)step, path);
+            break;
+        }
+    }
+    if (step == end)
+        printf("done: %lld steps, %lld tokens, %.1f s\n", (long long)(step - first),
+               (long long)tokens_seen, moet_time() - t_start);
+
+done:
+    if (sig_installed) {
+        sigaction(SIGTERM, &old_term, NULL);
+        sigaction(SIGUSR1, &old_usr1, NULL);
+    }
+    fflush(stdout);
+    if (mf) fclose(mf);
+    if (vl) loader_close(vl);
+    if (tl) loader_close(tl);
+    free(tokens);
+    free(load);
+    free(ini);
+    optim_free(&opt);
+    if (have_model) model_free(&m);
+    return rc;
+}

@@ -1,0 +1,27 @@
+// trainer: the training loop of `moet train` (ARCHITECTURE §4, §6, §7, §10): model and data,
+// gradient accumulation, AdamW with schedule and clipping, logging to stdout and metrics.jsonl,
+// evaluation, checkpoints, resume (bit-exact on CPU) and stopping on SIGTERM / SIGUSR1.
+#pragma once
+#include <stdint.h>
+
+#include "train/common.h"
+#include "train/config.h"
+
+typedef struct {
+    const char *resume; // "latest", a checkpoint directory or file: model + optimizer +
+                        // trainer state, continue at step + 1; NULL: a fresh run
+    const char *init;   // a checkpoint whose weights start a fresh run (step 0, new
+                        // optimizer); NULL: initialise from train.seed
+    int64_t stop_at;    // > 0: stop after this step (checkpoint, exit 0) although the lr
+                        // schedule runs to train.max_steps, like a pre-empted run; 0: none
+} TrainOpts;
+
+// Trains c (already validated) on one rank. Returns 0 when max_steps (or stop_at) is reached
+// or after a signal-triggered checkpoint, MOET_EFAIL on a non-finite loss or gradient (no
+// checkpoint is written then), a failed checkpoint write or a data error, MOET_EUSAGE for bad
+// options (e.g. --resume with --init).
+int trainer_run(const Config *c, const TrainOpts *o, MoetErr *err);
+
+// The machine's sgemm peak in GFLOP/s, measured now: the best of 9 timed 2048^3 sgemm calls
+// with the kernels' threads (the first call only warms up). The MFU denominator on CPU (§10).
+double cpu_sgemm_peak_gflops(void);
