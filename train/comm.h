@@ -1,0 +1,62 @@
+// comm: the ranks of a run and their collectives (ARCHITECTURE §4): the world, this rank's
+// expert-parallel (EP) group and its expert-data-parallel (EDP) group, behind a transport
+// interface (MPI now, NCCL later). Built without MPI (-DMOET_MPI=OFF): a one-rank stub.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#include "train/common.h"
+
+typedef struct Comm Comm;
+
+// Bytes and seconds spent in collectives, per kind, since the last comm_stats_reset.
+typedef struct {
+    double alltoall_bytes, alltoall_s;    // bytes this rank sent in all-to-all(-v)
+    double allreduce_bytes, allreduce_s;  // bytes this rank contributed to all-reduces
+    double other_bytes, other_s;          // broadcast, barrier, gathers
+} CommStats;
+
+typedef struct {
+    Comm *world;      // all ranks
+    Comm *ep;         // ranks [g*ep, (g+1)*ep): they split the experts (this rank holds
+                      // experts [ep_rank*E/ep, (ep_rank+1)*E/ep))
+    Comm *edp;        // ranks holding the same experts: {r : r % ep == rank % ep}
+    int rank, world_size;
+    int ep_rank, ep_size;
+    int local_rank;   // rank within the node (from the launcher's environment), for GPUs
+} Parallel;
+
+// Starts MPI (when built with it and launched by mpirun / srun; a plain start is a world of
+// one), checks world % ep == 0, and builds the groups. Errors (bad ep) are MOET_EUSAGE.
+int comm_init(int *argc, char ***argv, int ep, Parallel *p, MoetErr *err);
+// Rebuilds the groups for another ep on the same world (tests).
+int comm_set_ep(Parallel *p, int ep, MoetErr *err);
+void comm_finalize(Parallel *p);
+// Ends every rank of the job: the failing rank calls this after printing its error, so that no
+// other rank waits forever in a collective.
+void comm_abort(Parallel *p, int code) __attribute__((noreturn));
+
+int comm_rank(const Comm *c);
+int comm_size(const Comm *c);
+
+// In-place sum over the group. The sum is taken in rank order 0, 1, ..., size-1 (as doubles
+// are not used, the order matters): every rank gets identical bits, and a run is
+// bitwise-reproducible for a given world size.
+int comm_allreduce_sum_f32(Comm *c, float *buf, size_t n, MoetErr *err);
+int comm_allreduce_sum_f64(Comm *c, double *buf, size_t n, MoetErr *err);
+int comm_allreduce_max_f64(Comm *c, double *buf, size_t n, MoetErr *err);
+
+// All-to-all of fixed-size items: rank i sends send[j*count .. (j+1)*count) to rank j and
+// receives rank j's block into recv[j*count ..]. int64 items (counts exchange).
+int comm_alltoall_i64(Comm *c, const int64_t *send, int64_t *recv, int count, MoetErr *err);
+// All-to-all-v of rows of elem_size bytes: send_counts[j] rows (contiguous, in rank order j)
+// go to rank j; recv_counts[j] rows arrive from rank j, laid out in rank order. Every rank
+// calls it, also when all its counts are 0.
+int comm_alltoallv(Comm *c, const void *send, const int64_t *send_counts, void *recv,
+                   const int64_t *recv_counts, size_t elem_size, MoetErr *err);
+int comm_bcast(Comm *c, void *buf, size_t bytes, int root, MoetErr *err);
+int comm_barrier(Comm *c, MoetErr *err);
+
+// The statistics of the whole process (all groups).
+void comm_stats(CommStats *s);
+void comm_stats_reset(void);
