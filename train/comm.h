@@ -35,6 +35,9 @@ void comm_finalize(Parallel *p);
 // Ends every rank of the job: the failing rank calls this after printing its error, so that no
 // other rank waits forever in a collective.
 void comm_abort(Parallel *p, int code) __attribute__((noreturn));
+// The same, printing "rank R: aborting the job (exit code C): <reason>" first (reason NULL: a
+// pointer to the error printed above). p may be NULL or half-built (before comm_init ends).
+void comm_abort_msg(Parallel *p, int code, const char *reason) __attribute__((noreturn));
 
 int comm_rank(const Comm *c);
 int comm_size(const Comm *c);
