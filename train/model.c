@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "kernels/kernels.h"
+#include "train/dispatch.h"
 #include "train/moe.h"
 
 // ---------------------------------------------------------------------------------------
@@ -302,7 +303,32 @@ int model_create(Model *m, const Config *c, int ep_rank, int ep_size, MoetErr *e
     return MOET_OK;
 }
 
+int model_set_comm(Model *m, Comm *ep, MoetErr *err) {
+    dispatch_free(m->disp);
+    m->disp = NULL;
+    m->ep_comm = NULL;
+    if (!ep || comm_size(ep) == 1) {
+        if (m->E > 0 && m->n_local_experts != m->E)
+            return moet_errf(err, MOET_EUSAGE,
+                             "model holds %d of %d experts but its EP group has one rank",
+                             m->n_local_experts, m->E);
+        return MOET_OK;
+    }
+    int n = comm_size(ep), r = comm_rank(ep);
+    if (m->E <= 0)
+        return moet_errf(err, MOET_EUSAGE, "expert parallelism (ep %d) needs a MoE model", n);
+    if (m->E % n != 0 || m->n_local_experts != m->E / n || m->expert_lo != r * (m->E / n))
+        return moet_errf(err, MOET_EUSAGE,
+                         "EP group (rank %d of %d) does not match the model's experts [%d, %d) "
+                         "of %d", r, n, m->expert_lo, m->expert_lo + m->n_local_experts, m->E);
+    int rc = dispatch_create(&m->disp, ep, m->L, m->E, m->D, m->F, err);
+    if (rc) return rc;
+    m->ep_comm = ep;
+    return MOET_OK;
+}
+
 void model_free(Model *m) {
+    dispatch_free(m->disp);
     free(m->tensors);
     free(m->params);
     free(m->grads);

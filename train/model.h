@@ -5,8 +5,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "train/comm.h"
 #include "train/common.h"
 #include "train/config.h"
+
+struct Dispatcher;
 
 #define MODEL_NAME_MAX 96
 #define MODEL_MAX_DIMS 3
@@ -69,6 +72,10 @@ typedef struct {
     Config cfg;
     int L, D, H, Dh, V, E, K, F; // F = expert_d_ff (MoE) or d_ff (dense)
     int n_local_experts, expert_lo;  // experts held here: [expert_lo, expert_lo + El)
+    // expert parallelism (model_set_comm): the EP group and its token dispatcher; NULL when
+    // this rank holds every expert (ep 1), and then the MoE layer runs locally
+    Comm *ep_comm;
+    struct Dispatcher *disp;
 
     int n_tensors;
     ParamTensor *tensors;
@@ -123,6 +130,11 @@ size_t model_activation_floats(const Config *cfg, int B, int T, int n_local_expe
 
 // Allocates the parameter and gradient buffers (uninitialised values). Single-rank: ep 1.
 int model_create(Model *m, const Config *cfg, int ep_rank, int ep_size, MoetErr *err);
+// Attaches the EP group (ARCHITECTURE §4) of a model created with ep_rank = comm_rank(ep) and
+// ep_size = comm_size(ep): the MoE layers then exchange their routed rows with the group's
+// ranks (every rank of the group must run forward / backward together). ep NULL or of size 1:
+// the local path. Checks that the group matches the model's expert layout.
+int model_set_comm(Model *m, Comm *ep, MoetErr *err);
 void model_free(Model *m);
 // Initialises every parameter per §3 from a counter-based generator keyed by
 // (seed, tensor name, global element index): identical weights for any rank count or ep.

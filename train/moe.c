@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "kernels/kernels.h"
+#include "train/dispatch.h"
 
 // ---------------------------------------------------------------------------------------
 // router: logits = ln2 @ gate^T, softmax, top-k; the two auxiliary losses of §3.
@@ -35,17 +36,65 @@ static void route_(Model *m, int l, MoeLayerLoss *loss) {
 // ---------------------------------------------------------------------------------------
 // forward: route, permute rows by expert, grouped SwiGLU, unpermute + combine.
 
+// A failed collective inside forward / backward leaves the other ranks of the group waiting:
+// there is no way to recover, so the process ends (mpirun then ends the job).
+static void ep_check_(int rc, const MoetErr *err) {
+    if (rc) moet_die("expert parallel dispatch: %s", err->msg);
+}
+
+// Expert parallelism (m->disp): the routed rows travel to the ranks holding their experts, the
+// local experts run on the regrouped received rows, and the outputs travel back (dispatch.h).
+static void moe_forward_ep_(Model *m, int l) {
+    LayerActs *a = &m->acts[l];
+    LayerParams *p = &m->p.layers[l];
+    int D = m->D, F = m->F, El = m->n_local_experts;
+    MoetErr err;
+    DispatchRows rw;
+    ep_check_(dispatch_forward(m->disp, l, a->counts, a->xp, &rw, &err), &err);
+    grouped_matmul_forward(rw.g, rw.x, p->w_gate, rw.offsets, El, D, F);
+    grouped_matmul_forward(rw.u, rw.x, p->w_up, rw.offsets, El, D, F);
+    swiglu_forward(rw.a, rw.g, rw.u, (size_t)rw.rows * F);
+    grouped_matmul_forward(rw.y, rw.a, p->w_down, rw.offsets, El, F, D);
+    ep_check_(dispatch_combine(m->disp, l, a->yp, &err), &err);
+}
+
 void moe_forward(Model *m, int l, MoeLayerLoss *loss) {
     LayerActs *a = &m->acts[l];
     LayerParams *p = &m->p.layers[l];
     int N = m->B * m->T, D = m->D, E = m->E, K = m->K, F = m->F, R = N * K;
     route_(m, l, loss);
     permute_forward(a->xp, a->ln2, a->row_token, R, D);
-    grouped_matmul_forward(a->g, a->xp, p->w_gate, a->offsets, E, D, F);
-    grouped_matmul_forward(a->u, a->xp, p->w_up, a->offsets, E, D, F);
-    swiglu_forward(a->a, a->g, a->u, (size_t)R * F);
-    grouped_matmul_forward(a->yp, a->a, p->w_down, a->offsets, E, F, D);
+    if (m->disp) {
+        moe_forward_ep_(m, l);
+    } else {
+        grouped_matmul_forward(a->g, a->xp, p->w_gate, a->offsets, E, D, F);
+        grouped_matmul_forward(a->u, a->xp, p->w_up, a->offsets, E, D, F);
+        swiglu_forward(a->a, a->g, a->u, (size_t)R * F);
+        grouped_matmul_forward(a->yp, a->a, p->w_down, a->offsets, E, F, D);
+    }
     unpermute_forward(a->mlp_out, a->yp, a->topk_w, a->assign_row, N, K, D);
+}
+
+// Backward of the experts under expert parallelism: m->d_yp (R,D) goes to the expert owners,
+// the local expert weight gradients accumulate from every source rank's rows, and the input
+// gradients come back into m->d_xp (R,D).
+static void moe_backward_ep_(Model *m, int l) {
+    LayerParams *p = &m->p.layers[l];
+    LayerParams *gp = &m->g.layers[l];
+    int D = m->D, F = m->F, El = m->n_local_experts;
+    MoetErr err;
+    DispatchRows rw;
+    DispatchGrads dg;
+    ep_check_(dispatch_backward(m->disp, l, m->d_yp, &rw, &dg, &err), &err);
+    size_t RF = (size_t)rw.rows * F;
+    zero_fill(dg.d_a, RF);
+    grouped_matmul_backward(dg.d_a, gp->w_down, dg.d_y, rw.a, p->w_down, rw.offsets, El, F, D);
+    zero_fill(dg.d_g, RF);
+    zero_fill(dg.d_u, RF);
+    swiglu_backward(dg.d_g, dg.d_u, dg.d_a, rw.g, rw.u, RF);
+    grouped_matmul_backward(dg.d_x, gp->w_gate, dg.d_g, rw.x, p->w_gate, rw.offsets, El, D, F);
+    grouped_matmul_backward(dg.d_x, gp->w_up, dg.d_u, rw.x, p->w_up, rw.offsets, El, D, F);
+    ep_check_(dispatch_backward_return(m->disp, l, m->d_xp, &err), &err);
 }
 
 void moe_backward(Model *m, int l, const float *d_out, float *d_ln2, double lb_scale,
@@ -60,14 +109,20 @@ void moe_backward(Model *m, int l, const float *d_out, float *d_ln2, double lb_s
     zero_fill(m->d_topk_w, (size_t)N * K);
     unpermute_backward(m->d_yp, m->d_topk_w, d_out, a->yp, a->topk_w, a->assign_row, N, K, D);
     // experts
-    zero_fill(m->d_a, (size_t)R * F);
-    grouped_matmul_backward(m->d_a, gp->w_down, m->d_yp, a->a, p->w_down, a->offsets, E, F, D);
-    zero_fill(m->d_g, (size_t)R * F);
-    zero_fill(m->d_u, (size_t)R * F);
-    swiglu_backward(m->d_g, m->d_u, m->d_a, a->g, a->u, (size_t)R * F);
-    zero_fill(m->d_xp, (size_t)R * D);
-    grouped_matmul_backward(m->d_xp, gp->w_gate, m->d_g, a->xp, p->w_gate, a->offsets, E, D, F);
-    grouped_matmul_backward(m->d_xp, gp->w_up, m->d_u, a->xp, p->w_up, a->offsets, E, D, F);
+    if (m->disp) {
+        moe_backward_ep_(m, l);
+    } else {
+        zero_fill(m->d_a, (size_t)R * F);
+        grouped_matmul_backward(m->d_a, gp->w_down, m->d_yp, a->a, p->w_down, a->offsets, E, F,
+                                D);
+        zero_fill(m->d_g, (size_t)R * F);
+        zero_fill(m->d_u, (size_t)R * F);
+        swiglu_backward(m->d_g, m->d_u, m->d_a, a->g, a->u, (size_t)R * F);
+        zero_fill(m->d_xp, (size_t)R * D);
+        grouped_matmul_backward(m->d_xp, gp->w_gate, m->d_g, a->xp, p->w_gate, a->offsets, E, D,
+                                F);
+        grouped_matmul_backward(m->d_xp, gp->w_up, m->d_u, a->xp, p->w_up, a->offsets, E, D, F);
+    }
     // dispatch
     permute_backward(d_ln2, m->d_xp, a->assign_row, N, K, D);
 
