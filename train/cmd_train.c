@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "train/cli.h"
+#include "train/comm.h"
 #include "train/common.h"
 #include "train/config.h"
 #include "train/trainer.h"
@@ -93,5 +94,15 @@ int cmd_train(int argc, char **argv, MoetErr *err) {
                          "train: [train] device = %s is not available in this "
                          "build yet (use --set train.device=cpu)",
                          c.device);
-    return trainer_run(&c, &o, err);
+    // the ranks: mpirun / srun start several; a plain start is a world of one
+    Parallel par;
+    if ((rc = comm_init(NULL, NULL, c.ep, &par, err))) return rc;
+    rc = trainer_run(&c, &o, &par, err);
+    if (rc && par.world_size > 1) {
+        // the other ranks may wait in a collective: end the whole job, naming this rank
+        fprintf(stderr, "moet: %s\n", err->msg);
+        comm_abort_msg(&par, rc, "moet train failed on this rank (message above)");
+    }
+    comm_finalize(&par);
+    return rc;
 }

@@ -156,13 +156,25 @@ static int save_(const SaveCtx *s, int64_t step, int64_t tokens_seen, double lr,
 // ---------------------------------------------------------------------------------------
 // the loop
 
-int trainer_run(const Config *c, const TrainOpts *o, MoetErr *err) {
+int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err) {
     if (o->resume && o->init)
         return moet_errf(err, MOET_EUSAGE,
                          "train: --resume and --init exclude each other "
                          "(--resume continues a run, --init starts a new one from weights)");
-    const int world = 1, rank = 0; // (multi-rank: from the communicator)
+    const int world = par->world_size, rank = par->rank;
+    if (par->ep_size > 1)
+        return moet_errf(err, MOET_EUSAGE,
+                         "train: [parallel] ep = %d: expert-parallel training needs the "
+                         "parallel checkpoint writer, which is not in this build yet; use ep = 1",
+                         par->ep_size);
+    if (c->global_batch % (c->micro_batch * world) != 0)
+        return moet_errf(err, MOET_EUSAGE,
+                         "train: [train] global_batch = %d is not a multiple of micro_batch %d "
+                         "x %d ranks", c->global_batch, c->micro_batch, world);
     const int accum = c->global_batch / (c->micro_batch * world);
+    const int lead = rank == 0;  // prints, metrics, checkpoints
+    if (!lead && !freopen("/dev/null", "w", stdout))  // one log for the job; errors: stderr
+        return moet_errf(err, MOET_EFAIL, "rank %d: cannot silence stdout", rank);
     const int B = c->micro_batch, T = c->seq_len;
     const int eval_on = c->eval_every > 0 && c->valid[0] && c->eval_batches > 0;
 
@@ -173,6 +185,7 @@ int trainer_run(const Config *c, const TrainOpts *o, MoetErr *err) {
     Loader *tl = NULL, *vl = NULL;
     FILE *mf = NULL;
     int32_t *tokens = NULL;
+    float *gacc = NULL;  // the gradient sum over this step's micro-batches (accum > 1)
     int64_t *load = NULL;
     char *ini = NULL;
     int rc = 0, have_model = 0, sig_installed = 0;
@@ -206,7 +219,11 @@ int trainer_run(const Config *c, const TrainOpts *o, MoetErr *err) {
         LoaderConfig vc = lc;
         vc.glob = c->valid;
         vc.shuffle = 0;
-        vc.global_batch = B * world;
+        // every rank evaluates the same eval_batches micro-batches: val_loss does not depend
+        // on the world size (the work is repeated; evaluation is small)
+        vc.global_batch = B;
+        vc.rank = 0;
+        vc.world = 1;
         vc.prefetch = 0;
         if ((rc = loader_open(&vl, &vc, err))) goto done;
         loader_get_pos(vl, &vstart);
@@ -239,15 +256,20 @@ int trainer_run(const Config *c, const TrainOpts *o, MoetErr *err) {
 
     // metrics.jsonl: a fresh run starts it anew, a resumed one drops the steps after its
     // checkpoint
-    if ((rc = mkdir_p_(c->ckpt_dir, err))) goto done;
-    snprintf(mpath, sizeof mpath, "%s/%s", c->ckpt_dir, c->metrics);
-    if ((rc = trim_metrics_(mpath, o->resume ? (long long)step : -1, err))) goto done;
+    if (lead) {
+        if ((rc = mkdir_p_(c->ckpt_dir, err))) goto done;
+        snprintf(mpath, sizeof mpath, "%s/%s", c->ckpt_dir, c->metrics);
+        if ((rc = trim_metrics_(mpath, o->resume ? (long long)step : -1, err))) goto done;
+    } else {
+        snprintf(mpath, sizeof mpath, "/dev/null");
+    }
     if (!(mf = fopen(mpath, "a"))) {
         rc = moet_errf(err, MOET_EFAIL, "cannot open %s: %s", mpath, strerror(errno));
         goto done;
     }
 
     tokens = moet_malloc((size_t)B * T * sizeof(int32_t));
+    if (accum > 1) gacc = moet_malloc(m.n_params * sizeof(float));
     const int LE = m.E > 0 ? m.L * m.E : 0;
     if (LE) load = moet_calloc((size_t)LE * sizeof(int64_t));
     const double peak = cpu_sgemm_peak_gflops();
@@ -294,20 +316,45 @@ int trainer_run(const Config *c, const TrainOpts *o, MoetErr *err) {
         for (int a = 0; a < accum; a++) {
             if ((rc = loader_next(tl, tokens, err))) goto done;
             model_forward(&m, tokens);
-            model_backward(&m); // accumulates into m.grads
+            if (accum > 1) model_zero_grad(&m);
+            model_backward(&m);
+            // Sum the micro-batch gradients one whole micro-batch at a time, g0 + g1 + ...,
+            // the order the rank-order all-reduce uses: world W with accumulation 1 then gives
+            // the bits of world 1 with accumulation W. (Backward accumulating straight into
+            // one buffer would interleave the sums inside sgemm and differ in the last bits.)
+            if (accum > 1) {
+                if (a == 0) memcpy(gacc, m.grads, m.n_params * sizeof(float));
+                else add_forward(gacc, gacc, m.grads, m.n_params);
+            }
             loss += m.loss;
             ce += m.ce;
             lb += m.lb;
             z += m.z;
             for (int i = 0; i < LE; i++) load[i] += m.expert_tokens[i];
         }
-        // (multi-rank: all-reduce m.grads, the loss sums and the load here, then divide by
-        // accum * world below)
-        if (accum > 1) scale_inplace(m.grads, 1.0f / (float)accum, m.n_params);
-        loss /= accum;
-        ce /= accum;
-        lb /= accum;
-        z /= accum;
+        if (world > 1) {
+            // data parallel: sum the gradients, losses and expert loads over the ranks, in
+            // rank order (bit-identical to one rank accumulating the same micro-batches)
+            if ((rc = comm_allreduce_sum_f32(par->world, m.grads, m.n_params, err))) goto done;
+            double sums[4] = {loss, ce, lb, z};
+            if ((rc = comm_allreduce_sum_f64(par->world, sums, 4, err))) goto done;
+            loss = sums[0], ce = sums[1], lb = sums[2], z = sums[3];
+            if (LE) {
+                double *dl = moet_malloc((size_t)LE * sizeof(double));
+                for (int i = 0; i < LE; i++) dl[i] = (double)load[i];
+                rc = comm_allreduce_sum_f64(par->world, dl, (size_t)LE, err);
+                for (int i = 0; i < LE; i++) load[i] = (int64_t)dl[i];
+                free(dl);
+                if (rc) goto done;
+            }
+        }
+        if (accum > 1) memcpy(m.grads, gacc, m.n_params * sizeof(float));
+        const int n_micro = accum * world;
+        if (n_micro > 1) scale_inplace(m.grads, 1.0f / (float)n_micro, m.n_params);
+        loss /= n_micro;
+        ce /= n_micro;
+        lb /= n_micro;
+        z /= n_micro;
 
         const ParamTensor *bad = NULL;
         double gnorm = optim_grad_norm(&m, &bad);
@@ -382,9 +429,24 @@ int trainer_run(const Config *c, const TrainOpts *o, MoetErr *err) {
             fflush(mf);
         }
 
-        const int stopping = stop_signal_ != 0;
+        int stopping = stop_signal_ != 0;
+        if (world > 1) {  // a signal may reach the ranks at different steps: agree on it
+            double flag = stopping ? (double)stop_signal_ : 0.0;
+            if ((rc = comm_allreduce_max_f64(par->world, &flag, 1, err))) goto done;
+            stopping = flag != 0.0;
+            if (stopping && !stop_signal_) stop_signal_ = (sig_atomic_t)flag;
+        }
         if (stopping || step == end || (c->ckpt_every > 0 && step % c->ckpt_every == 0)) {
-            if (save_(&sc, step, tokens_seen, lr, path, sizeof path, err)) {
+            // rank 0 writes (ep = 1: every rank holds the same weights); all learn the outcome
+            int saved = lead ? save_(&sc, step, tokens_seen, lr, path, sizeof path, err) : 0;
+            if (world > 1) {
+                double f = saved;
+                if ((rc = comm_allreduce_max_f64(par->world, &f, 1, err))) goto done;
+                if (f != 0.0 && !saved)
+                    moet_errf(err, MOET_EFAIL, "rank 0 could not write the checkpoint");
+                saved = f != 0.0;
+            }
+            if (saved) {
                 char why[sizeof err->msg];
                 memcpy(why, err->msg, sizeof why);
                 rc = moet_errf(err, MOET_EFAIL, "step %lld: checkpoint failed, stopping: %.1900s",
@@ -415,6 +477,7 @@ done:
     if (vl) loader_close(vl);
     if (tl) loader_close(tl);
     free(tokens);
+    free(gacc);
     free(load);
     free(ini);
     optim_free(&opt);

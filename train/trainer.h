@@ -4,6 +4,7 @@
 #pragma once
 #include <stdint.h>
 
+#include "train/comm.h"
 #include "train/common.h"
 #include "train/config.h"
 
@@ -16,11 +17,14 @@ typedef struct {
                         // schedule runs to train.max_steps, like a pre-empted run; 0: none
 } TrainOpts;
 
-// Trains c (already validated) on one rank. Returns 0 when max_steps (or stop_at) is reached
+// Trains c (already validated) on the ranks of par: data parallel over the world (gradients
+// and losses summed in rank order, so world W with accumulation A equals world 1 with
+// accumulation W*A bit for bit); rank 0 prints, writes metrics.jsonl and the checkpoints.
+// Expert parallelism (ep > 1) in training comes with the parallel checkpoint writer. Returns 0 when max_steps (or stop_at) is reached
 // or after a signal-triggered checkpoint, MOET_EFAIL on a non-finite loss or gradient (no
 // checkpoint is written then), a failed checkpoint write or a data error, MOET_EUSAGE for bad
 // options (e.g. --resume with --init).
-int trainer_run(const Config *c, const TrainOpts *o, MoetErr *err);
+int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err);
 
 // The machine's sgemm peak in GFLOP/s, measured now: the best of 9 timed 2048^3 sgemm calls
 // with the kernels' threads (the first call only warms up). The MFU denominator on CPU (§10).
