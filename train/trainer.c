@@ -272,7 +272,10 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     if (accum > 1) gacc = moet_malloc(m.n_params * sizeof(float));
     const int LE = m.E > 0 ? m.L * m.E : 0;
     if (LE) load = moet_calloc((size_t)LE * sizeof(int64_t));
-    const double peak = cpu_sgemm_peak_gflops();
+    // the job's peak: each rank measures its own cores; MFU compares the job's tokens/s with
+    // their sum
+    double peak = cpu_sgemm_peak_gflops();
+    if (world > 1 && (rc = comm_allreduce_sum_f64(par->world, &peak, 1, err))) goto done;
     const double flops_tok = model_flops_per_token(c);
     const int64_t tok_step = (int64_t)c->global_batch * T;
     printf("moet train: %zu parameters, %d x %d tokens per micro-batch, %d micro-batches per "
@@ -310,6 +313,7 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     while (step < end) {
         step++;
         double t0 = moet_time();
+        comm_stats_reset();
         model_zero_grad(&m);
         if (LE) memset(load, 0, (size_t)LE * sizeof(int64_t));
         double loss = 0, ce = 0, lb = 0, z = 0;
@@ -396,10 +400,18 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             fmt_hms_(eta, sizeof eta,
                      (moet_time() - t_start) / (double)(step - first) * (double)(end - step));
             if (LE) snprintf(lbuf, sizeof lbuf, " | load max/mean %.2f", lmm);
+            // communication of this step on this rank: bytes sent and time inside collectives
+            CommStats cs;
+            comm_stats(&cs);
+            char cbuf[128] = "";
+            if (world > 1)
+                snprintf(cbuf, sizeof cbuf, " | comm a2a %.1f MB %.0f ms, allreduce %.1f MB %.0f ms",
+                         cs.alltoall_bytes / 1e6, cs.alltoall_s * 1e3, cs.allreduce_bytes / 1e6,
+                         cs.allreduce_s * 1e3);
             printf("step %*lld/%d | loss %.4f ce %.4f lb %.4f z %.3f | lr %.1e | gnorm %.3f | "
-                   "%.0f tok/s | MFU %.1f%%%s | ETA %s\n",
+                   "%.0f tok/s | MFU %.1f%%%s%s | ETA %s\n",
                    width, (long long)step, c->max_steps, loss, ce, lb, z, lr, gnorm, tok_s,
-                   100 * mfu, lbuf, eta);
+                   100 * mfu, lbuf, cbuf, eta);
             fflush(stdout);
             fprintf(mf, "{\"step\":%lld,\"tokens\":%lld", (long long)step, (long long)tokens_seen);
             json_num_(mf, "loss", loss);
@@ -410,6 +422,12 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             json_num_(mf, "grad_norm", gnorm);
             json_num_(mf, "tok_per_s", tok_s);
             json_num_(mf, "mfu", mfu);
+            if (world > 1) {
+                json_num_(mf, "alltoall_bytes", cs.alltoall_bytes);
+                json_num_(mf, "alltoall_s", cs.alltoall_s);
+                json_num_(mf, "allreduce_bytes", cs.allreduce_bytes);
+                json_num_(mf, "allreduce_s", cs.allreduce_s);
+            }
             if (LE) json_num_(mf, "load_max_mean", lmm);
             fprintf(mf, "}\n");
             fflush(mf);
