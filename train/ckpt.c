@@ -3,14 +3,16 @@
 // used by the HF parity tests (ckpt_load_model, ckpt_read_array).
 //
 // Every tensor is written and read as "this rank's hyperslab": expert tensors the rows
-// [expert_lo, expert_lo + El) of dim 0, every other tensor whole. Today the file is written
-// serially (H5P_DEFAULT transfer, sec2 driver); the parallel version sets H5Pset_fapl_mpio on
-// the file access list built in fapl_() and a collective transfer list in xfer_(), with
-// replicated tensors written by rank 0 only (the others select nothing).
+// [expert_lo, expert_lo + El) of dim 0, every other tensor whole. ckpt_save writes serially
+// (H5P_DEFAULT transfer, sec2 driver; a rank holding every expert). ckpt_save_par, for ranks
+// that split the experts, writes collectively: H5Pset_fapl_mpio on MPI_COMM_WORLD and a
+// collective transfer list, replicated tensors written by rank 0 only and expert tensors by the
+// ranks of EP group 0 (the others select nothing but still join every collective call).
+// Loading reads each rank's hyperslab independently (sec2), for any world size and ep.
 //
 // Checksums: attribute `checksum` = "crc32:%08x", zlib's crc32 of the dataset's full contents
-// as little-endian fp32 bytes in C order. Expert slices are contiguous in that order, so ranks
-// can compute the CRC of their slice and combine them in rank order with crc32_combine
+// as little-endian fp32 bytes in C order. Expert slices are contiguous in that order, so the
+// writers compute the CRC of their slice and combine them in expert order with crc32_combine
 // (crc(A||B) = crc32_combine(crc(A), crc(B), len(B))). With one rank the slice is the tensor.
 #include "train/ckpt.h"
 
@@ -25,6 +27,10 @@
 #include <time.h>
 #include <unistd.h>
 #include <zlib.h>
+
+#if MOET_MPI
+#include <mpi.h>
+#endif
 
 #define CKPT_FORMAT "moet-checkpoint"
 #define CKPT_FORMAT_VERSION 1
@@ -645,9 +651,8 @@ static int write_group_(hid_t f, const char *group, const Model *m, const float 
 }
 
 static int write_attrs_(hid_t f, const TrainState *st, const char *config_ini, int model_only,
-                        char *why, size_t why_size) {
+                        time_t now, char *why, size_t why_size) {
     char created[32];
-    time_t now = time(NULL);
     struct tm tm;
     gmtime_r(&now, &tm);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
@@ -723,7 +728,7 @@ static int write_file_(const char *tmp, const Model *m, const float *exp_avg,
         return -1;
     }
     int rc = reserve_space_(tmp, estimate_bytes_(m, model_only, config_ini), why, why_size);
-    if (!rc) rc = write_attrs_(f, st, config_ini, model_only, why, why_size);
+    if (!rc) rc = write_attrs_(f, st, config_ini, model_only, time(NULL), why, why_size);
     if (!rc) rc = write_group_(f, "/model", m, m->params, why, why_size);
     if (!rc && !model_only) rc = write_group_(f, "/optim/exp_avg", m, exp_avg, why, why_size);
     if (!rc && !model_only)
@@ -859,4 +864,238 @@ int ckpt_save(const CkptSaveOpts *o, const Model *m, const float *exp_avg,
     apply_retention_(o, st->step);
     if (path_out) snprintf(path_out, path_out_size, "%s", final);
     return MOET_OK;
+}
+
+// ---------------------------------------------------------------------------------------
+// the collective writer (expert parallelism, ARCHITECTURE §6)
+
+#if MOET_MPI
+// Agrees on a failure: 1 when any rank of the world has bad != 0.
+static int any_bad_(Parallel *par, int bad) {
+    double f = bad ? 1.0 : 0.0;
+    MoetErr e;
+    if (comm_allreduce_max_f64(par->world, &f, 1, &e)) return 1;
+    return f != 0.0;
+}
+
+// Writes tensor t collectively: every rank creates the dataset with the global shape; a
+// replicated tensor is written by rank 0, an expert tensor by the ranks of EP group 0 (EDP rank
+// 0), each its rows [expert_lo, expert_lo + El); the other ranks select nothing but still take
+// part in the collective write. The checksum is the crc32 of the whole dataset: the writers'
+// slice CRCs combined in expert order with crc32_combine; every rank writes the same attribute.
+static int write_tensor_par_(hid_t g, hid_t dxpl, const Model *m, const ParamTensor *t,
+                             const float *src, Parallel *par, char *why, size_t why_size) {
+    hsize_t gdims[MODEL_MAX_DIMS], ldims[MODEL_MAX_DIMS];
+    for (int i = 0; i < t->ndim; i++) {
+        gdims[i] = (hsize_t)t->global_shape[i];
+        ldims[i] = (hsize_t)t->shape[i];
+    }
+    const int ep = par->ep_size;
+    const int writer = t->is_expert ? comm_rank(par->edp) == 0 : par->rank == 0;
+    int rc = -1, bad = 0;
+    hid_t fs = H5Screate_simple(t->ndim, gdims, NULL);
+    hid_t ms = H5Screate_simple(t->ndim, ldims, NULL);
+    hid_t d = H5Dcreate2(g, t->name, H5T_IEEE_F32LE, fs, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    if (d < 0) {
+        h5_reason_(why, why_size, "cannot create dataset");
+        bad = 1;
+    }
+    if (!bad) {
+        if (!writer) {
+            H5Sselect_none(fs);
+            H5Sselect_none(ms);
+        } else if (t->is_expert) {
+            hsize_t start[MODEL_MAX_DIMS] = {(hsize_t)m->expert_lo, 0, 0};
+            H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, ldims, NULL);
+        }
+        if (H5Dwrite(d, H5T_NATIVE_FLOAT, ms, fs, dxpl, src + t->offset) < 0) {
+            h5_reason_(why, why_size, "cannot write tensor data");
+            bad = 1;
+        }
+    }
+    // slot i < ep: the CRC of expert slice i (or of the whole tensor in slot 0); slot ep: errors
+    double crcs[MOET_CKPT_MAX_EP + 1];
+    const int slots = t->is_expert ? ep : 1;
+    memset(crcs, 0, sizeof crcs);
+    if (writer) crcs[t->is_expert ? par->ep_rank : 0] = (double)crc_of_(src + t->offset, t->numel);
+    crcs[slots] = bad;
+    MoetErr e;
+    if (comm_allreduce_sum_f64(par->world, crcs, (size_t)slots + 1, &e)) {
+        snprintf(why, why_size, "%.400s", e.msg);
+        goto done;
+    }
+    if (crcs[slots] != 0) {
+        if (!bad) snprintf(why, why_size, "the write failed on another rank");
+        goto done;
+    }
+    uLong crc = (uLong)crcs[0];
+    const z_off_t slice = (z_off_t)(t->numel * sizeof(float));
+    for (int i = 1; i < slots; i++) crc = crc32_combine(crc, (uLong)crcs[i], slice);
+    char txt[32];
+    snprintf(txt, sizeof txt, "crc32:%08lx", crc);
+    if (any_bad_(par, attr_str_(d, "checksum", txt) != 0)) {
+        h5_reason_(why, why_size, "cannot write the checksum attribute");
+        goto done;
+    }
+    rc = 0;
+done:
+    if (d >= 0) H5Dclose(d);
+    H5Sclose(ms);
+    H5Sclose(fs);
+    return rc;
+}
+
+static int write_group_par_(hid_t f, hid_t dxpl, const char *group, const Model *m,
+                            const float *buf, Parallel *par, char *why, size_t why_size) {
+    hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
+    H5Pset_create_intermediate_group(lcpl, 1);
+    hid_t g = H5Gcreate2(f, group, lcpl, H5P_DEFAULT, H5P_DEFAULT);
+    H5Pclose(lcpl);
+    if (any_bad_(par, g < 0)) {
+        h5_reason_(why, why_size, "cannot create group");
+        if (g >= 0) H5Gclose(g);
+        return -1;
+    }
+    int rc = 0;
+    for (int i = 0; i < m->n_tensors && rc == 0; i++) {
+        char reason[512];
+        if ((rc = write_tensor_par_(g, dxpl, m, &m->tensors[i], buf, par, reason,
+                                    sizeof reason)))
+            snprintf(why, why_size, "%s/%s: %s", group, m->tensors[i].name, reason);
+    }
+    H5Gclose(g);
+    return rc;
+}
+
+// The collective write_file_: every rank calls it; rank 0 reserves the space and fsyncs.
+static int write_file_par_(const char *tmp, const Model *m, const float *exp_avg,
+                           const float *exp_avg_sq, const TrainState *st, const char *config_ini,
+                           int model_only, Parallel *par, char *why, size_t why_size) {
+    hid_t fapl = fapl_();
+    H5Pset_fapl_mpio(fapl, MPI_COMM_WORLD, MPI_INFO_NULL);
+    hid_t f = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    H5Pclose(fapl);
+    if (any_bad_(par, f < 0)) {
+        h5_reason_(why, why_size, "cannot create the file");
+        if (f >= 0) H5Fclose(f);
+        return -1;
+    }
+    int rc = 0;
+    // rank 0 reserves the blocks once the file exists (the collective create truncates it)
+    if (par->rank == 0)
+        rc = reserve_space_(tmp, estimate_bytes_(m, model_only, config_ini), why, why_size);
+    if (any_bad_(par, rc)) {
+        if (!rc) snprintf(why, why_size, "rank 0 could not reserve the disk space");
+        rc = -1;
+    }
+    double now = par->rank == 0 ? (double)time(NULL) : 0; // one `created` for every rank
+    MoetErr e;
+    if (!rc && comm_allreduce_sum_f64(par->world, &now, 1, &e)) {
+        snprintf(why, why_size, "%.400s", e.msg);
+        rc = -1;
+    }
+    if (!rc && any_bad_(par, write_attrs_(f, st, config_ini, model_only, (time_t)now, why,
+                                          why_size) != 0)) {
+        rc = -1;
+        if (!why[0]) snprintf(why, why_size, "writing the attributes failed on another rank");
+    }
+    hid_t dxpl = H5Pcreate(H5P_DATASET_XFER);
+    H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE);
+    if (!rc) rc = write_group_par_(f, dxpl, "/model", m, m->params, par, why, why_size);
+    if (!rc && !model_only)
+        rc = write_group_par_(f, dxpl, "/optim/exp_avg", m, exp_avg, par, why, why_size);
+    if (!rc && !model_only)
+        rc = write_group_par_(f, dxpl, "/optim/exp_avg_sq", m, exp_avg_sq, par, why, why_size);
+    H5Pclose(dxpl);
+    if (!rc && any_bad_(par, H5Fflush(f, H5F_SCOPE_GLOBAL) < 0)) {
+        h5_reason_(why, why_size, "cannot flush the file");
+        rc = -1;
+    }
+    if (H5Fclose(f) < 0 && !rc) {
+        h5_reason_(why, why_size, "cannot close the file");
+        rc = -1;
+    }
+    if (any_bad_(par, rc)) rc = -1;
+    if (!rc && par->rank == 0 && fsync_path_(tmp, 0) != 0) {
+        snprintf(why, why_size, "fsync: %s", strerror(errno));
+        rc = -1;
+    }
+    if (any_bad_(par, rc)) {
+        if (!why[0]) snprintf(why, why_size, "the write failed on another rank");
+        rc = -1;
+    }
+    return rc;
+}
+#endif
+
+int ckpt_save_par(const CkptSaveOpts *o, const Model *m, const float *exp_avg,
+                  const float *exp_avg_sq, const TrainState *st, const char *config_ini,
+                  Parallel *par, char *path_out, size_t path_out_size, MoetErr *err) {
+#if MOET_MPI
+    if (par && par->world_size > 1 && m->E > 0 && m->n_local_experts != m->E) {
+        char tmp[PATH_MAX_], final[PATH_MAX_], name[32], why[1024] = "";
+        snprintf(name, sizeof name, "step%08lld.h5", (long long)st->step);
+        if (snprintf(final, sizeof final, "%s/%s", o->dir, name) >= (int)sizeof final ||
+            snprintf(tmp, sizeof tmp, "%s/%s.tmp", o->dir, name) >= (int)sizeof tmp)
+            return moet_errf(err, MOET_EFAIL, "saving checkpoint step %lld to %s failed: path "
+                             "too long", (long long)st->step, o->dir);
+        if (!o->model_only && (!exp_avg || !exp_avg_sq))
+            return moet_errf(err, MOET_EFAIL, "saving checkpoint step %lld: no optimizer state "
+                             "given (set model_only)", (long long)st->step);
+        if (par->ep_size > MOET_CKPT_MAX_EP)
+            return moet_errf(err, MOET_EFAIL, "saving checkpoint step %lld: ep %d > %d",
+                             (long long)st->step, par->ep_size, MOET_CKPT_MAX_EP);
+        quiet_hdf5_();
+        int bad = 0;
+        if (par->rank == 0) {
+            if (mkdir_p_(o->dir) != 0) {
+                snprintf(why, sizeof why, "cannot create the directory: %s", strerror(errno));
+                bad = 1;
+            }
+            unlink(tmp);  // a leftover of a crash
+        }
+        if (any_bad_(par, bad)) {
+            if (!why[0]) snprintf(why, sizeof why, "rank 0 could not create the directory");
+            bad = 1;
+        }
+        if (!bad && write_file_par_(tmp, m, exp_avg, exp_avg_sq, st, config_ini, o->model_only,
+                                    par, why, sizeof why) != 0)
+            bad = 1;
+        if (bad) {
+            if (par->rank == 0) unlink(tmp);
+            return moet_errf(err, MOET_EFAIL, "saving checkpoint step %lld to %s failed: %s; "
+                             "the previous checkpoints are intact", (long long)st->step, o->dir,
+                             why);
+        }
+        // rank 0 renames, points latest.h5 at the file and applies retention; all learn it
+        if (par->rank == 0) {
+            if (rename(tmp, final) != 0) {
+                snprintf(why, sizeof why, "rename: %s", strerror(errno));
+                unlink(tmp);
+                bad = 1;
+            }
+            char ltmp[PATH_MAX_], link[PATH_MAX_];
+            snprintf(ltmp, sizeof ltmp, "%s/.latest.h5.tmp", o->dir);
+            snprintf(link, sizeof link, "%s/latest.h5", o->dir);
+            unlink(ltmp);
+            if (!bad && (symlink(name, ltmp) != 0 || rename(ltmp, link) != 0)) {
+                snprintf(why, sizeof why, "updating latest.h5: %s", strerror(errno));
+                unlink(ltmp);
+                bad = 1;
+            }
+            if (!bad) {
+                fsync_path_(o->dir, 1);
+                apply_retention_(o, st->step);
+            }
+        }
+        if (any_bad_(par, bad))
+            return moet_errf(err, MOET_EFAIL, "saving checkpoint step %lld to %s failed: %s",
+                             (long long)st->step, o->dir,
+                             why[0] ? why : "rank 0 could not rename the file");
+        if (path_out) snprintf(path_out, path_out_size, "%s", final);
+        return MOET_OK;
+    }
+#endif
+    if (par && par->rank != 0) return MOET_OK;  // replicated weights: rank 0 writes
+    return ckpt_save(o, m, exp_avg, exp_avg_sq, st, config_ini, path_out, path_out_size, err);
 }

@@ -37,6 +37,20 @@ int ckpt_save(const CkptSaveOpts *o, const Model *m, const float *exp_avg,
               const float *exp_avg_sq, const TrainState *st, const char *config_ini,
               char *path_out, size_t path_out_size, MoetErr *err);
 
+// The most experts-parallel ranks ckpt_save_par combines checksums for.
+#define MOET_CKPT_MAX_EP 1024
+
+// ckpt_save for a run of several ranks; every rank of par->world calls it. Without expert
+// parallelism (every rank holds the same weights) rank 0 calls ckpt_save and the others return
+// MOET_OK at once (the caller agrees on the outcome). With experts split over ranks the file is
+// written collectively with parallel HDF5 (MPI-IO on MPI_COMM_WORLD): replicated tensors by
+// rank 0, expert tensors by the ranks of EP group 0 each its hyperslab, the checksum of each
+// expert tensor combined from the slices' CRCs (crc32_combine in expert order); rank 0 reserves
+// the space, renames, updates latest.h5 and applies retention; all ranks return the outcome.
+int ckpt_save_par(const CkptSaveOpts *o, const Model *m, const float *exp_avg,
+                  const float *exp_avg_sq, const TrainState *st, const char *config_ini,
+                  Parallel *par, char *path_out, size_t path_out_size, MoetErr *err);
+
 // Resolves "latest" (DIR/latest.h5 of dir), a directory (its latest.h5) or a file path. A
 // latest.h5 symlink is followed to DIR/stepNNNNNNNN.h5 (logs name the step; a concurrent save
 // cannot swap the file under the loader). Errors: "no checkpoint in DIR yet", missing file.

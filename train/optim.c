@@ -48,6 +48,24 @@ double optim_grad_norm(const Model *m, const ParamTensor **bad) {
     return sqrt(ss);
 }
 
+int optim_grad_norm_ep(const Model *m, Comm *ep, double *norm, const ParamTensor **bad,
+                       MoetErr *err) {
+    double ss[2] = {0, 0}; // non-expert, expert
+    if (bad) *bad = NULL;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        double s = sum_squares(m->grads + t->offset, t->numel);
+        if (bad && !*bad && !isfinite(s)) *bad = t;
+        ss[t->is_expert ? 1 : 0] += s;
+    }
+    if (ep && comm_size(ep) > 1) {
+        int rc = comm_allreduce_sum_f64(ep, &ss[1], 1, err);
+        if (rc) return rc;
+    }
+    *norm = sqrt(ss[0] + ss[1]);
+    return 0;
+}
+
 float optim_clip_scale(double norm, float clip) {
     if (clip > 0 && norm > clip) return (float)(clip / norm);
     return 1.0f;

@@ -35,6 +35,16 @@ double optim_lr(const Config *c, int64_t step);
 // squares overflows), else NULL.
 double optim_grad_norm(const Model *m, const ParamTensor **bad);
 
+// The same norm for an expert-parallel model (ARCHITECTURE §4), whose expert tensors hold only
+// this rank's experts: the non-expert sum of squares is taken locally (the gradients are
+// replicated), the expert sum of squares locally then summed over the EP group `ep` (rank
+// order, so every rank of the group gets the same bits); each part in table order. ep NULL or
+// of size 1: no communication (the order of the sums differs from optim_grad_norm, so the last
+// bits may too). *bad as for optim_grad_norm, for this rank's slice only (a non-finite slice
+// elsewhere makes *norm non-finite on every rank of the group). Every rank of ep must call it.
+int optim_grad_norm_ep(const Model *m, Comm *ep, double *norm, const ParamTensor **bad,
+                       MoetErr *err);
+
 // Clipping factor for a gradient of norm `norm`: clip / norm when clip > 0 and norm > clip,
 // else 1.
 float optim_clip_scale(double norm, float clip);

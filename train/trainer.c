@@ -136,6 +136,7 @@ typedef struct {
     Optim *opt;
     Loader *train;
     const char *ini; // the config's INI text, stored in every checkpoint
+    Parallel *par;
 } SaveCtx;
 
 static int save_(const SaveCtx *s, int64_t step, int64_t tokens_seen, double lr, char *path,
@@ -149,8 +150,9 @@ static int save_(const SaveCtx *s, int64_t step, int64_t tokens_seen, double lr,
     st.lr = lr;
     CkptSaveOpts so = {s->c->ckpt_dir, s->c->keep_last, s->c->keep_every, s->c->model_only};
     const int mo = s->c->model_only;
-    return ckpt_save(&so, s->m, mo ? NULL : s->opt->exp_avg, mo ? NULL : s->opt->exp_avg_sq, &st,
-                     s->ini, path, path_size, err);
+    return ckpt_save_par(&so, s->m, mo ? NULL : s->opt->exp_avg,
+                         mo ? NULL : s->opt->exp_avg_sq, &st, s->ini, s->par, path, path_size,
+                         err);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -162,11 +164,7 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
                          "train: --resume and --init exclude each other "
                          "(--resume continues a run, --init starts a new one from weights)");
     const int world = par->world_size, rank = par->rank;
-    if (par->ep_size > 1)
-        return moet_errf(err, MOET_EUSAGE,
-                         "train: [parallel] ep = %d: expert-parallel training needs the "
-                         "parallel checkpoint writer, which is not in this build yet; use ep = 1",
-                         par->ep_size);
+    const int ep = par->ep_size;
     if (c->global_batch % (c->micro_batch * world) != 0)
         return moet_errf(err, MOET_EUSAGE,
                          "train: [train] global_batch = %d is not a multiple of micro_batch %d "
@@ -196,8 +194,9 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     ini = moet_malloc((size_t)ini_len + 1);
     config_to_ini(c, ini, ini_len + 1);
 
-    if ((rc = model_create(&m, c, 0, 1, err))) goto done;
+    if ((rc = model_create(&m, c, ep > 1 ? par->ep_rank : 0, ep, err))) goto done;
     have_model = 1;
+    if (ep > 1 && (rc = model_set_comm(&m, par->ep, err))) goto done;
     if ((rc = model_set_batch(&m, B, T, err))) goto done;
     optim_create(&opt, &m);
 
@@ -284,7 +283,7 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
            c->max_steps, kernels_blas_info(), peak);
     fflush(stdout);
 
-    SaveCtx sc = {c, &m, &opt, tl, ini};
+    SaveCtx sc = {c, &m, &opt, tl, ini, par};
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal_;
@@ -339,7 +338,21 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
         if (world > 1) {
             // data parallel: sum the gradients, losses and expert loads over the ranks, in
             // rank order (bit-identical to one rank accumulating the same micro-batches)
-            if ((rc = comm_allreduce_sum_f32(par->world, m.grads, m.n_params, err))) goto done;
+            // (expert parallel: the non-expert tensors over the world, the expert tensors,
+            // which hold the gradients of this rank's experts for every token of its EP group,
+            // over the EDP group; per tensor in table order, the same calls on every rank)
+            float *gsum = accum > 1 ? gacc : m.grads;
+            if (ep == 1) {
+                if ((rc = comm_allreduce_sum_f32(par->world, gsum, m.n_params, err))) goto done;
+            } else {
+                for (int i = 0; i < m.n_tensors; i++) {
+                    const ParamTensor *t = &m.tensors[i];
+                    Comm *g = t->is_expert ? par->edp : par->world;
+                    if (t->is_expert && comm_size(g) == 1) continue;
+                    if ((rc = comm_allreduce_sum_f32(g, gsum + t->offset, t->numel, err)))
+                        goto done;
+                }
+            }
             double sums[4] = {loss, ce, lb, z};
             if ((rc = comm_allreduce_sum_f64(par->world, sums, 4, err))) goto done;
             loss = sums[0], ce = sums[1], lb = sums[2], z = sums[3];
@@ -361,9 +374,24 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
         z /= n_micro;
 
         const ParamTensor *bad = NULL;
-        double gnorm = optim_grad_norm(&m, &bad);
-        if (bad || !isfinite(loss)) {
-            if (bad)
+        double gnorm;
+        if (ep == 1) gnorm = optim_grad_norm(&m, &bad);
+        else if ((rc = optim_grad_norm_ep(&m, par->ep, &gnorm, &bad, err))) goto done;
+        int nonfinite = bad || !isfinite(loss) || !isfinite(gnorm);
+        if (world > 1) { // every rank must stop together (the loss is the same everywhere)
+            double f = nonfinite;
+            if ((rc = comm_allreduce_max_f64(par->world, &f, 1, err))) goto done;
+            nonfinite = f != 0.0;
+        }
+        if (nonfinite) {
+            if (!bad && isfinite(loss))
+                rc = moet_errf(err, MOET_EFAIL,
+                               "step %lld: non-finite gradient on another rank (loss %g); no "
+                               "checkpoint written, the last one is untouched\n"
+                               "---> HINT: lower optim.lr or set optim.grad_clip, then resume "
+                               "from the last checkpoint",
+                               (long long)step, loss);
+            else if (bad)
                 rc = moet_errf(err, MOET_EFAIL,
                                "step %lld: non-finite gradient in tensor %s "
                                "(loss %g); no checkpoint written, the last one is untouched\n"
@@ -455,8 +483,9 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             if (stopping && !stop_signal_) stop_signal_ = (sig_atomic_t)flag;
         }
         if (stopping || step == end || (c->ckpt_every > 0 && step % c->ckpt_every == 0)) {
-            // rank 0 writes (ep = 1: every rank holds the same weights); all learn the outcome
-            int saved = lead ? save_(&sc, step, tokens_seen, lr, path, sizeof path, err) : 0;
+            // every rank calls: ep = 1, rank 0 writes (every rank holds the same weights);
+            // ep > 1, a collective parallel-HDF5 write (ckpt_save_par); all learn the outcome
+            int saved = save_(&sc, step, tokens_seen, lr, path, sizeof path, err);
             if (world > 1) {
                 double f = saved;
                 if ((rc = comm_allreduce_max_f64(par->world, &f, 1, err))) goto done;

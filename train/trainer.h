@@ -20,7 +20,9 @@ typedef struct {
 // Trains c (already validated) on the ranks of par: data parallel over the world (gradients
 // and losses summed in rank order, so world W with accumulation A equals world 1 with
 // accumulation W*A bit for bit); rank 0 prints, writes metrics.jsonl and the checkpoints.
-// Expert parallelism (ep > 1) in training comes with the parallel checkpoint writer. Returns 0 when max_steps (or stop_at) is reached
+// With ep > 1 the experts are split over each EP group (model_set_comm), expert gradients are
+// summed over the expert-DP group, and checkpoints are written collectively (ckpt_save_par).
+// Returns 0 when max_steps (or stop_at) is reached
 // or after a signal-triggered checkpoint, MOET_EFAIL on a non-finite loss or gradient (no
 // checkpoint is written then), a failed checkpoint write or a data error, MOET_EUSAGE for bad
 // options (e.g. --resume with --init).
