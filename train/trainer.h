@@ -18,8 +18,8 @@ typedef struct {
 } TrainOpts;
 
 // Trains c (already validated) on the ranks of par: data parallel over the world (gradients
-// and losses summed in rank order, so world W with accumulation A equals world 1 with
-// accumulation W*A bit for bit); rank 0 prints, writes metrics.jsonl and the checkpoints.
+// and losses summed in rank order, so world W with accumulation 1 equals world 1 with
+// accumulation W bit for bit; other splits agree to rounding); rank 0 prints, writes metrics.jsonl and the checkpoints.
 // With ep > 1 the experts are split over each EP group (model_set_comm), expert gradients are
 // summed over the expert-DP group, and checkpoints are written collectively (ckpt_save_par).
 // Returns 0 when max_steps (or stop_at) is reached
