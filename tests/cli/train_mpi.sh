@@ -4,7 +4,8 @@
 # accumulation 2 (rank-order gradient sums, ARCHITECTURE §4); (b) a world-1 checkpoint resumed
 # on 2 ranks continues with the losses of the uninterrupted world-1 run; (c) ep 2 trains like
 # ep 1, and its parallel-HDF5 checkpoint verifies and resumes on 1 or 2 ranks; (d) a rank that fails
-# (killed) ends every rank with a non-zero status within 60 s, not a hang.
+# (killed) ends every rank with a non-zero status within 60 s, not a hang; (e) an ep-4 checkpoint
+# holds exactly the tensors of ep 1; (f, g) resume 4 ranks -> 1 and 2 -> 4 continues the curve.
 # Usage, from the repository root (ctest does this): bash tests/cli/train_mpi.sh PATH/TO/moet
 set -u
 
@@ -39,7 +40,8 @@ run() {
     local np=$1 name=$2
     shift 2
     local cmd=("$MOET")
-    [[ $np -gt 1 ]] && cmd=("${MPIRUN[@]}" "$MOET")
+    [[ $np -gt 1 ]] && cmd=(mpirun -np "$np" --oversubscribe --mca btl tcp,self -x OMP_NUM_THREADS
+                            "$MOET")
     rc=0
     timeout 240 "${cmd[@]}" train --config configs/tiny-moe.ini \
         --set "data.train=$tmp/train/*.npy" --set "data.valid=$tmp/valid/*.npy" \
@@ -139,6 +141,62 @@ if [[ -n $victim && $rc != 0 && $rc != 124 && $took -lt 60 ]]; then
     ok "d: a killed rank ends the whole job (exit $rc after ${took}s)"
 else
     bad "d: killed rank" "victim '${victim}', exit $rc after ${took}s"
+fi
+
+# (e) a checkpoint written with ep 4 on 4 ranks holds exactly the tensors of the ep 1 run: with
+# lr 0 the weights stay at their (layout-independent) init, so every /model dataset must have
+# the same name, shape and checksum (crc32 of the whole dataset, combined across the writers)
+G=(--set train.global_batch=16)
+run 4 e4 "${G[@]}" --set train.max_steps=2 --set checkpoint.every=2 --set parallel.ep=4 \
+    --set optim.lr=0 --set optim.min_lr=0
+r4=$rc
+run 4 e1 "${G[@]}" --set train.max_steps=2 --set checkpoint.every=2 --set optim.lr=0 \
+    --set optim.min_lr=0
+if [[ $r4 -ne 0 || $rc -ne 0 ]]; then
+    bad "e: ep 4 / ep 1 runs on 4 ranks" "exit $r4 / $rc"
+else
+    "$MOET" inspect "$tmp/e4" | grep '^  model/' >"$tmp/e4.t"
+    "$MOET" inspect "$tmp/e1" | grep '^  model/' >"$tmp/e1.t"
+    if [[ $(wc -l <"$tmp/e4.t") -eq 27 ]] && cmp -s "$tmp/e4.t" "$tmp/e1.t"; then
+        ok "e: the ep-4 checkpoint holds exactly the tensors of ep 1 (27 names, shapes, CRCs)"
+    else
+        bad "e: ep 4 vs ep 1 checkpoint tensors" "$(diff "$tmp/e4.t" "$tmp/e1.t" | head -3)"
+    fi
+fi
+
+# resumed RUN_FROM NP_TO NAME ARGS...: copy RUN_FROM's step-3 checkpoint into a new run NAME and
+# resume it on NP_TO ranks to step 6
+resumed() {
+    local from=$1 np=$2 name=$3
+    shift 3
+    mkdir -p "$tmp/$name" && cp "$tmp/$from/step00000003.h5" "$tmp/$name/"
+    ln -sf step00000003.h5 "$tmp/$name/latest.h5"
+    run "$np" "$name" "${G[@]}" --set train.max_steps=6 --set checkpoint.every=3 "$@" \
+        --resume latest
+}
+# (f) 4 ranks (ep 4) -> 1 rank, (g) 2 ranks (ep 2) -> 4 ranks (ep 4): the resumed runs continue
+# the uninterrupted runs' loss curves within the ep tolerance above (relative 1e-6)
+run 4 f4 "${G[@]}" --set train.max_steps=6 --set checkpoint.every=3 --set parallel.ep=4
+if [[ $rc -ne 0 ]]; then
+    bad "f: 4 ranks ep 4" "exit $rc"
+else
+    resumed f4 1 f1
+    if [[ $rc -eq 0 ]] && close f4 f1 >"$tmp/err"; then
+        ok "f: an ep-4 checkpoint of 4 ranks resumed on 1 rank continues the loss curve"
+    else
+        bad "f: resume 4 -> 1" "exit $rc"
+    fi
+fi
+run 2 g2 "${G[@]}" --set train.max_steps=6 --set checkpoint.every=3 --set parallel.ep=2
+if [[ $rc -ne 0 ]]; then
+    bad "g: 2 ranks ep 2" "exit $rc"
+else
+    resumed g2 4 g4 --set parallel.ep=4
+    if [[ $rc -eq 0 ]] && close g2 g4 >"$tmp/err"; then
+        ok "g: an ep-2 checkpoint of 2 ranks resumed on 4 ranks (ep 4) continues the loss curve"
+    else
+        bad "g: resume 2 -> 4" "exit $rc"
+    fi
 fi
 
 echo "$passed passed, $failed failed"
