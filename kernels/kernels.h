@@ -82,6 +82,12 @@ void router_backward(float *dlogits, const float *dtopk_w, const float *dprob_bi
                      const int32_t *topk_idx, const float *topk_w, int N, int E, int K,
                      int norm_topk);
 
+// The sums behind the auxiliary losses of §3: prob_sum[e] = sum_t probs[t,e] and
+// *lse_sq_sum = sum_t lse[t]^2, accumulated in double in token order.
+// probs is (N,E), lse is (N), prob_sum is (E)
+void router_aux_sums(double *prob_sum, double *lse_sq_sum, const float *probs, const float *lse,
+                     int N, int E);
+
 // ---------------------------------------------------------------------------------------
 // Dispatch plan: a stable counting sort of the N*K assignments by expert. Routed row r
 // (0 <= r < R = N*K) holds token row_token[r]; expert e owns rows [offsets[e], offsets[e+1]).

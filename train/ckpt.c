@@ -399,8 +399,9 @@ static int load_group_(hid_t f, const char *path, const Model *m, const char *gr
 int ckpt_load_model(const char *path, Model *m, MoetErr *err) {
     hid_t f = open_ro_(path, err);
     if (f < 0) return MOET_EFAIL;
-    int rc = load_group_(f, path, m, "/model", m->params, 0, err);
+    int rc = load_group_(f, path, m, "/model", m->params_h, 0, err);
     H5Fclose(f);
+    if (!rc) model_upload_params(m);
     return rc;
 }
 
@@ -442,7 +443,8 @@ int ckpt_load(const char *path, Model *m, float *exp_avg, float *exp_avg_sq, Tra
                        "(it has no optimizer state)", path);
         goto done;
     }
-    if ((rc = load_group_(f, path, m, "/model", m->params, 1, err))) goto done;
+    if ((rc = load_group_(f, path, m, "/model", m->params_h, 1, err))) goto done;
+    model_upload_params(m);
     if (exp_avg && (rc = load_group_(f, path, m, "/optim/exp_avg", exp_avg, 1, err))) goto done;
     if (exp_avg_sq && (rc = load_group_(f, path, m, "/optim/exp_avg_sq", exp_avg_sq, 1, err)))
         goto done;
@@ -729,7 +731,7 @@ static int write_file_(const char *tmp, const Model *m, const float *exp_avg,
     }
     int rc = reserve_space_(tmp, estimate_bytes_(m, model_only, config_ini), why, why_size);
     if (!rc) rc = write_attrs_(f, st, config_ini, model_only, time(NULL), why, why_size);
-    if (!rc) rc = write_group_(f, "/model", m, m->params, why, why_size);
+    if (!rc) rc = write_group_(f, "/model", m, m->params_h, why, why_size);
     if (!rc && !model_only) rc = write_group_(f, "/optim/exp_avg", m, exp_avg, why, why_size);
     if (!rc && !model_only)
         rc = write_group_(f, "/optim/exp_avg_sq", m, exp_avg_sq, why, why_size);
@@ -1001,7 +1003,7 @@ static int write_file_par_(const char *tmp, const Model *m, const float *exp_avg
     }
     hid_t dxpl = H5Pcreate(H5P_DATASET_XFER);
     H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE);
-    if (!rc) rc = write_group_par_(f, dxpl, "/model", m, m->params, par, why, why_size);
+    if (!rc) rc = write_group_par_(f, dxpl, "/model", m, m->params_h, par, why, why_size);
     if (!rc && !model_only)
         rc = write_group_par_(f, dxpl, "/optim/exp_avg", m, exp_avg, par, why, why_size);
     if (!rc && !model_only)

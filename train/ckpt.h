@@ -26,8 +26,9 @@ typedef struct {
     int model_only;         // 1: no /optim group
 } CkptSaveOpts;
 
-// Saves the checkpoint of step st->step: the model, the AdamW moments (exp_avg, exp_avg_sq,
-// laid out like m->params; NULL with model_only), st, and the config INI text. Writes
+// Saves the checkpoint of step st->step: the model (its host copy m->params_h: on a GPU call
+// model_download_params first), the AdamW moments (HOST buffers exp_avg, exp_avg_sq, laid out
+// like m->params; NULL with model_only), st, and the config INI text. Writes
 // DIR/stepNNNNNNNN.h5.tmp, renames it, points DIR/latest.h5 at it, then applies retention.
 // The file's disk space is reserved (posix_fallocate) before HDF5 writes, so a full disk fails
 // cleanly up front. On failure (e.g. disk full) the temporary file is removed, earlier
@@ -57,8 +58,11 @@ int ckpt_save_par(const CkptSaveOpts *o, const Model *m, const float *exp_avg,
 int ckpt_resolve(const char *spec, const char *dir, char *path, size_t path_size, MoetErr *err);
 
 // Loads a checkpoint into m (shapes checked against the config, every checksum verified, each
-// expert read exactly once), and when exp_avg / exp_avg_sq / st are not NULL, the optimizer
-// state and the trainer state (a model-only file then is an error naming it).
+// expert read exactly once; into m->params_h, then uploaded to the model's backend), and when
+// exp_avg / exp_avg_sq / st are not NULL, the optimizer state into those HOST buffers (on a GPU
+// the caller uploads them: optim_upload) and the trainer state (a model-only file then is an
+// error naming it). The file format does not depend on the device: a run may resume on the
+// other one.
 int ckpt_load(const char *path, Model *m, float *exp_avg, float *exp_avg_sq, TrainState *st,
               MoetErr *err);
 
@@ -70,7 +74,7 @@ int ckpt_verify_count(const char *path, int *n_verified, MoetErr *err);
 // Reads the root attribute `config` (the INI text of the run). *text is malloc'ed.
 int ckpt_read_config_text(const char *path, char **text, MoetErr *err);
 
-// Loads every tensor of m from /model/<name> in path: checks each shape against the model's
+// Loads every tensor of m from /model/<name> in path (into m->params_h, then uploaded): checks each shape against the model's
 // global shape and reads this rank's experts [expert_lo, expert_lo + El) by hyperslab.
 // Checksums are verified where present (HF fixture files have none; ckpt_load requires them).
 int ckpt_load_model(const char *path, Model *m, MoetErr *err);

@@ -89,11 +89,6 @@ int cmd_train(int argc, char **argv, MoetErr *err) {
     Config c;
     int rc = config_from_cli(&c, config, n_sets, sets, err);
     if (rc) return rc;
-    if (strcmp(c.device, "cpu") != 0)
-        return moet_errf(err, MOET_EUSAGE,
-                         "train: [train] device = %s is not available in this "
-                         "build yet (use --set train.device=cpu)",
-                         c.device);
     // the ranks: mpirun / srun start several; a plain start is a world of one
     Parallel par;
     if ((rc = comm_init(NULL, NULL, c.ep, &par, err))) return rc;

@@ -85,8 +85,12 @@ static const Key KEYS[] = {
     {INT_("train", "max_steps", max_steps), .req = REQ_YES, IGE_(1),
      .help = "optimizer steps to train"},
     {U64_("train", "seed", seed), .def = "42", .help = "seed for init and data order"},
-    {STR_("train", "device", device), .def = "cpu", .choices = "cpu|cuda",
-     .help = "backend: cpu or cuda"},
+    {STR_("train", "device", device), .def = "cpu", .choices = "cpu|cuda|cpu-shadow",
+     .help = "backend: cpu or cuda (cpu-shadow: the CPU backend run like a GPU's, behind "
+             "device pointers the host cannot touch; a test of the GPU code paths)"},
+    {STR_("train", "precision", precision), .def = "auto", .choices = "auto|fp32|bf16",
+     .help = "GEMM precision: bf16 tensor cores with fp32 accumulation, or exact fp32; auto = "
+             "bf16 on cuda, fp32 on cpu (the CPU backend computes in fp32 only)"},
     {INT_("train", "eval_every", eval_every), .def = "0", IGE_(0),
      .help = "steps between evaluations on data.valid (0 = off)"},
     {INT_("train", "eval_batches", eval_batches), .def = "16", IGE_(1),
@@ -829,6 +833,11 @@ int config_validate(Config *c, const char *origin, MoetErr *err) {
         format_float_(c->lr, b, sizeof b);
         return moet_errf(err, MOET_EUSAGE, "%s: [optim] min_lr = %s must be <= lr = %s", o, a, b);
     }
+    if (strcmp(c->device, "cuda") != 0 && strcmp(c->precision, "bf16") == 0)
+        return moet_errf(err, MOET_EUSAGE,
+                         "%s: [train] precision = bf16 needs device = cuda: the CPU backend "
+                         "computes in fp32 (set precision = auto or fp32)",
+                         o);
     if (c->eos_id >= c->vocab_size)
         return moet_errf(err, MOET_EUSAGE,
                          "%s: [data] eos_id = %d must be < [model] vocab_size "

@@ -32,6 +32,7 @@ typedef struct {
     int max_steps;
     uint64_t seed;
     char device[16];     // cpu | cuda
+    char precision[8];   // auto | fp32 | bf16 (GEMMs; auto: bf16 on cuda, fp32 on cpu)
     int eval_every;
     int eval_batches;
     int log_every;

@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kernels/kernels.h"
+#include "kernels/kernels.h"  // kernels_blas_info
 #include "train/dispatch.h"
 #include "train/moe.h"
 
@@ -193,6 +193,7 @@ static void layout_arena_(Model *m, Carver *cv, int L, int D, int H, int V, int 
     float *d_g = carve_f_(cv, R * F), *d_u = carve_f_(cv, R * F), *d_a = carve_f_(cv, R * F);
     float *d_rlogits = E > 0 ? carve_f_(cv, N * E) : NULL;
     float *d_topk_w = E > 0 ? carve_f_(cv, N * K) : NULL;
+    float *d_prob_bias = E > 0 ? carve_f_(cv, E) : NULL;
     if (!m) return;
     m->x_final = x_final;
     m->lnf = lnf;
@@ -216,6 +217,7 @@ static void layout_arena_(Model *m, Carver *cv, int L, int D, int H, int V, int 
     m->d_a = d_a;
     m->d_rlogits = d_rlogits;
     m->d_topk_w = d_topk_w;
+    m->d_prob_bias = d_prob_bias;
 }
 
 size_t model_activation_floats(const Config *c, int B, int T, int n_local_experts) {
@@ -232,14 +234,18 @@ int model_set_batch(Model *m, int B, int T, MoetErr *err) {
         return moet_errf(err, MOET_EUSAGE, "sequence length %d exceeds [model] max_seq_len %d", T,
                          m->cfg.max_seq_len);
     if (m->B == B && m->T == T) return MOET_OK;
-    free(m->arena);
-    free(m->iarena);
+    m->ops->free(m->arena);
+    m->ops->free(m->iarena);
+    free(m->tokens_h);
+    free(m->targets_h);
     Carver cv = {0};
     layout_arena_(NULL, &cv, m->L, m->D, m->H, m->V, m->E, m->K, m->F, B, T);
     m->arena_floats = cv.nf;
     m->iarena_ints = cv.ni;
-    m->arena = moet_calloc(cv.nf * sizeof(float));
-    m->iarena = moet_calloc(cv.ni * sizeof(int32_t));
+    m->arena = m->ops->alloc(cv.nf * sizeof(float));
+    m->iarena = m->ops->alloc(cv.ni * sizeof(int32_t));
+    m->tokens_h = moet_calloc((size_t)B * T * sizeof(int32_t));
+    m->targets_h = moet_calloc((size_t)B * T * sizeof(int32_t));
     Carver carve = {.fbase = m->arena, .ibase = m->iarena};
     layout_arena_(m, &carve, m->L, m->D, m->H, m->V, m->E, m->K, m->F, B, T);
     m->B = B;
@@ -272,9 +278,50 @@ static void bind_pointers_(Model *m, float *base, ParamPointers *pp) {
     pp->lm_head = base + m->tensors[t++].offset;
 }
 
+int model_open_backend(const Config *c, int local_rank, const Ops **ops, char *info, int infolen,
+                       MoetErr *err) {
+    if (strcmp(c->device, "cuda") != 0) {
+        int shadow = strcmp(c->device, "cpu-shadow") == 0;
+        *ops = shadow ? ops_cpu_shadow() : ops_cpu();
+        snprintf(info, (size_t)infolen, "%s: %s", shadow ? "cpu-shadow" : "cpu",
+                 kernels_blas_info());
+        return MOET_OK;
+    }
+    const int bf16 = strcmp(c->precision, "fp32") != 0;
+    char why[512];
+    if (ops_cuda_open(local_rank, bf16, why, sizeof why))
+        return moet_errf(err, MOET_EFAIL, "[train] device = cuda: %s", why);
+    *ops = ops_cuda();
+    snprintf(info, (size_t)infolen, "%s; GEMMs in %s", why,
+             bf16 ? "bf16 with fp32 accumulation" : "fp32");
+    return MOET_OK;
+}
+
+int model_local_rank(void) {
+    const char *vars[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID",
+                          "LOCAL_RANK"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+        const char *v = getenv(vars[i]);
+        if (v && *v) return atoi(v);
+    }
+    return 0;
+}
+
+double model_peak_gflops(const Ops *ops) {
+    if (strcmp(ops->name, "cuda") != 0) return 0.0;
+    double tf = ops_cuda_peak_tflops();
+    return (tf > 0 ? tf : 989.0) * 1e3;  // unknown GPUs are measured against an H100
+}
+
 int model_create(Model *m, const Config *c, int ep_rank, int ep_size, MoetErr *err) {
+    return model_create_ops(m, c, ops_cpu(), ep_rank, ep_size, err);
+}
+
+int model_create_ops(Model *m, const Config *c, const Ops *ops, int ep_rank, int ep_size,
+                     MoetErr *err) {
     memset(m, 0, sizeof *m);
     m->cfg = *c;
+    m->ops = ops;
     m->L = c->n_layers;
     m->D = c->d_model;
     m->H = c->n_heads;
@@ -287,8 +334,13 @@ int model_create(Model *m, const Config *c, int ep_rank, int ep_size, MoetErr *e
     if (rc) return rc;
     m->n_local_experts = m->E / ep_size;
     m->expert_lo = ep_rank * m->n_local_experts;
-    m->params = moet_calloc(m->n_params * sizeof(float));
-    m->grads = moet_calloc(m->n_params * sizeof(float));
+    m->params = ops->alloc(m->n_params * sizeof(float));
+    m->grads = ops->alloc(m->n_params * sizeof(float));
+    m->params_h = ops->on_device ? moet_calloc(m->n_params * sizeof(float)) : m->params;
+    if (m->E > 0) {
+        m->counts_h = moet_calloc((size_t)m->L * m->E * sizeof(int32_t));
+        m->offsets_h = moet_calloc((size_t)m->L * (m->E + 1) * sizeof(int32_t));
+    }
     m->p.layers = calloc((size_t)m->L, sizeof(LayerParams));
     m->g.layers = calloc((size_t)m->L, sizeof(LayerParams));
     m->acts = calloc((size_t)m->L, sizeof(LayerActs));
@@ -315,6 +367,11 @@ int model_set_comm(Model *m, Comm *ep, MoetErr *err) {
         return MOET_OK;
     }
     int n = comm_size(ep), r = comm_rank(ep);
+    if (m->ops->on_device)
+        return moet_errf(err, MOET_EUSAGE,
+                         "expert parallelism (ep %d) runs on the CPU backend only for now: the "
+                         "GPU dispatcher comes with the NCCL transport; set [parallel] ep = 1 "
+                         "or [train] device = cpu", n);
     if (m->E <= 0)
         return moet_errf(err, MOET_EUSAGE, "expert parallelism (ep %d) needs a MoE model", n);
     if (m->E % n != 0 || m->n_local_experts != m->E / n || m->expert_lo != r * (m->E / n))
@@ -328,15 +385,21 @@ int model_set_comm(Model *m, Comm *ep, MoetErr *err) {
 }
 
 void model_free(Model *m) {
+    if (!m->ops) return;  // never created
     dispatch_free(m->disp);
     free(m->tensors);
-    free(m->params);
-    free(m->grads);
+    if (m->params_h != m->params) free(m->params_h);
+    m->ops->free(m->params);
+    m->ops->free(m->grads);
     free(m->p.layers);
     free(m->g.layers);
     free(m->acts);
-    free(m->arena);
-    free(m->iarena);
+    m->ops->free(m->arena);
+    m->ops->free(m->iarena);
+    free(m->tokens_h);
+    free(m->targets_h);
+    free(m->counts_h);
+    free(m->offsets_h);
     free(m->layer_lb);
     free(m->layer_z);
     free(m->expert_tokens);
@@ -349,7 +412,15 @@ const ParamTensor *model_find_tensor(const Model *m, const char *name) {
     return NULL;
 }
 
-void model_zero_grad(Model *m) { zero_fill(m->grads, m->n_params); }
+void model_zero_grad(Model *m) { m->ops->zero_fill(m->grads, m->n_params); }
+
+void model_upload_params(Model *m) {
+    m->ops->to_device(m->params, m->params_h, m->n_params * sizeof(float));
+}
+
+void model_download_params(Model *m) {
+    m->ops->to_host(m->params_h, m->params, m->n_params * sizeof(float));
+}
 
 // ---------------------------------------------------------------------------------------
 // init: truncated normal from a counter-based generator (§3)
@@ -385,7 +456,7 @@ void model_init_weights(Model *m, uint64_t seed) {
     float std = m->cfg.init_std;
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
-        float *w = m->params + t->offset;
+        float *w = m->params_h + t->offset;
         if (t->ndim == 1) {  // norm weights
             for (size_t j = 0; j < t->numel; j++) w[j] = 1.0f;
             continue;
@@ -396,6 +467,7 @@ void model_init_weights(Model *m, uint64_t seed) {
 #pragma omp parallel for schedule(static)
         for (size_t j = 0; j < t->numel; j++) w[j] = (float)(std * trunc_normal_(key, base + j));
     }
+    model_upload_params(m);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -405,35 +477,38 @@ void model_forward(Model *m, const int32_t *tokens) {
     int B = m->B, T = m->T, D = m->D, H = m->H, Dh = m->Dh, V = m->V;
     int N = B * T;
     float eps = m->cfg.norm_eps, theta = m->cfg.rope_theta;
+    const Ops *k = m->ops;
 
-    memcpy(m->tokens, tokens, (size_t)N * sizeof(int32_t));
+    memcpy(m->tokens_h, tokens, (size_t)N * sizeof(int32_t));
     m->n_targets = 0;
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             int i = b * T + t;
-            m->targets[i] = t + 1 < T ? tokens[i + 1] : -1;
+            m->targets_h[i] = t + 1 < T ? tokens[i + 1] : -1;
             m->n_targets += t + 1 < T;
         }
+    k->to_device(m->tokens, m->tokens_h, (size_t)N * sizeof(int32_t));
+    k->to_device(m->targets, m->targets_h, (size_t)N * sizeof(int32_t));
 
-    embedding_forward(m->acts[0].x, tokens, m->p.embed, N, D);
+    k->embedding_forward(m->acts[0].x, m->tokens, m->p.embed, N, D);
     double lb = 0.0, z = 0.0;
     for (int l = 0; l < m->L; l++) {
         LayerActs *a = &m->acts[l];
         LayerParams *p = &m->p.layers[l];
         // attention block: h = x + o_proj(attn(rope(q_norm(q)), rope(k_norm(k)), v))
-        rmsnorm_forward(a->ln1, a->ln1_rstd, a->x, p->ln1, N, D, eps);
-        matmul_forward(a->q, a->ln1, p->wq, N, D, D);
-        matmul_forward(a->k, a->ln1, p->wk, N, D, D);
-        matmul_forward(a->v, a->ln1, p->wv, N, D, D);
-        rmsnorm_forward(a->qr, a->qn_rstd, a->q, p->q_norm, N, D, eps);
-        rmsnorm_forward(a->kr, a->kn_rstd, a->k, p->k_norm, N, D, eps);
-        rope_forward(a->qr, a->qr, B, T, H, Dh, theta);
-        rope_forward(a->kr, a->kr, B, T, H, Dh, theta);
-        attention_forward(a->att, a->att_lse, a->qr, a->kr, a->v, B, T, H, Dh);
-        matmul_forward(a->h, a->att, p->wo, N, D, D);
-        add_forward(a->h, a->h, a->x, (size_t)N * D);
+        k->rmsnorm_forward(a->ln1, a->ln1_rstd, a->x, p->ln1, N, D, eps);
+        k->matmul_forward(a->q, a->ln1, p->wq, N, D, D);
+        k->matmul_forward(a->k, a->ln1, p->wk, N, D, D);
+        k->matmul_forward(a->v, a->ln1, p->wv, N, D, D);
+        k->rmsnorm_forward(a->qr, a->qn_rstd, a->q, p->q_norm, N, D, eps);
+        k->rmsnorm_forward(a->kr, a->kn_rstd, a->k, p->k_norm, N, D, eps);
+        k->rope_forward(a->qr, a->qr, B, T, H, Dh, theta);
+        k->rope_forward(a->kr, a->kr, B, T, H, Dh, theta);
+        k->attention_forward(a->att, a->att_lse, a->qr, a->kr, a->v, B, T, H, Dh);
+        k->matmul_forward(a->h, a->att, p->wo, N, D, D);
+        k->add_forward(a->h, a->h, a->x, (size_t)N * D);
         // MLP block: out = h + moe(ln2(h))
-        rmsnorm_forward(a->ln2, a->ln2_rstd, a->h, p->ln2, N, D, eps);
+        k->rmsnorm_forward(a->ln2, a->ln2_rstd, a->h, p->ln2, N, D, eps);
         if (m->E > 0) {
             MoeLayerLoss ll;
             moe_forward(m, l, &ll);
@@ -445,12 +520,12 @@ void model_forward(Model *m, const int32_t *tokens) {
             mlp_forward(m, l);
         }
         float *out = l + 1 < m->L ? m->acts[l + 1].x : m->x_final;
-        add_forward(out, a->h, a->mlp_out, (size_t)N * D);
+        k->add_forward(out, a->h, a->mlp_out, (size_t)N * D);
     }
-    rmsnorm_forward(m->lnf, m->lnf_rstd, m->x_final, m->p.norm, N, D, eps);
-    matmul_forward(m->logits, m->lnf, m->p.lm_head, N, D, V);
+    k->rmsnorm_forward(m->lnf, m->lnf_rstd, m->x_final, m->p.norm, N, D, eps);
+    k->matmul_forward(m->logits, m->lnf, m->p.lm_head, N, D, V);
     m->logits_are_grads = 0;
-    double ce_sum = crossentropy_forward(m->losses, m->logits, m->targets, N, V);
+    double ce_sum = k->crossentropy_forward(m->losses, m->logits, m->targets, N, V);
     m->ce = m->n_targets > 0 ? ce_sum / m->n_targets : 0.0;
     m->lb = m->E > 0 ? lb / m->L : 0.0;
     m->z = m->E > 0 ? z / m->L : 0.0;
@@ -465,15 +540,16 @@ void model_backward(Model *m) {
     int N = B * T;
     size_t ND = (size_t)N * D;
     float theta = m->cfg.rope_theta;
+    const Ops *k = m->ops;
 
     // d ce / d logits, written over the logits
     float scale = m->n_targets > 0 ? 1.0f / (float)m->n_targets : 0.0f;
-    crossentropy_forward_backward(m->logits, m->losses, m->logits, m->targets, N, V, scale);
+    k->crossentropy_forward_backward(m->logits, m->losses, m->logits, m->targets, N, V, scale);
     m->logits_are_grads = 1;
-    zero_fill(m->d_ln, ND);
-    matmul_backward(m->d_ln, m->g.lm_head, m->logits, m->lnf, m->p.lm_head, N, D, V);
-    zero_fill(m->d_res, ND);
-    rmsnorm_backward(m->d_res, m->g.norm, m->d_ln, m->x_final, m->p.norm, m->lnf_rstd, N, D);
+    k->zero_fill(m->d_ln, ND);
+    k->matmul_backward(m->d_ln, m->g.lm_head, m->logits, m->lnf, m->p.lm_head, N, D, V);
+    k->zero_fill(m->d_res, ND);
+    k->rmsnorm_backward(m->d_res, m->g.norm, m->d_ln, m->x_final, m->p.norm, m->lnf_rstd, N, D);
 
     // loss = ce + lb_coef * (1/L) sum_l lb_l + z_coef * (1/L) sum_l z_l
     double lb_scale = m->cfg.lb_coef / m->L, z_scale = m->cfg.z_coef / m->L;
@@ -482,32 +558,32 @@ void model_backward(Model *m) {
         LayerParams *p = &m->p.layers[l];
         LayerParams *gp = &m->g.layers[l];
         // MLP block; d_res is d out = d h (residual) + the path through the MLP
-        zero_fill(m->d_ln, ND);
+        k->zero_fill(m->d_ln, ND);
         if (m->E > 0) moe_backward(m, l, m->d_res, m->d_ln, lb_scale, z_scale);
         else mlp_backward(m, l, m->d_res, m->d_ln);
-        rmsnorm_backward(m->d_res, gp->ln2, m->d_ln, a->h, p->ln2, a->ln2_rstd, N, D);
+        k->rmsnorm_backward(m->d_res, gp->ln2, m->d_ln, a->h, p->ln2, a->ln2_rstd, N, D);
         // attention block; d_res is now d h = d x (residual) + the path through attention
-        zero_fill(m->d_att, ND);
-        matmul_backward(m->d_att, gp->wo, m->d_res, a->att, p->wo, N, D, D);
-        zero_fill(m->d_qr, ND);
-        zero_fill(m->d_kr, ND);
-        zero_fill(m->d_v, ND);
-        attention_backward(m->d_qr, m->d_kr, m->d_v, m->d_att, a->att, a->att_lse, a->qr, a->kr,
+        k->zero_fill(m->d_att, ND);
+        k->matmul_backward(m->d_att, gp->wo, m->d_res, a->att, p->wo, N, D, D);
+        k->zero_fill(m->d_qr, ND);
+        k->zero_fill(m->d_kr, ND);
+        k->zero_fill(m->d_v, ND);
+        k->attention_backward(m->d_qr, m->d_kr, m->d_v, m->d_att, a->att, a->att_lse, a->qr, a->kr,
                            a->v, B, T, H, Dh);
         // RoPE backward into d_att (free again), then q_norm backward into d_q
-        zero_fill(m->d_att, ND);
-        rope_backward(m->d_att, m->d_qr, B, T, H, Dh, theta);
-        zero_fill(m->d_q, ND);
-        rmsnorm_backward(m->d_q, gp->q_norm, m->d_att, a->q, p->q_norm, a->qn_rstd, N, D);
-        zero_fill(m->d_att, ND);
-        rope_backward(m->d_att, m->d_kr, B, T, H, Dh, theta);
-        zero_fill(m->d_k, ND);
-        rmsnorm_backward(m->d_k, gp->k_norm, m->d_att, a->k, p->k_norm, a->kn_rstd, N, D);
-        zero_fill(m->d_ln, ND);
-        matmul_backward(m->d_ln, gp->wq, m->d_q, a->ln1, p->wq, N, D, D);
-        matmul_backward(m->d_ln, gp->wk, m->d_k, a->ln1, p->wk, N, D, D);
-        matmul_backward(m->d_ln, gp->wv, m->d_v, a->ln1, p->wv, N, D, D);
-        rmsnorm_backward(m->d_res, gp->ln1, m->d_ln, a->x, p->ln1, a->ln1_rstd, N, D);
+        k->zero_fill(m->d_att, ND);
+        k->rope_backward(m->d_att, m->d_qr, B, T, H, Dh, theta);
+        k->zero_fill(m->d_q, ND);
+        k->rmsnorm_backward(m->d_q, gp->q_norm, m->d_att, a->q, p->q_norm, a->qn_rstd, N, D);
+        k->zero_fill(m->d_att, ND);
+        k->rope_backward(m->d_att, m->d_kr, B, T, H, Dh, theta);
+        k->zero_fill(m->d_k, ND);
+        k->rmsnorm_backward(m->d_k, gp->k_norm, m->d_att, a->k, p->k_norm, a->kn_rstd, N, D);
+        k->zero_fill(m->d_ln, ND);
+        k->matmul_backward(m->d_ln, gp->wq, m->d_q, a->ln1, p->wq, N, D, D);
+        k->matmul_backward(m->d_ln, gp->wk, m->d_k, a->ln1, p->wk, N, D, D);
+        k->matmul_backward(m->d_ln, gp->wv, m->d_v, a->ln1, p->wv, N, D, D);
+        k->rmsnorm_backward(m->d_res, gp->ln1, m->d_ln, a->x, p->ln1, a->ln1_rstd, N, D);
     }
-    embedding_backward(m->g.embed, m->d_res, m->tokens, N, D);
+    k->embedding_backward(m->g.embed, m->d_res, m->tokens_h, N, D);
 }

@@ -1,10 +1,12 @@
 // model: the OLMoE transformer of ARCHITECTURE §3 (dense when n_experts = 0).
 // Parameters live in one buffer described by a table of named tensors (HF names), gradients in a
-// second buffer with the same layout, activations in one arena; forward/backward call kernels.h.
+// second buffer with the same layout, activations in one arena; forward/backward call the backend's ops
+// (kernels/ops.h), so the same code runs on the CPU and on a GPU.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/ops.h"
 #include "train/comm.h"
 #include "train/common.h"
 #include "train/config.h"
@@ -70,6 +72,9 @@ typedef struct {
 
 typedef struct {
     Config cfg;
+    // the backend (kernels/ops.h): params, grads and the arena are its memory (device memory
+    // on a GPU); the *_h buffers below are host memory
+    const Ops *ops;
     int L, D, H, Dh, V, E, K, F; // F = expert_d_ff (MoE) or d_ff (dense)
     int n_local_experts, expert_lo;  // experts held here: [expert_lo, expert_lo + El)
     // expert parallelism (model_set_comm): the EP group and its token dispatcher; NULL when
@@ -80,7 +85,10 @@ typedef struct {
     int n_tensors;
     ParamTensor *tensors;
     size_t n_params;             // floats in params (local)
-    float *params, *grads;
+    float *params, *grads;       // backend memory
+    // host copy of params for init and checkpoints (= params on the CPU): model_upload_params
+    // and model_download_params move it
+    float *params_h;
     ParamPointers p, g;          // views of params and grads
 
     // activation arena, sized for (B,T) by model_set_batch
@@ -100,6 +108,10 @@ typedef struct {
     float *d_g, *d_u, *d_a;      // (R,F)
     float *d_rlogits;            // (N,E)
     float *d_topk_w;             // (N,K)
+    float *d_prob_bias;          // (E) load-balancing gradient per expert probability
+    // host copies (host memory on every backend)
+    int32_t *tokens_h, *targets_h;   // (N)
+    int32_t *counts_h, *offsets_h;   // (L,E), (L,E+1): the dispatch plan's row counts
 
     // results of the last forward
     int logits_are_grads;        // 1 after backward overwrote logits with dlogits
@@ -128,8 +140,28 @@ double model_flops_per_token(const Config *cfg);
 // Floats the activation arena (plus backward scratch) needs for a micro-batch of (B,T).
 size_t model_activation_floats(const Config *cfg, int B, int T, int n_local_experts);
 
-// Allocates the parameter and gradient buffers (uninitialised values). Single-rank: ep 1.
+// Allocates the parameter and gradient buffers (zeroed) on the CPU backend.
 int model_create(Model *m, const Config *cfg, int ep_rank, int ep_size, MoetErr *err);
+// Opens the backend that [train] device names: ops_cpu(), or ops_cuda() on GPU
+// local_rank % (GPUs visible), with the GEMM precision of [train] precision. info receives a
+// one-line description for the log (the BLAS library, or the GPU). Errors: a CUDA device in a
+// build without CUDA or on a machine without a GPU, with what to do.
+int model_open_backend(const Config *c, int local_rank, const Ops **ops, char *info, int infolen,
+                       MoetErr *err);
+// The rank of this process among those on its node, from the launcher's environment
+// (OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID, MPI_LOCALRANKID, LOCAL_RANK); 0 when none is set.
+int model_local_rank(void);
+// The peak in GFLOP/s that MFU divides by (ARCHITECTURE §10) for the backend `ops`: the GPU's
+// dense bf16 peak (989 TFLOP/s on H100 / H200); on the CPU the measured sgemm peak is the
+// caller's (cpu_sgemm_peak_gflops), and this returns 0.
+double model_peak_gflops(const Ops *ops);
+// model_create on the backend `ops` (ops_cpu() or an opened ops_cuda()).
+int model_create_ops(Model *m, const Config *cfg, const Ops *ops, int ep_rank, int ep_size,
+                     MoetErr *err);
+// Copies params_h to the backend's params, or back (no-ops on the CPU, where they are one
+// buffer). Init and checkpoint loads write params_h and upload; saves download first.
+void model_upload_params(Model *m);
+void model_download_params(Model *m);
 // Attaches the EP group (ARCHITECTURE §4) of a model created with ep_rank = comm_rank(ep) and
 // ep_size = comm_size(ep): the MoE layers then exchange their routed rows with the group's
 // ranks (every rank of the group must run forward / backward together). ep NULL or of size 1:
@@ -137,7 +169,8 @@ int model_create(Model *m, const Config *cfg, int ep_rank, int ep_size, MoetErr 
 int model_set_comm(Model *m, Comm *ep, MoetErr *err);
 void model_free(Model *m);
 // Initialises every parameter per §3 from a counter-based generator keyed by
-// (seed, tensor name, global element index): identical weights for any rank count or ep.
+// (seed, tensor name, global element index): identical weights for any rank count or ep, and
+// on any backend (drawn on the host, then uploaded).
 void model_init_weights(Model *m, uint64_t seed);
 // Sizes the activation arena for micro-batches of B sequences of T tokens.
 int model_set_batch(Model *m, int B, int T, MoetErr *err);

@@ -16,21 +16,25 @@ static void route_(Model *m, int l, MoeLayerLoss *loss) {
     LayerActs *a = &m->acts[l];
     LayerParams *p = &m->p.layers[l];
     int N = m->B * m->T, D = m->D, E = m->E, K = m->K;
-    matmul_forward(a->rlogits, a->ln2, p->router, N, D, E);
-    router_forward(a->rprobs, a->rlse, a->topk_idx, a->topk_w, a->rlogits, N, E, K,
-                   m->cfg.norm_topk_prob);
-    moe_plan(a->counts, a->offsets, a->row_token, a->assign_row, a->topk_idx, N, K, E);
+    const Ops *k = m->ops;
+    k->matmul_forward(a->rlogits, a->ln2, p->router, N, D, E);
+    k->router_forward(a->rprobs, a->rlse, a->topk_idx, a->topk_w, a->rlogits, N, E, K,
+                      m->cfg.norm_topk_prob);
+    k->moe_plan(a->counts, a->offsets, a->row_token, a->assign_row, a->topk_idx, N, K, E);
+    // the row counts decide the expert GEMM shapes and the losses: the host needs them
+    int32_t *counts = m->counts_h + (size_t)l * E;
+    k->to_host(counts, a->counts, (size_t)E * sizeof(int32_t));
+    k->to_host(m->offsets_h + (size_t)l * (E + 1), a->offsets, (size_t)(E + 1) * sizeof(int32_t));
 
-    double lb = 0.0, z = 0.0;
+    double P[E], zsum;
+    k->router_aux_sums(P, &zsum, a->rprobs, a->rlse, N, E);
+    double lb = 0.0;
     for (int e = 0; e < E; e++) {
-        double P = 0.0;
-        for (int t = 0; t < N; t++) P += a->rprobs[(size_t)t * E + e];
-        lb += ((double)a->counts[e] / ((double)N * K)) * (P / N);
-        m->expert_tokens[(size_t)l * E + e] = a->counts[e];
+        lb += ((double)counts[e] / ((double)N * K)) * (P[e] / N);
+        m->expert_tokens[(size_t)l * E + e] = counts[e];
     }
-    for (int t = 0; t < N; t++) z += (double)a->rlse[t] * a->rlse[t];
     loss->lb = E * lb;
-    loss->z = z / N;
+    loss->z = zsum / N;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -50,6 +54,7 @@ static void moe_forward_ep_(Model *m, int l) {
     int D = m->D, F = m->F, El = m->n_local_experts;
     MoetErr err;
     DispatchRows rw;
+    // (the dispatcher works in host memory: model_set_comm refuses expert parallelism on a GPU)
     ep_check_(dispatch_forward(m->disp, l, a->counts, a->xp, &rw, &err), &err);
     grouped_matmul_forward(rw.g, rw.x, p->w_gate, rw.offsets, El, D, F);
     grouped_matmul_forward(rw.u, rw.x, p->w_up, rw.offsets, El, D, F);
@@ -62,17 +67,19 @@ void moe_forward(Model *m, int l, MoeLayerLoss *loss) {
     LayerActs *a = &m->acts[l];
     LayerParams *p = &m->p.layers[l];
     int N = m->B * m->T, D = m->D, E = m->E, K = m->K, F = m->F, R = N * K;
+    const Ops *k = m->ops;
+    const int32_t *offsets = m->offsets_h + (size_t)l * (E + 1);
     route_(m, l, loss);
-    permute_forward(a->xp, a->ln2, a->row_token, R, D);
+    k->permute_forward(a->xp, a->ln2, a->row_token, R, D);
     if (m->disp) {
         moe_forward_ep_(m, l);
     } else {
-        grouped_matmul_forward(a->g, a->xp, p->w_gate, a->offsets, E, D, F);
-        grouped_matmul_forward(a->u, a->xp, p->w_up, a->offsets, E, D, F);
-        swiglu_forward(a->a, a->g, a->u, (size_t)R * F);
-        grouped_matmul_forward(a->yp, a->a, p->w_down, a->offsets, E, F, D);
+        k->grouped_matmul_forward(a->g, a->xp, p->w_gate, offsets, E, D, F);
+        k->grouped_matmul_forward(a->u, a->xp, p->w_up, offsets, E, D, F);
+        k->swiglu_forward(a->a, a->g, a->u, (size_t)R * F);
+        k->grouped_matmul_forward(a->yp, a->a, p->w_down, offsets, E, F, D);
     }
-    unpermute_forward(a->mlp_out, a->yp, a->topk_w, a->assign_row, N, K, D);
+    k->unpermute_forward(a->mlp_out, a->yp, a->topk_w, a->assign_row, N, K, D);
 }
 
 // Backward of the experts under expert parallelism: m->d_yp (R,D) goes to the expert owners,
@@ -103,38 +110,43 @@ void moe_backward(Model *m, int l, const float *d_out, float *d_ln2, double lb_s
     LayerParams *p = &m->p.layers[l];
     LayerParams *gp = &m->g.layers[l];
     int N = m->B * m->T, D = m->D, E = m->E, K = m->K, F = m->F, R = N * K;
+    const Ops *k = m->ops;
+    const int32_t *offsets = m->offsets_h + (size_t)l * (E + 1);
+    const int32_t *counts = m->counts_h + (size_t)l * E;
 
     // combine
-    zero_fill(m->d_yp, (size_t)R * D);
-    zero_fill(m->d_topk_w, (size_t)N * K);
-    unpermute_backward(m->d_yp, m->d_topk_w, d_out, a->yp, a->topk_w, a->assign_row, N, K, D);
+    k->zero_fill(m->d_yp, (size_t)R * D);
+    k->zero_fill(m->d_topk_w, (size_t)N * K);
+    k->unpermute_backward(m->d_yp, m->d_topk_w, d_out, a->yp, a->topk_w, a->assign_row, N, K, D);
     // experts
     if (m->disp) {
         moe_backward_ep_(m, l);
     } else {
-        zero_fill(m->d_a, (size_t)R * F);
-        grouped_matmul_backward(m->d_a, gp->w_down, m->d_yp, a->a, p->w_down, a->offsets, E, F,
-                                D);
-        zero_fill(m->d_g, (size_t)R * F);
-        zero_fill(m->d_u, (size_t)R * F);
-        swiglu_backward(m->d_g, m->d_u, m->d_a, a->g, a->u, (size_t)R * F);
-        zero_fill(m->d_xp, (size_t)R * D);
-        grouped_matmul_backward(m->d_xp, gp->w_gate, m->d_g, a->xp, p->w_gate, a->offsets, E, D,
-                                F);
-        grouped_matmul_backward(m->d_xp, gp->w_up, m->d_u, a->xp, p->w_up, a->offsets, E, D, F);
+        k->zero_fill(m->d_a, (size_t)R * F);
+        k->grouped_matmul_backward(m->d_a, gp->w_down, m->d_yp, a->a, p->w_down, offsets, E, F,
+                                   D);
+        k->zero_fill(m->d_g, (size_t)R * F);
+        k->zero_fill(m->d_u, (size_t)R * F);
+        k->swiglu_backward(m->d_g, m->d_u, m->d_a, a->g, a->u, (size_t)R * F);
+        k->zero_fill(m->d_xp, (size_t)R * D);
+        k->grouped_matmul_backward(m->d_xp, gp->w_gate, m->d_g, a->xp, p->w_gate, offsets, E, D,
+                                   F);
+        k->grouped_matmul_backward(m->d_xp, gp->w_up, m->d_u, a->xp, p->w_up, offsets, E, D, F);
     }
     // dispatch
-    permute_backward(d_ln2, m->d_xp, a->assign_row, N, K, D);
+    k->permute_backward(d_ln2, m->d_xp, a->assign_row, N, K, D);
 
     // router: lb = E * sum_e f_e * mean_t p_te, so d lb / d p_te = E * f_e / N (f constant);
     // z = mean_t lse_t^2, so d z / d lse_t^2 = 1/N.
     float dprob_bias[E];
     for (int e = 0; e < E; e++)
-        dprob_bias[e] = (float)(lb_scale * E * ((double)a->counts[e] / ((double)N * K)) / N);
-    zero_fill(m->d_rlogits, (size_t)N * E);
-    router_backward(m->d_rlogits, m->d_topk_w, dprob_bias, (float)(z_scale / N), a->rprobs,
-                    a->rlse, a->topk_idx, a->topk_w, N, E, K, m->cfg.norm_topk_prob);
-    matmul_backward(d_ln2, gp->router, m->d_rlogits, a->ln2, p->router, N, D, E);
+        dprob_bias[e] = (float)(lb_scale * E * ((double)counts[e] / ((double)N * K)) / N);
+    k->to_device(m->d_prob_bias, dprob_bias, (size_t)E * sizeof(float));
+    k->zero_fill(m->d_rlogits, (size_t)N * E);
+    k->router_backward(m->d_rlogits, m->d_topk_w, m->d_prob_bias, (float)(z_scale / N),
+                       a->rprobs, a->rlse, a->topk_idx, a->topk_w, N, E, K,
+                       m->cfg.norm_topk_prob);
+    k->matmul_backward(d_ln2, gp->router, m->d_rlogits, a->ln2, p->router, N, D, E);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -144,10 +156,10 @@ void mlp_forward(Model *m, int l) {
     LayerActs *a = &m->acts[l];
     LayerParams *p = &m->p.layers[l];
     int N = m->B * m->T, D = m->D, F = m->F;
-    matmul_forward(a->g, a->ln2, p->w_gate, N, D, F);
-    matmul_forward(a->u, a->ln2, p->w_up, N, D, F);
-    swiglu_forward(a->a, a->g, a->u, (size_t)N * F);
-    matmul_forward(a->mlp_out, a->a, p->w_down, N, F, D);
+    m->ops->matmul_forward(a->g, a->ln2, p->w_gate, N, D, F);
+    m->ops->matmul_forward(a->u, a->ln2, p->w_up, N, D, F);
+    m->ops->swiglu_forward(a->a, a->g, a->u, (size_t)N * F);
+    m->ops->matmul_forward(a->mlp_out, a->a, p->w_down, N, F, D);
 }
 
 void mlp_backward(Model *m, int l, const float *d_out, float *d_ln2) {
@@ -155,11 +167,11 @@ void mlp_backward(Model *m, int l, const float *d_out, float *d_ln2) {
     LayerParams *p = &m->p.layers[l];
     LayerParams *gp = &m->g.layers[l];
     int N = m->B * m->T, D = m->D, F = m->F;
-    zero_fill(m->d_a, (size_t)N * F);
-    matmul_backward(m->d_a, gp->w_down, d_out, a->a, p->w_down, N, F, D);
-    zero_fill(m->d_g, (size_t)N * F);
-    zero_fill(m->d_u, (size_t)N * F);
-    swiglu_backward(m->d_g, m->d_u, m->d_a, a->g, a->u, (size_t)N * F);
-    matmul_backward(d_ln2, gp->w_gate, m->d_g, a->ln2, p->w_gate, N, D, F);
-    matmul_backward(d_ln2, gp->w_up, m->d_u, a->ln2, p->w_up, N, D, F);
+    m->ops->zero_fill(m->d_a, (size_t)N * F);
+    m->ops->matmul_backward(m->d_a, gp->w_down, d_out, a->a, p->w_down, N, F, D);
+    m->ops->zero_fill(m->d_g, (size_t)N * F);
+    m->ops->zero_fill(m->d_u, (size_t)N * F);
+    m->ops->swiglu_backward(m->d_g, m->d_u, m->d_a, a->g, a->u, (size_t)N * F);
+    m->ops->matmul_backward(d_ln2, gp->w_gate, m->d_g, a->ln2, p->w_gate, N, D, F);
+    m->ops->matmul_backward(d_ln2, gp->w_up, m->d_u, a->ln2, p->w_up, N, D, F);
 }

@@ -5,21 +5,41 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kernels/kernels.h"
 
 #define PI_ 3.14159265358979323846 // M_PI is not in C11
 
 void optim_create(Optim *o, const Model *m) {
+    o->ops = m->ops;
     o->n = m->n_params;
-    o->exp_avg = moet_calloc(o->n * sizeof(float));
-    o->exp_avg_sq = moet_calloc(o->n * sizeof(float));
+    o->exp_avg = o->ops->alloc(o->n * sizeof(float));
+    o->exp_avg_sq = o->ops->alloc(o->n * sizeof(float));
+    if (o->ops->on_device) {
+        o->exp_avg_h = moet_calloc(o->n * sizeof(float));
+        o->exp_avg_sq_h = moet_calloc(o->n * sizeof(float));
+    } else {
+        o->exp_avg_h = o->exp_avg;
+        o->exp_avg_sq_h = o->exp_avg_sq;
+    }
     o->t = 0;
 }
 
 void optim_free(Optim *o) {
-    free(o->exp_avg);
-    free(o->exp_avg_sq);
+    if (!o->ops) return;
+    if (o->exp_avg_h != o->exp_avg) free(o->exp_avg_h);
+    if (o->exp_avg_sq_h != o->exp_avg_sq) free(o->exp_avg_sq_h);
+    o->ops->free(o->exp_avg);
+    o->ops->free(o->exp_avg_sq);
     memset(o, 0, sizeof *o);
+}
+
+void optim_download(Optim *o) {
+    o->ops->to_host(o->exp_avg_h, o->exp_avg, o->n * sizeof(float));
+    o->ops->to_host(o->exp_avg_sq_h, o->exp_avg_sq, o->n * sizeof(float));
+}
+
+void optim_upload(Optim *o) {
+    o->ops->to_device(o->exp_avg, o->exp_avg_h, o->n * sizeof(float));
+    o->ops->to_device(o->exp_avg_sq, o->exp_avg_sq_h, o->n * sizeof(float));
 }
 
 double optim_lr(const Config *c, int64_t step) {
@@ -41,7 +61,7 @@ double optim_grad_norm(const Model *m, const ParamTensor **bad) {
         const ParamTensor *t = &m->tensors[i];
         // a double sum of squares is inf or NaN exactly when an element is (floats cannot
         // overflow it)
-        double s = sum_squares(m->grads + t->offset, t->numel);
+        double s = m->ops->sum_squares(m->grads + t->offset, t->numel);
         if (bad && !*bad && !isfinite(s)) *bad = t;
         ss += s;
     }
@@ -54,7 +74,7 @@ int optim_grad_norm_ep(const Model *m, Comm *ep, double *norm, const ParamTensor
     if (bad) *bad = NULL;
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
-        double s = sum_squares(m->grads + t->offset, t->numel);
+        double s = m->ops->sum_squares(m->grads + t->offset, t->numel);
         if (bad && !*bad && !isfinite(s)) *bad = t;
         ss[t->is_expert ? 1 : 0] += s;
     }
@@ -76,7 +96,7 @@ void optim_step(Optim *o, Model *m, const Config *c, float lr, float grad_scale)
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
         float wd = t->decay ? c->weight_decay : 0.0f;
-        adamw_update(m->params + t->offset, m->grads + t->offset, o->exp_avg + t->offset,
+        m->ops->adamw_update(m->params + t->offset, m->grads + t->offset, o->exp_avg + t->offset,
                      o->exp_avg_sq + t->offset, t->numel, lr, c->beta1, c->beta2, c->eps, wd,
                      (int)o->t, grad_scale);
     }

@@ -9,15 +9,21 @@
 #include "train/model.h"
 
 typedef struct {
+    const Ops *ops;    // the model's backend
     size_t n;          // floats, = m->n_params
-    float *exp_avg;    // (n) first moment
-    float *exp_avg_sq; // (n) second moment
+    float *exp_avg;    // (n) first moment (backend memory)
+    float *exp_avg_sq; // (n) second moment (backend memory)
+    // host copies for checkpoints (= exp_avg, exp_avg_sq on the CPU): optim_download before a
+    // save, optim_upload after a load
+    float *exp_avg_h, *exp_avg_sq_h;
     int64_t t;         // AdamW steps taken (bias correction); the next update uses t + 1
 } Optim;
 
-// Allocates zeroed moments for m (t = 0).
+// Allocates zeroed moments for m on m's backend (t = 0).
 void optim_create(Optim *o, const Model *m);
 void optim_free(Optim *o);
+void optim_download(Optim *o);
+void optim_upload(Optim *o);
 
 // The learning rate of optimizer step `step` (1-based: the first update is step 1). With
 // lr = c->lr, W = warmup_steps, S = max_steps, lo = min_lr:

@@ -150,8 +150,11 @@ static int save_(const SaveCtx *s, int64_t step, int64_t tokens_seen, double lr,
     st.lr = lr;
     CkptSaveOpts so = {s->c->ckpt_dir, s->c->keep_last, s->c->keep_every, s->c->model_only};
     const int mo = s->c->model_only;
-    return ckpt_save_par(&so, s->m, mo ? NULL : s->opt->exp_avg,
-                         mo ? NULL : s->opt->exp_avg_sq, &st, s->ini, s->par, path, path_size,
+    // the file is written from host memory (no-ops on the CPU backend)
+    model_download_params(s->m);
+    if (!mo) optim_download(s->opt);
+    return ckpt_save_par(&so, s->m, mo ? NULL : s->opt->exp_avg_h,
+                         mo ? NULL : s->opt->exp_avg_sq_h, &st, s->ini, s->par, path, path_size,
                          err);
 }
 
@@ -188,13 +191,17 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     char *ini = NULL;
     int rc = 0, have_model = 0, sig_installed = 0;
     struct sigaction old_term, old_usr1;
-    char path[1100], mpath[2100];
+    char path[1100], mpath[2100], binfo[512];
+    float *stage = NULL; // host copy of the gradients for the MPI all-reduce on a GPU
 
     int ini_len = config_to_ini(c, NULL, 0);
     ini = moet_malloc((size_t)ini_len + 1);
     config_to_ini(c, ini, ini_len + 1);
 
-    if ((rc = model_create(&m, c, ep > 1 ? par->ep_rank : 0, ep, err))) goto done;
+    const Ops *ops;
+    if ((rc = model_open_backend(c, model_local_rank(), &ops, binfo, sizeof binfo, err)))
+        goto done;
+    if ((rc = model_create_ops(&m, c, ops, ep > 1 ? par->ep_rank : 0, ep, err))) goto done;
     have_model = 1;
     if (ep > 1 && (rc = model_set_comm(&m, par->ep, err))) goto done;
     if ((rc = model_set_batch(&m, B, T, err))) goto done;
@@ -233,7 +240,8 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     if (o->resume) {
         if ((rc = ckpt_resolve(o->resume, c->ckpt_dir, path, sizeof path, err))) goto done;
         TrainState st;
-        if ((rc = ckpt_load(path, &m, opt.exp_avg, opt.exp_avg_sq, &st, err))) goto done;
+        if ((rc = ckpt_load(path, &m, opt.exp_avg_h, opt.exp_avg_sq_h, &st, err))) goto done;
+        optim_upload(&opt);
         if ((rc = loader_set_pos(tl, &st.data, 0, err))) goto done;
         step = st.step;
         tokens_seen = st.tokens_seen;
@@ -268,19 +276,21 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     }
 
     tokens = moet_malloc((size_t)B * T * sizeof(int32_t));
-    if (accum > 1) gacc = moet_malloc(m.n_params * sizeof(float));
+    if (accum > 1) gacc = ops->alloc(m.n_params * sizeof(float));
+    if (world > 1 && ops->on_device) stage = moet_malloc(m.n_params * sizeof(float));
     const int LE = m.E > 0 ? m.L * m.E : 0;
     if (LE) load = moet_calloc((size_t)LE * sizeof(int64_t));
     // the job's peak: each rank measures its own cores; MFU compares the job's tokens/s with
     // their sum
-    double peak = cpu_sgemm_peak_gflops();
+    const int gpu = strcmp(ops->name, "cuda") == 0;
+    double peak = gpu ? model_peak_gflops(ops) : cpu_sgemm_peak_gflops();
     if (world > 1 && (rc = comm_allreduce_sum_f64(par->world, &peak, 1, err))) goto done;
     const double flops_tok = model_flops_per_token(c);
     const int64_t tok_step = (int64_t)c->global_batch * T;
     printf("moet train: %zu parameters, %d x %d tokens per micro-batch, %d micro-batches per "
-           "step (%lld tokens), steps %lld..%lld of %d; %s; sgemm peak %.1f GFLOP/s\n",
+           "step (%lld tokens), steps %lld..%lld of %d; %s; %s peak %.1f GFLOP/s\n",
            m.n_params, B, T, accum, (long long)tok_step, (long long)step + 1, (long long)end,
-           c->max_steps, kernels_blas_info(), peak);
+           c->max_steps, binfo, gpu ? "bf16" : "sgemm", peak);
     fflush(stdout);
 
     SaveCtx sc = {c, &m, &opt, tl, ini, par};
@@ -326,8 +336,8 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             // the bits of world 1 with accumulation W. (Backward accumulating straight into
             // one buffer would interleave the sums inside sgemm and differ in the last bits.)
             if (accum > 1) {
-                if (a == 0) memcpy(gacc, m.grads, m.n_params * sizeof(float));
-                else add_forward(gacc, gacc, m.grads, m.n_params);
+                if (a == 0) ops->copy(gacc, m.grads, m.n_params * sizeof(float));
+                else ops->add_forward(gacc, gacc, m.grads, m.n_params);
             }
             loss += m.loss;
             ce += m.ce;
@@ -342,7 +352,12 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             // which hold the gradients of this rank's experts for every token of its EP group,
             // over the EDP group; per tensor in table order, the same calls on every rank)
             float *gsum = accum > 1 ? gacc : m.grads;
-            if (ep == 1) {
+            if (ep == 1 && stage) {
+                // gradients on a GPU, all-reduce over MPI: staged through host memory
+                ops->to_host(stage, gsum, m.n_params * sizeof(float));
+                if ((rc = comm_allreduce_sum_f32(par->world, stage, m.n_params, err))) goto done;
+                ops->to_device(gsum, stage, m.n_params * sizeof(float));
+            } else if (ep == 1) {
                 if ((rc = comm_allreduce_sum_f32(par->world, gsum, m.n_params, err))) goto done;
             } else {
                 for (int i = 0; i < m.n_tensors; i++) {
@@ -365,9 +380,9 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
                 if (rc) goto done;
             }
         }
-        if (accum > 1) memcpy(m.grads, gacc, m.n_params * sizeof(float));
+        if (accum > 1) ops->copy(m.grads, gacc, m.n_params * sizeof(float));
         const int n_micro = accum * world;
-        if (n_micro > 1) scale_inplace(m.grads, 1.0f / (float)n_micro, m.n_params);
+        if (n_micro > 1) ops->scale_inplace(m.grads, 1.0f / (float)n_micro, m.n_params);
         loss /= n_micro;
         ce /= n_micro;
         lb /= n_micro;
@@ -408,6 +423,7 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
         lr = optim_lr(c, step);
         optim_step(&opt, &m, c, (float)lr, optim_clip_scale(gnorm, c->grad_clip));
         tokens_seen += tok_step;
+        ops->sync(); // GPU ops are asynchronous: the step ends when the update has run
         const double dt = moet_time() - t0;
 
         if (step % c->log_every == 0 || step == end) {
@@ -524,7 +540,8 @@ done:
     if (vl) loader_close(vl);
     if (tl) loader_close(tl);
     free(tokens);
-    free(gacc);
+    if (gacc) m.ops->free(gacc);
+    free(stage);
     free(load);
     free(ini);
     optim_free(&opt);

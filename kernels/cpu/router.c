@@ -90,3 +90,15 @@ void router_backward(float *dlogits, const float *dtopk_w, const float *dprob_bi
         }
     }
 }
+
+void router_aux_sums(double *prob_sum, double *lse_sq_sum, const float *probs, const float *lse,
+                     int N, int E) {
+    for (int e = 0; e < E; e++) {
+        double P = 0.0;
+        for (int t = 0; t < N; t++) P += probs[(size_t)t * E + e];
+        prob_sum[e] = P;
+    }
+    double z = 0.0;
+    for (int t = 0; t < N; t++) z += (double)lse[t] * lse[t];
+    *lse_sq_sum = z;
+}

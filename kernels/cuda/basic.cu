@@ -316,3 +316,17 @@ void cuda_bf16_to_f32(float *out, const uint16_t *in, size_t n) {
     bf16_to_f32_kernel<<<ew_blocks_(n), EW_THREADS>>>(out, (const __nv_bfloat16 *)in, n);
     CUDA_CHECK_LAUNCH();
 }
+
+// ---------------------------------------------------------------------------------------
+// Scaling: x *= s (gradient averaging over micro-batches and ranks).
+static __global__ void scale_kernel(float *x, float s, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] *= s;
+}
+
+void cuda_scale_inplace(float *x, float s, size_t n) {
+    if (n == 0) return;
+    scale_kernel<<<ew_blocks_(n), EW_THREADS>>>(x, s, n);
+    CUDA_CHECK_LAUNCH();
+}

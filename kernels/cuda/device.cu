@@ -80,6 +80,42 @@ void cuda_synchronize(void) {
 
 // ---------------------------------------------------------------------------------------
 // Device memory
+// Bytes handed out by cuda_malloc and not yet freed (for `moet bench` and the logs). The live
+// allocations sit in a small table searched linearly: the backend makes a few hundred at most,
+// at set-up, so the search costs nothing that matters.
+enum { MEM_SLOTS = 4096 };
+static void *mem_ptr_[MEM_SLOTS];
+static size_t mem_size_[MEM_SLOTS];
+static size_t mem_in_use_, mem_peak_;
+
+static void mem_track_(void *p, size_t bytes) {
+    for (int i = 0; i < MEM_SLOTS; i++)
+        if (!mem_ptr_[i]) {  // a full table only stops the accounting, never the program
+            mem_ptr_[i] = p;
+            mem_size_[i] = bytes;
+            break;
+        }
+    mem_in_use_ += bytes;
+    if (mem_in_use_ > mem_peak_) mem_peak_ = mem_in_use_;
+}
+
+static void mem_untrack_(void *p) {
+    for (int i = 0; i < MEM_SLOTS; i++)
+        if (mem_ptr_[i] == p) {
+            mem_in_use_ -= mem_size_[i];
+            mem_ptr_[i] = NULL;
+            mem_size_[i] = 0;
+            return;
+        }
+}
+
+void cuda_mem_stats(size_t *in_use, size_t *peak) {
+    if (in_use) *in_use = mem_in_use_;
+    if (peak) *peak = mem_peak_;
+}
+
+void cuda_mem_reset_peak(void) { mem_peak_ = mem_in_use_; }
+
 void *cuda_malloc(size_t bytes) {
     void *p = NULL;
     const cudaError_t e = cudaMalloc(&p, bytes ? bytes : 256);
@@ -94,11 +130,14 @@ void *cuda_malloc(size_t bytes) {
                 (double)total_b / (1 << 30));
         cuda_check_(e, "cudaMalloc", __FILE__, __LINE__);
     }
+    mem_track_(p, bytes ? bytes : 256);
     return p;
 }
 
 void cuda_free(void *dptr) {
-    if (dptr) CUDA_CHECK(cudaFree(dptr));
+    if (!dptr) return;
+    mem_untrack_(dptr);
+    CUDA_CHECK(cudaFree(dptr));
 }
 
 void cuda_zero(void *dptr, size_t bytes) {
@@ -107,6 +146,10 @@ void cuda_zero(void *dptr, size_t bytes) {
 
 void cuda_memcpy_h2d(void *dst, const void *src, size_t bytes) {
     if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+}
+
+void cuda_memcpy_d2d(void *dst, const void *src, size_t bytes) {
+    if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
 }
 
 void cuda_memcpy_d2h(void *dst, const void *src, size_t bytes) {

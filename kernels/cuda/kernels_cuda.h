@@ -103,6 +103,104 @@ size_t cuda_sum_squares_scratch_bytes(size_t n);
 void cuda_f32_to_bf16(uint16_t *out, const float *in, size_t n);
 void cuda_bf16_to_f32(float *out, const uint16_t *in, size_t n);
 
+// ---------------------------------------------------------------------------------------
+// Scaling: x *= s over (n) elements.
+void cuda_scale_inplace(float *x, float s, size_t n);
+// Device memory handed out by cuda_malloc and not yet freed: now and at its peak (bytes).
+// cuda_mem_reset_peak sets the peak to the current use.
+void cuda_mem_stats(size_t *in_use, size_t *peak);
+void cuda_mem_reset_peak(void);
+// Device to device copy, ordered with the ops on the default stream.
+void cuda_memcpy_d2d(void *dst, const void *src, size_t bytes);
+
+// =======================================================================================
+// The model's ops (gemm.cu, attention.cu, ops.cu). Semantics as the CPU ops of kernels.h.
+
+// ---------------------------------------------------------------------------------------
+// GEMM precision of every cuBLAS call (matmul, grouped matmul, attention's batched GEMMs):
+// 1 (the default): bf16 tensor cores with fp32 accumulation, CUBLAS_COMPUTE_32F_FAST_16BF on
+//   fp32 storage: cuBLAS rounds the operands to bf16 (8 significant bits) and accumulates the
+//   products in fp32; outputs, master weights and gradients stay fp32.
+// 0: exact fp32 (CUBLAS_COMPUTE_32F, TF32 off): the tight comparison with the CPU backend.
+void cuda_set_gemm_bf16(int on);
+int cuda_gemm_bf16(void);
+
+// Matmul (cuBLAS, row-major as kernels.h): out = inp @ w^T; backward accumulates
+// dinp += dout @ w and dw += dout^T @ inp (either may be NULL).
+void cuda_matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC);
+void cuda_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                          const float *w, int N, int C, int OC);
+
+// Grouped expert matmul as kernels.h, except that offsets (E+1) is a HOST array (the row
+// counts decide the GEMM shapes, which cuBLAS takes from the host). Experts with no rows are
+// skipped (their dw is untouched).
+void cuda_grouped_matmul_forward(float *out, const float *inp, const float *w,
+                                 const int32_t *offsets_host, int E, int C, int OC);
+void cuda_grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                                  const float *w, const int32_t *offsets_host, int E, int C,
+                                  int OC);
+
+// ---------------------------------------------------------------------------------------
+// Causal attention as kernels.h (q, k, v, out (B,T,H,Dh); lse (B,H,T)): per sequence, batched
+// GEMMs over the heads for the scores, a causal softmax kernel that saves lse, and batched
+// GEMMs for the output; backward recomputes the probabilities from lse. scratch holds the
+// score matrices of one sequence: cuda_attention_scratch_bytes(T, H) bytes.
+void cuda_attention_forward(float *out, float *lse, const float *q, const float *k,
+                            const float *v, int B, int T, int H, int Dh, void *scratch);
+void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                             const float *lse, const float *q, const float *k, const float *v,
+                             int B, int T, int H, int Dh, void *scratch);
+size_t cuda_attention_scratch_bytes(int T, int H);
+
+// ---------------------------------------------------------------------------------------
+// Embedding. Backward is deterministic without atomics: the host sorts the token positions by
+// token id (stable), the plan goes to scratch, and one block per distinct token sums its
+// rows in position order. tokens_host is the HOST copy of the (N) token ids.
+void cuda_embedding_forward(float *out, const int32_t *tokens, const float *wte, int N, int D);
+void cuda_embedding_backward(float *dwte, const float *dout, const int32_t *tokens_host, int N,
+                             int D, void *scratch);
+size_t cuda_embedding_backward_scratch_bytes(int N);
+
+// RoPE as kernels.h (forward may work in place; backward accumulates).
+void cuda_rope_forward(float *out, const float *inp, int B, int T, int H, int Dh, float theta);
+void cuda_rope_backward(float *dinp, const float *dout, int B, int T, int H, int Dh,
+                        float theta);
+
+// ---------------------------------------------------------------------------------------
+// Router, dispatch plan, permute / unpermute: kernels.h semantics, device pointers.
+void cuda_router_forward(float *probs, float *lse, int32_t *topk_idx, float *topk_w,
+                         const float *logits, int N, int E, int K, int norm_topk);
+void cuda_router_backward(float *dlogits, const float *dtopk_w, const float *dprob_bias,
+                          float dz_coef, const float *probs, const float *lse,
+                          const int32_t *topk_idx, const float *topk_w, int N, int E, int K,
+                          int norm_topk);
+// The auxiliary-loss sums of a layer, returned to HOST memory (waits):
+// prob_sum_host[e] = sum_t probs[t,e] (E doubles), *lse_sq_sum_host = sum_t lse[t]^2.
+void cuda_router_aux_sums(double *prob_sum_host, double *lse_sq_sum_host, const float *probs,
+                          const float *lse, int N, int E, void *scratch);
+size_t cuda_router_aux_sums_scratch_bytes(int N, int E);
+// Stable counting sort of the N*K assignments by expert, exactly the plan of moe_plan.
+void cuda_moe_plan(int32_t *counts, int32_t *offsets, int32_t *row_token, int32_t *assign_row,
+                   const int32_t *topk_idx, int N, int K, int E, void *scratch);
+size_t cuda_moe_plan_scratch_bytes(int N, int K, int E);
+void cuda_permute_forward(float *xp, const float *x, const int32_t *row_token, int R, int D);
+void cuda_permute_backward(float *dx, const float *dxp, const int32_t *assign_row, int N, int K,
+                           int D);
+void cuda_unpermute_forward(float *out, const float *yp, const float *topk_w,
+                            const int32_t *assign_row, int N, int K, int D);
+void cuda_unpermute_backward(float *dyp, float *dtopk_w, const float *dout, const float *yp,
+                             const float *topk_w, const int32_t *assign_row, int N, int K, int D);
+
+// ---------------------------------------------------------------------------------------
+// Cross-entropy as kernels.h: one block per row; the summed loss is reduced in double in a
+// fixed order and returned (waits). scratch: cuda_crossentropy_scratch_bytes(N).
+double cuda_crossentropy_forward(float *losses, const float *logits, const int32_t *targets,
+                                 int N, int V, void *scratch);
+double cuda_crossentropy_forward_backward(float *dlogits, float *losses, const float *logits,
+                                          const int32_t *targets, int N, int V, float scale,
+                                          void *scratch);
+size_t cuda_crossentropy_scratch_bytes(int N);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,95 @@
+// ops_cpu: the CPU backend's op table (kernels/ops.h): the functions of kernels.h, host
+// memory, and copies that are plain memcpy. With this table the model computes exactly what it
+// computed when it called kernels.h directly.
+#include "kernels/ops.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+
+static void *cpu_alloc_(size_t bytes) {
+    // 64-byte aligned (cache lines, AVX-512 loads), zeroed; fatal like moet_malloc
+    void *p = NULL;
+    size_t n = (bytes + 63) / 64 * 64;
+    if (posix_memalign(&p, 64, n ? n : 64) != 0) {
+        fprintf(stderr, "moet: fatal: out of memory allocating %zu bytes (%.2f GiB)\n", bytes,
+                (double)bytes / (1 << 30));
+        exit(1);
+    }
+    memset(p, 0, n ? n : 64);
+    return p;
+}
+
+static void cpu_free_(void *p) { free(p); }
+static void cpu_zero_(void *p, size_t bytes) {
+    if (bytes) memset(p, 0, bytes);
+}
+static void cpu_copy_(void *dst, const void *src, size_t bytes) {
+    if (bytes && dst != src) memcpy(dst, src, bytes);
+}
+static void cpu_sync_(void) {}
+static void cpu_mem_stats_(size_t *in_use, size_t *peak) {
+    if (in_use) *in_use = 0;
+    if (peak) *peak = 0;
+}
+
+static const Ops cpu_ops_ = {
+    .name = "cpu",
+    .on_device = 0,
+    .alloc = cpu_alloc_,
+    .free = cpu_free_,
+    .zero = cpu_zero_,
+    .to_device = cpu_copy_,
+    .to_host = cpu_copy_,
+    .copy = cpu_copy_,
+    .sync = cpu_sync_,
+    .mem_stats = cpu_mem_stats_,
+    .embedding_forward = embedding_forward,
+    .embedding_backward = embedding_backward,
+    .rmsnorm_forward = rmsnorm_forward,
+    .rmsnorm_backward = rmsnorm_backward,
+    .matmul_forward = matmul_forward,
+    .matmul_backward = matmul_backward,
+    .rope_forward = rope_forward,
+    .rope_backward = rope_backward,
+    .attention_forward = attention_forward,
+    .attention_backward = attention_backward,
+    .swiglu_forward = swiglu_forward,
+    .swiglu_backward = swiglu_backward,
+    .add_forward = add_forward,
+    .router_forward = router_forward,
+    .router_backward = router_backward,
+    .router_aux_sums = router_aux_sums,
+    .moe_plan = moe_plan,
+    .permute_forward = permute_forward,
+    .permute_backward = permute_backward,
+    .unpermute_forward = unpermute_forward,
+    .unpermute_backward = unpermute_backward,
+    .grouped_matmul_forward = grouped_matmul_forward,
+    .grouped_matmul_backward = grouped_matmul_backward,
+    .crossentropy_forward = crossentropy_forward,
+    .crossentropy_forward_backward = crossentropy_forward_backward,
+    .adamw_update = adamw_update,
+    .sum_squares = sum_squares,
+    .scale_inplace = scale_inplace,
+    .zero_fill = zero_fill,
+};
+
+const Ops *ops_cpu(void) { return &cpu_ops_; }
+
+#ifndef MOET_CUDA
+// A build without the CUDA backend (MOET_CUDA=OFF or no nvcc).
+const Ops *ops_cuda(void) { return NULL; }
+int ops_cuda_device_count(void) { return 0; }
+double ops_cuda_peak_tflops(void) { return 0.0; }
+int ops_cuda_open(int device, int gemm_bf16, char *info, int infolen) {
+    (void)device;
+    (void)gemm_bf16;
+    snprintf(info, (size_t)infolen,
+             "this moet was built without the CUDA backend: rebuild on a machine with the CUDA "
+             "toolkit (cmake -DMOET_CUDA=ON), or set [train] device = cpu");
+    return 1;
+}
+#endif

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds moet with the CUDA backend and packs the executables with the shared libraries they
+# need (all but glibc and the CUDA driver / runtime / cuBLAS, which a GPU machine has) into one
+# folder, for a GPU machine that lacks the Debian packages (MPI, HDF5, OpenBLAS, CUnit...).
+#   bash launch/gpu-bundle.sh [ARCH] [OUT]      (ARCH 90 = H100/H200, default; OUT gpu-bundle)
+# Then on the GPU machine: bash launch/gpu-check.sh OUT
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ARCH=${1:-90}
+OUT=${2:-gpu-bundle}
+BUILD=build-cuda-sm$ARCH
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMOET_CUDA=ON \
+      -DCMAKE_CUDA_ARCHITECTURES="$ARCH" >/dev/null
+cmake --build "$BUILD" -j "$(nproc)" --target moet cuda_test_cuda_kernels cuda_test_cuda_gemm \
+      cuda_test_cuda_moe_ops cuda_test_cuda_train
+rm -rf "$OUT"
+mkdir -p "$OUT/bin" "$OUT/lib"
+cp "$BUILD/moet" "$BUILD"/cuda_test_* "$OUT/bin/"
+# every non-system library of every executable (the CUDA libraries and glibc stay behind)
+for exe in "$OUT"/bin/*; do
+  ldd "$exe" | awk '/=> \//{print $3}' | while read -r lib; do
+    case "$(basename "$lib")" in
+      libc.so*|libm.so*|libdl.so*|libpthread.so*|librt.so*|ld-linux*|libcuda.so*|libcudart*|\
+      libcublas*|libnccl*|libstdc++*|libgcc_s*) ;;
+      *) cp -nL "$lib" "$OUT/lib/" ;;
+    esac
+  done
+done
+strip --strip-unneeded "$OUT"/bin/* 2>/dev/null || true
+du -sh "$OUT"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU checks of the CUDA backend, in one run (ARCHITECTURE §8, §9, §10):
+#   1. every CUDA test: each kernel against the CPU backend, whole training steps against the
+#      CPU, resume (cuda_test_*);
+#   2. compute-sanitizer memcheck on the kernel tests;
+#   3. tiny-moe trained 20 steps with `moet train` on cuda and on cpu: the two loss curves;
+#   4. `moet bench configs/bench-gpu-olmoe.ini`: tokens/s, MFU, peak memory.
+#   bash launch/gpu-check.sh [BUNDLE] [LOGDIR]
+# BUNDLE is a folder from launch/gpu-bundle.sh (bin/, lib/) or a build folder; LOGDIR receives
+# one log per check (default gpu-logs). Every check runs even when an earlier one fails; the
+# exit status is the number of failed checks.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=${1:-gpu-bundle}
+LOG=${2:-gpu-logs}
+mkdir -p "$LOG"
+BIN=$BUNDLE/bin
+[ -d "$BIN" ] || BIN=$BUNDLE
+export LD_LIBRARY_PATH="$(cd "$BUNDLE" && pwd)/lib:${LD_LIBRARY_PATH:-}"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+fail=0
+check() { # name, command...
+  local name=$1; shift
+  local t0=$SECONDS
+  if "$@" >"$LOG/$name.log" 2>&1; then r=ok; else r="FAILED ($?)"; fail=$((fail + 1)); fi
+  printf '%-28s %-12s %4ds  %s\n' "$name" "$r" $((SECONDS - t0)) "$LOG/$name.log"
+}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; } \
+  | tee "$LOG/gpu.txt"
+for t in cuda_test_cuda_kernels cuda_test_cuda_gemm cuda_test_cuda_moe_ops cuda_test_cuda_train; do
+  check "$t" "$BIN/$t"
+done
+if command -v compute-sanitizer >/dev/null; then
+  for t in cuda_test_cuda_kernels cuda_test_cuda_gemm cuda_test_cuda_moe_ops; do
+    check "memcheck_$t" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/$t"
+  done
+fi
+# tiny-moe on both devices from the sample documents
+for split in train valid; do
+  check "tokenize_$split" "$BIN/moet" tokenize --tokenizer data/tokenizers/gpt-neox-olmo-dolma-v1_5.json \
+    --out data/sample/tokens/$split data/sample/documents/$split.jsonl.gz
+done
+for dev in cuda cpu; do
+  check "train_tiny_$dev" "$BIN/moet" train --config configs/tiny-moe.ini \
+    --set train.max_steps=20 --set train.eval_every=10 --set train.device=$dev \
+    --set checkpoint.dir="$LOG/tiny-$dev"
+done
+paste <(grep -o '"step":[0-9]*,"tokens":[0-9]*,"loss":[^,]*' "$LOG/tiny-cuda/metrics.jsonl") \
+      <(grep -o '"loss":[^,]*' "$LOG/tiny-cpu/metrics.jsonl") > "$LOG/tiny-losses.txt" || true
+check bench_gpu_olmoe "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 5 --warmup 2
+echo "failed checks: $fail (logs in $LOG)"
+exit $fail

@@ -1,0 +1,455 @@
+// test_cuda_gemm: the cuBLAS ops of kernels/cuda/gemm.cu and attention.cu (matmul, grouped
+// expert matmul, causal attention; forward and backward) against the CPU ops of the same name
+// in kernels.h, in both GEMM precisions (cuda_set_gemm_bf16 0 and 1), plus run-to-run bitwise
+// determinism. Exits 77 (ctest "skipped") where no CUDA device exists; never passes without one.
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cuda/kernels_cuda.h"
+#include "kernels/kernels.h"
+#include "tests/testutil.h"
+
+// Tolerances. Inputs are uniform in [-1, 1) (pre-filled gradients in [-0.5, 0.5)), so every
+// operand is bounded by amax = 1 unless a case says otherwise.
+//
+// fp32 mode (cuda_set_gemm_bf16(0): CUBLAS_COMPUTE_32F, no TF32). cuBLAS and OpenBLAS compute
+// the same sums in fp32 in different orders (blocking, split-k, FMA). For a dot product of k
+// terms the rounding errors add like a random walk over partial sums of size ~sqrt(j)*|ab|,
+// ~0.3 * k * 2^-24 * rms|ab| per side, while max|result| is ~4.5 * sqrt(k) * rms|ab|: at
+// k = 1024 the worst element differs by ~1.5e-6 of max|want|. FP32_ATOL_FRAC = 2e-5 of
+// max|want| leaves 10x of margin for that and for the device's expf / logf / division in
+// attention (a few ulp each, --use_fast_math), while a wrong index, transpose, mask or missing
+// accumulation moves elements by O(max|want|).
+#define FP32_RTOL      1e-5
+#define FP32_ATOL_FRAC 2e-5
+//
+// bf16 mode (the default: CUBLAS_COMPUTE_32F_FAST_16BF). cuBLAS rounds both operands of every
+// product to bf16, 8 significant bits: a relative error of at most 2^-9 each (round to nearest),
+// so each product a_i b_i carries a relative error delta_i with |delta_i| <= 2^-8 and, as the two
+// roundings are independent and uniform, a standard deviation of sqrt(2/3) * 2^-9. The fp32
+// accumulation adds only 2^-24-sized errors. The error of a k-term dot product,
+// sum_i a_i b_i delta_i, is then a sum of k independent terms with standard deviation
+//   sigma = sqrt(2/3) * 2^-9 * sqrt(sum_i (a_i b_i)^2) <= 0.82 * 2^-9 * sqrt(k) * amax * bmax.
+// Over the ~4e5 elements of the largest case the worst one is within ~5 sigma, i.e. within
+// 4.1 * 2^-9 * sqrt(k) * amax * bmax; twice that for margin gives
+//   atol = 2^-6 * sqrt(k) * amax * bmax        (BF16_GEMM_K = 2^-6).
+// The bound on sum (a_i b_i)^2 is itself 3x pessimistic for uniform inputs (rms|ab| = amax
+// bmax / 3), so the real margin is ~6x. The result itself is ~sqrt(k) * amax * bmax / 3 in
+// size, ~20x this tolerance: a wrong index still fails. (TF32, which FAST_16BF also allows,
+// has 3 more bits and passes a fortiori.)
+#define BF16_GEMM_K 0.015625
+//
+// bf16 attention chains GEMMs (S, then P V; dP, then dS K and dS^T Q), so each of its outputs
+// is compared with an absolute tolerance BF16_ATTN_FRAC * max(max|want|, term scale). The
+// term scale (1 here: every input is bounded by 1, and scale * sqrt(Dh) = 1) bounds the terms
+// that cancel, so that an output that is ~0 by cancellation, like dq at T = 1 where
+// dS = P (dP - D) vanishes, is not judged against its own rounding noise. Estimates, with the
+// sigma formula above and 5 sigma for the worst element:
+//   S = scale q.k over Dh terms: sigma = 0.82 * 2^-9 * scale * sqrt(Dh) / 3 ~ 5e-4, so the
+//       error of S is <= ~3e-3, and lse = logsumexp(S) moves by at most as much.
+//   P = exp(S - lse) has a relative error <= 2 * 3e-3; out = sum_j P_tj v_j with
+//       sum_j P_tj = 1, plus the bf16 rounding of P and v (2^-8): |error| <= ~0.01 vmax.
+//   dv_j = sum_i P_ij dO_i: the same relative errors over a column sum of P of at most
+//       ~ln(T) + 1 ~ 5.4 at T = 128: <= 0.054 even with every sign aligned, ~0.005 in practice.
+//   dP = dO.v over Dh terms: sigma ~ 4e-3. dq_t = scale sum_j P_tj (dP_tj - D_t) k_j: its error
+//       is scale * sum_j P_tj err(dP_tj) k_j (random signs, sqrt(sum_j P_tj^2) <= 1) plus the
+//       rounding of dS and k (2^-8 of |dS| |k| per term): ~1e-3 to 5e-3; dk the same over the
+//       column sums of P.
+// BF16_ATTN_FRAC = 2^-4 = 0.0625 is above the aligned-sign bound of every output and ~10x above
+// the expected errors; index, head-stride or mask bugs move outputs by O(max|want|) and fail.
+// (Should cuBLAS truncate to bf16 instead of rounding to nearest, delta_i lies in [-2^-8, 0]:
+// the same variance, plus a bias of -2^-8 times the result, <= 1.5 * 2^-8 * sqrt(k) here, so
+// the GEMM bound becomes ~3.5 * 2^-8 * sqrt(k), still inside 2^-6 * sqrt(k).)
+#define BF16_ATTN_FRAC 0.0625
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+static float *host_alloc_(size_t n) {
+    float *p = malloc((n ? n : 1) * sizeof *p);
+    if (!p) {
+        fprintf(stderr, "test_cuda_gemm: out of host memory\n");
+        exit(1);
+    }
+    return p;
+}
+
+static float *host_rand_(size_t n, uint64_t seed, float scale) {
+    float *p = host_alloc_(n);
+    tu_fill_uniform(p, n, seed, scale);
+    return p;
+}
+
+static float *host_copy_(const float *src, size_t n) {
+    float *p = host_alloc_(n);
+    memcpy(p, src, n * sizeof *p);
+    return p;
+}
+
+static float *dev_from_(const float *h, size_t n) {
+    float *d = cuda_malloc(n * sizeof *d);
+    cuda_memcpy_h2d(d, h, n * sizeof *d);
+    return d;
+}
+
+static float *host_from_(const float *d, size_t n) {
+    float *h = host_alloc_(n);
+    cuda_memcpy_d2h(h, d, n * sizeof *h);
+    return h;
+}
+
+// Copies the device result back and compares: |got - want| <= atol + rtol * |want|.
+static int check_(const char *name, const float *d_got, const float *want, size_t n, double atol,
+                  double rtol) {
+    float *got = host_from_(d_got, n);
+    int ok = tu_allclose(name, got, want, n, atol, rtol);
+    free(got);
+    return ok;
+}
+
+// Bitwise equality of a device buffer with a host one (for outputs that must stay untouched).
+static int same_bits_(const char *name, const float *d_got, const float *want, size_t n) {
+    float *got = host_from_(d_got, n);
+    int ok = memcmp(got, want, n * sizeof *got) == 0;
+    if (!ok) fprintf(stderr, "  %s: changed, but must be left untouched\n", name);
+    free(got);
+    return ok;
+}
+
+// Tolerance of a GEMM result with k-term dot products of operands bounded by amax and bmax
+// (see the top of the file); want is the CPU result.
+static double gemm_atol_(int bf16, int k, double amax, double bmax, const float *want, size_t n) {
+    if (bf16) return BF16_GEMM_K * sqrt((double)k) * amax * bmax;
+    return FP32_ATOL_FRAC * tu_max_abs(want, n);
+}
+
+static double gemm_rtol_(int bf16) {
+    return bf16 ? 0.0 : FP32_RTOL;
+}
+
+// Tolerance of an attention output: a fraction of max(max|want|, the scale of its terms).
+static double attn_atol_(int bf16, const float *want, size_t n, double term_scale) {
+    const double m = tu_max_abs(want, n);
+    return (bf16 ? BF16_ATTN_FRAC : FP32_ATOL_FRAC) * (m > term_scale ? m : term_scale);
+}
+
+static const char *mode_name_(int bf16) {
+    return bf16 ? "bf16" : "fp32";
+}
+
+// ---------------------------------------------------------------------------------------
+// Matmul
+
+// Forward, then backward into gradients pre-filled with random values (backward must
+// accumulate), for the outputs selected by with_dinp / with_dw (the other is NULL and must stay
+// untouched).
+static void matmul_case_(int N, int C, int OC, int with_dinp, int with_dw, int bf16,
+                         uint64_t seed) {
+    const size_t nc = (size_t)N * C, oc = (size_t)OC * C, no = (size_t)N * OC;
+    float *inp = host_rand_(nc, seed, 1.0f), *w = host_rand_(oc, seed + 1, 1.0f);
+    float *dout = host_rand_(no, seed + 2, 1.0f);
+    float *dinp0 = host_rand_(nc, seed + 3, 0.5f), *dw0 = host_rand_(oc, seed + 4, 0.5f);
+    float *out = host_alloc_(no);
+    matmul_forward(out, inp, w, N, C, OC);
+    float *want_dinp = host_copy_(dinp0, nc), *want_dw = host_copy_(dw0, oc);
+    matmul_backward(with_dinp ? want_dinp : NULL, with_dw ? want_dw : NULL, dout, inp, w, N, C, OC);
+
+    cuda_set_gemm_bf16(bf16);
+    float *d_inp = dev_from_(inp, nc), *d_w = dev_from_(w, oc), *d_dout = dev_from_(dout, no);
+    float *d_dinp = dev_from_(dinp0, nc), *d_dw = dev_from_(dw0, oc);
+    float *d_out = cuda_malloc(no * sizeof(float));
+    cuda_matmul_forward(d_out, d_inp, d_w, N, C, OC);
+    cuda_matmul_backward(with_dinp ? d_dinp : NULL, with_dw ? d_dw : NULL, d_dout, d_inp, d_w, N, C,
+                         OC);
+    char name[128];
+    snprintf(name, sizeof name, "matmul_forward %dx%dx%d %s", N, C, OC, mode_name_(bf16));
+    CU_ASSERT_TRUE(
+        check_(name, d_out, out, no, gemm_atol_(bf16, C, 1, 1, out, no), gemm_rtol_(bf16)));
+    snprintf(name, sizeof name, "matmul_backward dinp %dx%dx%d %s", N, C, OC, mode_name_(bf16));
+    CU_ASSERT_TRUE(with_dinp ? check_(name, d_dinp, want_dinp, nc,
+                                      gemm_atol_(bf16, OC, 1, 1, want_dinp, nc), gemm_rtol_(bf16))
+                             : same_bits_(name, d_dinp, dinp0, nc));
+    snprintf(name, sizeof name, "matmul_backward dw %dx%dx%d %s", N, C, OC, mode_name_(bf16));
+    CU_ASSERT_TRUE(with_dw ? check_(name, d_dw, want_dw, oc, gemm_atol_(bf16, N, 1, 1, want_dw, oc),
+                                    gemm_rtol_(bf16))
+                           : same_bits_(name, d_dw, dw0, oc));
+
+    cuda_free(d_inp), cuda_free(d_w), cuda_free(d_dout), cuda_free(d_dinp), cuda_free(d_dw);
+    cuda_free(d_out);
+    free(inp), free(w), free(dout), free(dinp0), free(dw0), free(out), free(want_dinp);
+    free(want_dw);
+}
+
+static void test_matmul(void) {
+    // odd shapes (no multiple of 8 anywhere), a single row, and a larger square-ish case
+    static const int shapes[][3] = {{37, 70, 45}, {1, 33, 7}, {5, 1, 3}, {512, 1024, 768}};
+    for (int bf16 = 0; bf16 <= 1; bf16++) {
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+            matmul_case_(shapes[s][0], shapes[s][1], shapes[s][2], 1, 1, bf16, 1000 + 10 * s);
+        matmul_case_(37, 70, 45, 1, 0, bf16, 1100); // dw NULL
+        matmul_case_(37, 70, 45, 0, 1, bf16, 1110); // dinp NULL
+    }
+    cuda_set_gemm_bf16(1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Grouped expert matmul
+
+// rows[e] routed rows per expert (some 0); gradients pre-filled; dw of an expert without rows
+// must stay bitwise untouched.
+static void grouped_case_(const int *rows, int E, int C, int OC, int bf16, uint64_t seed) {
+    int32_t *offsets = malloc((size_t)(E + 1) * sizeof *offsets);
+    offsets[0] = 0;
+    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + rows[e];
+    const int R = offsets[E];
+    int max_rows = 1;
+    for (int e = 0; e < E; e++) max_rows = rows[e] > max_rows ? rows[e] : max_rows;
+    const size_t rc = (size_t)R * C, ro = (size_t)R * OC, ew = (size_t)E * OC * C;
+    float *inp = host_rand_(rc, seed, 1.0f), *w = host_rand_(ew, seed + 1, 1.0f);
+    float *dout = host_rand_(ro, seed + 2, 1.0f);
+    float *dinp0 = host_rand_(rc, seed + 3, 0.5f), *dw0 = host_rand_(ew, seed + 4, 0.5f);
+    float *out = host_alloc_(ro);
+    grouped_matmul_forward(out, inp, w, offsets, E, C, OC);
+    float *want_dinp = host_copy_(dinp0, rc), *want_dw = host_copy_(dw0, ew);
+    grouped_matmul_backward(want_dinp, want_dw, dout, inp, w, offsets, E, C, OC);
+
+    cuda_set_gemm_bf16(bf16);
+    float *d_inp = dev_from_(inp, rc), *d_w = dev_from_(w, ew), *d_dout = dev_from_(dout, ro);
+    float *d_dinp = dev_from_(dinp0, rc), *d_dw = dev_from_(dw0, ew);
+    float *d_out = cuda_malloc(ro * sizeof(float));
+    cuda_grouped_matmul_forward(d_out, d_inp, d_w, offsets, E, C, OC);
+    cuda_grouped_matmul_backward(d_dinp, d_dw, d_dout, d_inp, d_w, offsets, E, C, OC);
+    char name[128];
+    snprintf(name, sizeof name, "grouped_matmul_forward E=%d %s", E, mode_name_(bf16));
+    CU_ASSERT_TRUE(
+        check_(name, d_out, out, ro, gemm_atol_(bf16, C, 1, 1, out, ro), gemm_rtol_(bf16)));
+    snprintf(name, sizeof name, "grouped_matmul_backward dinp E=%d %s", E, mode_name_(bf16));
+    CU_ASSERT_TRUE(check_(name, d_dinp, want_dinp, rc, gemm_atol_(bf16, OC, 1, 1, want_dinp, rc),
+                          gemm_rtol_(bf16)));
+    snprintf(name, sizeof name, "grouped_matmul_backward dw E=%d %s", E, mode_name_(bf16));
+    CU_ASSERT_TRUE(check_(name, d_dw, want_dw, ew, gemm_atol_(bf16, max_rows, 1, 1, want_dw, ew),
+                          gemm_rtol_(bf16)));
+    for (int e = 0; e < E; e++) {
+        if (rows[e] != 0) continue;
+        snprintf(name, sizeof name, "grouped_matmul_backward dw of empty expert %d", e);
+        float *d_dw_e = d_dw + (size_t)e * OC * C;
+        CU_ASSERT_TRUE(same_bits_(name, d_dw_e, dw0 + (size_t)e * OC * C, (size_t)OC * C));
+    }
+
+    // dinp NULL: only dw changes
+    cuda_memcpy_h2d(d_dw, dw0, ew * sizeof(float));
+    cuda_grouped_matmul_backward(NULL, d_dw, d_dout, d_inp, d_w, offsets, E, C, OC);
+    snprintf(name, sizeof name, "grouped_matmul_backward dw only E=%d %s", E, mode_name_(bf16));
+    CU_ASSERT_TRUE(check_(name, d_dw, want_dw, ew, gemm_atol_(bf16, max_rows, 1, 1, want_dw, ew),
+                          gemm_rtol_(bf16)));
+
+    cuda_free(d_inp), cuda_free(d_w), cuda_free(d_dout), cuda_free(d_dinp), cuda_free(d_dw);
+    cuda_free(d_out);
+    free(inp), free(w), free(dout), free(dinp0), free(dw0), free(out), free(want_dinp);
+    free(want_dw), free(offsets);
+}
+
+static void test_grouped_matmul(void) {
+    static const int rows5[5] = {7, 0, 33, 1, 19}; // E = 5, expert 1 empty, uneven
+    static const int rows4[4] = {100, 3, 0, 250};  // larger, expert 2 empty
+    static const int rows3[3] = {0, 0, 12};        // leading empty experts
+    for (int bf16 = 0; bf16 <= 1; bf16++) {
+        grouped_case_(rows5, 5, 70, 45, bf16, 2000);
+        grouped_case_(rows4, 4, 256, 96, bf16, 2010);
+        grouped_case_(rows3, 3, 40, 24, bf16, 2020);
+    }
+    cuda_set_gemm_bf16(1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention
+
+// Forward against the CPU; then backward, with the CPU's out and lse given to both backends,
+// into gradients pre-filled with random values, for the outputs selected by the mask
+// (1 dq, 2 dk, 4 dv; the others are NULL and must stay untouched).
+static void attention_case_(int B, int T, int H, int Dh, int grads, int bf16, uint64_t seed) {
+    const size_t n = (size_t)B * T * H * Dh, nl = (size_t)B * H * T;
+    float *q = host_rand_(n, seed, 1.0f), *k = host_rand_(n, seed + 1, 1.0f);
+    float *v = host_rand_(n, seed + 2, 1.0f), *dout = host_rand_(n, seed + 3, 1.0f);
+    float *dq0 = host_rand_(n, seed + 4, 0.5f), *dk0 = host_rand_(n, seed + 5, 0.5f);
+    float *dv0 = host_rand_(n, seed + 6, 0.5f);
+    float *out = host_alloc_(n), *lse = host_alloc_(nl);
+    attention_forward(out, lse, q, k, v, B, T, H, Dh);
+    float *want_dq = host_copy_(dq0, n), *want_dk = host_copy_(dk0, n);
+    float *want_dv = host_copy_(dv0, n);
+    const int wq = grads & 1, wk = grads & 2, wv = grads & 4;
+    attention_backward(wq ? want_dq : NULL, wk ? want_dk : NULL, wv ? want_dv : NULL, dout, out,
+                       lse, q, k, v, B, T, H, Dh);
+
+    cuda_set_gemm_bf16(bf16);
+    float *d_q = dev_from_(q, n), *d_k = dev_from_(k, n), *d_v = dev_from_(v, n);
+    float *d_dout = dev_from_(dout, n);
+    float *d_out = cuda_malloc(n * sizeof(float)), *d_lse = cuda_malloc(nl * sizeof(float));
+    void *scratch = cuda_malloc(cuda_attention_scratch_bytes(T, H));
+    cuda_attention_forward(d_out, d_lse, d_q, d_k, d_v, B, T, H, Dh, scratch);
+    char name[128];
+    const char *mode = mode_name_(bf16);
+    // term scales (see the top of the file): all inputs are bounded by 1, scale*sqrt(Dh) = 1
+    snprintf(name, sizeof name, "attention_forward out T=%d Dh=%d %s", T, Dh, mode);
+    CU_ASSERT_TRUE(check_(name, d_out, out, n, attn_atol_(bf16, out, n, 1.0), gemm_rtol_(bf16)));
+    snprintf(name, sizeof name, "attention_forward lse T=%d Dh=%d %s", T, Dh, mode);
+    CU_ASSERT_TRUE(check_(name, d_lse, lse, nl, attn_atol_(bf16, lse, nl, 1.0), gemm_rtol_(bf16)));
+
+    // the backward reads the CPU's out and lse, like the CPU backward above
+    float *d_dq = dev_from_(dq0, n), *d_dk = dev_from_(dk0, n), *d_dv = dev_from_(dv0, n);
+    cuda_memcpy_h2d(d_out, out, n * sizeof(float));
+    cuda_memcpy_h2d(d_lse, lse, nl * sizeof(float));
+    cuda_attention_backward(wq ? d_dq : NULL, wk ? d_dk : NULL, wv ? d_dv : NULL, d_dout, d_out,
+                            d_lse, d_q, d_k, d_v, B, T, H, Dh, scratch);
+    snprintf(name, sizeof name, "attention_backward dq T=%d Dh=%d %s", T, Dh, mode);
+    CU_ASSERT_TRUE(
+        wq ? check_(name, d_dq, want_dq, n, attn_atol_(bf16, want_dq, n, 1.0), gemm_rtol_(bf16))
+           : same_bits_(name, d_dq, dq0, n));
+    snprintf(name, sizeof name, "attention_backward dk T=%d Dh=%d %s", T, Dh, mode);
+    CU_ASSERT_TRUE(
+        wk ? check_(name, d_dk, want_dk, n, attn_atol_(bf16, want_dk, n, 1.0), gemm_rtol_(bf16))
+           : same_bits_(name, d_dk, dk0, n));
+    snprintf(name, sizeof name, "attention_backward dv T=%d Dh=%d %s", T, Dh, mode);
+    CU_ASSERT_TRUE(
+        wv ? check_(name, d_dv, want_dv, n, attn_atol_(bf16, want_dv, n, 1.0), gemm_rtol_(bf16))
+           : same_bits_(name, d_dv, dv0, n));
+
+    cuda_free(d_q), cuda_free(d_k), cuda_free(d_v), cuda_free(d_dout), cuda_free(d_out);
+    cuda_free(d_lse), cuda_free(scratch), cuda_free(d_dq), cuda_free(d_dk), cuda_free(d_dv);
+    free(q), free(k), free(v), free(dout), free(dq0), free(dk0), free(dv0), free(out), free(lse);
+    free(want_dq), free(want_dk), free(want_dv);
+}
+
+static void test_attention(void) {
+    static const int Ts[] = {1, 17, 128}, Dhs[] = {16, 64};
+    for (int bf16 = 0; bf16 <= 1; bf16++) {
+        for (size_t i = 0; i < sizeof Ts / sizeof Ts[0]; i++)
+            for (size_t j = 0; j < sizeof Dhs / sizeof Dhs[0]; j++)
+                attention_case_(2, Ts[i], 3, Dhs[j], 7, bf16, 3000 + 100 * i + 10 * j);
+        attention_case_(2, 17, 3, 16, 4, bf16, 3500); // dv only (no dP / dS pass)
+        attention_case_(2, 17, 3, 16, 3, bf16, 3510); // dq and dk, dv NULL
+        attention_case_(2, 17, 3, 16, 2, bf16, 3520); // dk only
+    }
+    cuda_set_gemm_bf16(1);
+}
+
+// ---------------------------------------------------------------------------------------
+// GEMM precision switch
+
+static void test_gemm_mode(void) {
+    // main() checks the default (1) before any test runs; here the setter and getter
+    cuda_set_gemm_bf16(0);
+    CU_ASSERT_EQUAL(cuda_gemm_bf16(), 0);
+    cuda_set_gemm_bf16(5); // any non-zero value means on
+    CU_ASSERT_EQUAL(cuda_gemm_bf16(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Determinism: every op twice from the same inputs, in both precisions; the bits must match.
+
+static int same_run_(const char *name, const float *a, const float *b, size_t n) {
+    int ok = memcmp(a, b, n * sizeof *a) == 0;
+    if (!ok) fprintf(stderr, "  %s: two runs differ\n", name);
+    return ok;
+}
+
+static void test_determinism(void) {
+    const int N = 300, C = 256, OC = 192;
+    const int B = 2, T = 128, H = 3, Dh = 64;
+    static const int rows[4] = {120, 0, 100, 80}; // R = N
+    int32_t offsets[5] = {0};
+    for (int e = 0; e < 4; e++) offsets[e + 1] = offsets[e] + rows[e];
+    const size_t nc = (size_t)N * C, oc = (size_t)OC * C, no = (size_t)N * OC;
+    const size_t na = (size_t)B * T * H * Dh, nl = (size_t)B * H * T;
+    float *h_inp = host_rand_(nc, 4000, 1.0f), *h_w = host_rand_(4 * oc, 4001, 1.0f);
+    float *h_dout = host_rand_(no, 4002, 1.0f), *h_q = host_rand_(na, 4003, 1.0f);
+    float *h_k = host_rand_(na, 4004, 1.0f), *h_v = host_rand_(na, 4005, 1.0f);
+    float *h_do = host_rand_(na, 4006, 1.0f);
+    float *d_inp = dev_from_(h_inp, nc), *d_w = dev_from_(h_w, 4 * oc);
+    float *d_dout = dev_from_(h_dout, no), *d_q = dev_from_(h_q, na), *d_k = dev_from_(h_k, na);
+    float *d_v = dev_from_(h_v, na), *d_do = dev_from_(h_do, na);
+    float *d_out = cuda_malloc(no * sizeof(float)), *d_dinp = cuda_malloc(nc * sizeof(float));
+    float *d_dw = cuda_malloc(4 * oc * sizeof(float));
+    float *d_aout = cuda_malloc(na * sizeof(float)), *d_lse = cuda_malloc(nl * sizeof(float));
+    float *d_dq = cuda_malloc(na * sizeof(float)), *d_dk = cuda_malloc(na * sizeof(float));
+    float *d_dv = cuda_malloc(na * sizeof(float));
+    void *scratch = cuda_malloc(cuda_attention_scratch_bytes(T, H));
+
+    enum { NOUT = 11 };
+    static const char *names[NOUT] = {"matmul out",   "matmul dinp", "matmul dw", "grouped out",
+                                      "grouped dinp", "grouped dw",  "attn out",  "attn lse",
+                                      "attn dq",      "attn dk",     "attn dv"};
+    const size_t sizes[NOUT] = {no, nc, oc, no, nc, 4 * oc, na, nl, na, na, na};
+    for (int bf16 = 0; bf16 <= 1; bf16++) {
+        cuda_set_gemm_bf16(bf16);
+        float *res[2][NOUT];
+        for (int r = 0; r < 2; r++) {
+            int i = 0;
+            cuda_zero(d_dinp, nc * sizeof(float));
+            cuda_zero(d_dw, 4 * oc * sizeof(float));
+            cuda_matmul_forward(d_out, d_inp, d_w, N, C, OC);
+            cuda_matmul_backward(d_dinp, d_dw, d_dout, d_inp, d_w, N, C, OC);
+            res[r][i++] = host_from_(d_out, no);
+            res[r][i++] = host_from_(d_dinp, nc);
+            res[r][i++] = host_from_(d_dw, oc);
+            cuda_zero(d_dinp, nc * sizeof(float));
+            cuda_zero(d_dw, 4 * oc * sizeof(float));
+            cuda_grouped_matmul_forward(d_out, d_inp, d_w, offsets, 4, C, OC);
+            cuda_grouped_matmul_backward(d_dinp, d_dw, d_dout, d_inp, d_w, offsets, 4, C, OC);
+            res[r][i++] = host_from_(d_out, no);
+            res[r][i++] = host_from_(d_dinp, nc);
+            res[r][i++] = host_from_(d_dw, 4 * oc);
+            cuda_zero(d_dq, na * sizeof(float));
+            cuda_zero(d_dk, na * sizeof(float));
+            cuda_zero(d_dv, na * sizeof(float));
+            cuda_attention_forward(d_aout, d_lse, d_q, d_k, d_v, B, T, H, Dh, scratch);
+            cuda_attention_backward(d_dq, d_dk, d_dv, d_do, d_aout, d_lse, d_q, d_k, d_v, B, T, H,
+                                    Dh, scratch);
+            res[r][i++] = host_from_(d_aout, na);
+            res[r][i++] = host_from_(d_lse, nl);
+            res[r][i++] = host_from_(d_dq, na);
+            res[r][i++] = host_from_(d_dk, na);
+            res[r][i++] = host_from_(d_dv, na);
+        }
+        for (int i = 0; i < NOUT; i++) {
+            char name[96];
+            snprintf(name, sizeof name, "%s %s", names[i], mode_name_(bf16));
+            CU_ASSERT_TRUE(same_run_(name, res[0][i], res[1][i], sizes[i]));
+            free(res[0][i]), free(res[1][i]);
+        }
+    }
+    cuda_set_gemm_bf16(1);
+
+    cuda_free(d_inp), cuda_free(d_w), cuda_free(d_dout), cuda_free(d_q), cuda_free(d_k);
+    cuda_free(d_v), cuda_free(d_do), cuda_free(d_out), cuda_free(d_dinp), cuda_free(d_dw);
+    cuda_free(d_aout), cuda_free(d_lse), cuda_free(d_dq), cuda_free(d_dk), cuda_free(d_dv);
+    cuda_free(scratch);
+    free(h_inp), free(h_w), free(h_dout), free(h_q), free(h_k), free(h_v), free(h_do);
+}
+
+int main(void) {
+    if (cuda_device_count() == 0) {
+        printf("skipped: no CUDA device\n");
+        return TU_SKIP;
+    }
+    char info[512];
+    if (cuda_init(0, info, sizeof info) != 0) {
+        fprintf(stderr, "test_cuda_gemm: %s\n", info);
+        return 1;
+    }
+    printf("%s\n", info);
+    if (cuda_gemm_bf16() != 1) {
+        fprintf(stderr, "test_cuda_gemm: the GEMM precision must default to bf16 (1)\n");
+        return 1;
+    }
+    static const TuTest tests[] = {
+        {"gemm precision switch", test_gemm_mode},
+        {"matmul forward and backward", test_matmul},
+        {"grouped matmul forward and backward", test_grouped_matmul},
+        {"attention forward and backward", test_attention},
+        {"determinism of the GEMM ops", test_determinism},
+    };
+    return tu_run("cuda_gemm", tests, (int)(sizeof tests / sizeof tests[0]));
+}
