@@ -199,11 +199,11 @@ if "$MOET" inspect --help >/dev/null 2>&1; then
 fi
 
 # --- usage errors -----------------------------------------------------------------------------
-train U --set train.device=cuda
-if [[ $rc -eq 2 ]] && grep -q "not available in this build yet" "$tmp/err"; then
-    ok "usage: device = cuda is refused with exit 2"
+train U --set train.precision=bf16
+if [[ $rc -eq 2 ]] && grep -q "precision = bf16 needs device = cuda" "$tmp/err"; then
+    ok "usage: precision = bf16 on the CPU is refused with exit 2"
 else
-    bad "usage: device = cuda" "exit status $rc"
+    bad "usage: precision = bf16 on the CPU" "exit status $rc"
 fi
 train U --resume latest --init x.h5
 if [[ $rc -eq 2 ]] && grep -q "exclude each other" "$tmp/err"; then

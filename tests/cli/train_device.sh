@@ -19,6 +19,7 @@ if [[ ! -f $TOK || ! -f configs/tiny-moe.ini ]]; then
     echo "train_device: run from the repository root" >&2
     exit 1
 fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/moet-train-device.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 passed=0
@@ -90,12 +91,15 @@ for pair in "cpu shadow cpu-shadow" "shadow cpu cpu"; do
     fi
 done
 
-# (c) two ranks on cpu-shadow: the gradients leave the "device" for the MPI all-reduce
+# (c) two ranks on cpu-shadow: the gradients leave the "device" for the MPI all-reduce. The
+# training losses are bit-identical (trainer.h); evaluation, repeated on each rank with that
+# rank's threads, may differ in the last bits, as in train_mpi.sh, so it is not compared.
 run 2 mpi cpu-shadow
 if [[ $rc -ne 0 ]]; then
     bad "c: mpirun -np 2 on cpu-shadow" "exit $rc"
-elif ! diff <(losses cpu) <(losses mpi) >/dev/null; then
-    bad "c: mpirun -np 2 on cpu-shadow" "$(diff <(losses cpu) <(losses mpi) | head -4)"
+elif ! diff <(losses cpu | grep '"step"') <(losses mpi | grep '"step"') >/dev/null; then
+    bad "c: mpirun -np 2 on cpu-shadow" \
+        "$(diff <(losses cpu | grep '"step"') <(losses mpi | grep '"step"') | head -4)"
 else
     ok "c: mpirun -np 2 on cpu-shadow (staged all-reduce) equals one cpu rank bit for bit"
 fi
