@@ -156,7 +156,15 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
     printf("%-22s %s\n", "AdamW state", a);
     bytes_(a, sizeof a, act);
     printf("%-22s %s\n", "activations", a);
-    bytes_(a, sizeof a, pbytes + gbytes + obytes + act);
+    double scratch = 0;
+    if (strcmp(c.device, "cuda") == 0) {
+        // the CUDA attention keeps one sequence's (H,T,T) scores and their gradient
+        scratch = 2.0 * c.n_heads * (double)c.seq_len * c.seq_len * 4.0;
+        bytes_(a, sizeof a, scratch);
+        printf("%-22s %s  (cuda: attention scores of one sequence, forward and backward)\n",
+               "scratch", a);
+    }
+    bytes_(a, sizeof a, pbytes + gbytes + obytes + act + scratch);
     printf("%-22s %s\n", "total", a);
     return MOET_OK;
 }

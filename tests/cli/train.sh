@@ -5,43 +5,8 @@
 # bit-exact too; (d) a non-finite gradient stops the run with exit 1 naming the step and tensor,
 # the last checkpoint untouched; (e) eval lines land in metrics.jsonl; plus usage errors.
 # Usage, from the repository root (ctest does this): bash tests/cli/train.sh PATH/TO/moet
-set -u
-
-MOET=${1:?usage: bash tests/cli/train.sh PATH/TO/moet}
-if [[ ! -x $MOET ]]; then
-    echo "train: $MOET is not an executable (build moet first)" >&2
-    exit 1
-fi
-TOK=data/tokenizers/gpt-neox-olmo-dolma-v1_5.json
-if [[ ! -f $TOK || ! -f configs/tiny-moe.ini ]]; then
-    echo "train: run from the repository root ($TOK or configs/tiny-moe.ini not found)" >&2
-    exit 1
-fi
-
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/moet-train.XXXXXX")
-bgpid=
-cleanup() {
-    [[ -n $bgpid ]] && kill "$bgpid" 2>/dev/null
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-passed=0
-failed=0
-ok() { echo "ok   $1"; passed=$((passed + 1)); }
-bad() {
-    echo "FAIL $1: $2"
-    [[ -f $tmp/err ]] && sed 's/^/     | /' "$tmp/err" | tail -n 8
-    failed=$((failed + 1))
-}
-
-for split in train valid; do
-    if ! "$MOET" tokenize --tokenizer "$TOK" --out "$tmp/$split" \
-        "data/sample/documents/$split.jsonl.gz" >"$tmp/out" 2>"$tmp/err"; then
-        echo "train: tokenizing the $split sample failed:" >&2
-        cat "$tmp/err" >&2
-        exit 1
-    fi
-done
+source "$(dirname "$0")/common.bash" train "$@"
+tokenize_sample
 
 # train RUN ARGS...: moet train on tiny-moe with the run's output in $tmp/RUN (stdout ->
 # $tmp/RUN.out, stderr -> $tmp/err); sets rc.
@@ -212,5 +177,4 @@ else
     bad "usage: --resume with --init" "exit status $rc"
 fi
 
-echo "$passed passed, $failed failed"
-[[ $failed -eq 0 ]]
+finish

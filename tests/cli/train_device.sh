@@ -11,33 +11,9 @@
 #   (c) mpirun -np 2 on cpu-shadow (staged all-reduce) logs the losses of one cpu rank;
 #   (d) device = cuda in a process without a GPU fails with exit 1 and says what to do.
 # Usage, from the repository root (ctest does this): bash tests/cli/train_device.sh PATH/TO/moet
-set -u
-
-MOET=${1:?usage: bash tests/cli/train_device.sh PATH/TO/moet}
-TOK=data/tokenizers/gpt-neox-olmo-dolma-v1_5.json
-if [[ ! -f $TOK || ! -f configs/tiny-moe.ini ]]; then
-    echo "train_device: run from the repository root" >&2
-    exit 1
-fi
+source "$(dirname "$0")/common.bash" train_device "$@"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/moet-train-device.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-passed=0
-failed=0
-ok() { echo "ok   $1"; passed=$((passed + 1)); }
-bad() {
-    echo "FAIL $1: $2"
-    [[ -f $tmp/err ]] && sed 's/^/     | /' "$tmp/err" | tail -n 8
-    failed=$((failed + 1))
-}
-for split in train valid; do
-    "$MOET" tokenize --tokenizer "$TOK" --out "$tmp/$split" \
-        "data/sample/documents/$split.jsonl.gz" >/dev/null 2>"$tmp/err" || {
-        echo "train_device: tokenizing the $split sample failed" >&2
-        cat "$tmp/err" >&2
-        exit 1
-    }
-done
+tokenize_sample
 
 # run NP NAME DEVICE ARGS...: 8 steps of tiny-moe (evaluation every 4) into $tmp/NAME
 run() {
@@ -114,5 +90,4 @@ if "$MOET" info configs/tiny-moe.ini >/dev/null 2>&1 && ! command -v nvidia-smi 
     fi
 fi
 
-echo "train_device: $passed passed, $failed failed"
-[[ $failed -eq 0 ]]
+finish

@@ -7,32 +7,10 @@
 # (killed) ends every rank with a non-zero status within 60 s, not a hang; (e) an ep-4 checkpoint
 # holds exactly the tensors of ep 1; (f, g) resume 4 ranks -> 1 and 2 -> 4 continues the curve.
 # Usage, from the repository root (ctest does this): bash tests/cli/train_mpi.sh PATH/TO/moet
-set -u
-
-MOET=${1:?usage: bash tests/cli/train_mpi.sh PATH/TO/moet}
-TOK=data/tokenizers/gpt-neox-olmo-dolma-v1_5.json
+source "$(dirname "$0")/common.bash" train_mpi "$@"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
 MPIRUN=(mpirun -np 2 --oversubscribe --mca btl tcp,self -x OMP_NUM_THREADS)
-
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/moet-train-mpi.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-passed=0
-failed=0
-ok() { echo "ok   $1"; passed=$((passed + 1)); }
-bad() {
-    echo "FAIL $1: $2"
-    [[ -f $tmp/err ]] && sed 's/^/     | /' "$tmp/err" | tail -n 8
-    failed=$((failed + 1))
-}
-
-for split in train valid; do
-    "$MOET" tokenize --quiet --tokenizer "$TOK" --out "$tmp/$split" \
-        "data/sample/documents/$split.jsonl.gz" >/dev/null 2>"$tmp/err" || {
-        echo "train_mpi: tokenizing the $split sample failed" >&2
-        cat "$tmp/err" >&2
-        exit 1
-    }
-done
+tokenize_sample
 
 # run NP RUN ARGS...: moet train on tiny-moe (global batch 8 = 2 micro-batches of 4) with NP
 # ranks (1: no mpirun), output in $tmp/RUN; sets rc.
@@ -199,5 +177,4 @@ else
     fi
 fi
 
-echo "$passed passed, $failed failed"
-[[ $failed -eq 0 ]]
+finish
