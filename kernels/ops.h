@@ -47,16 +47,15 @@ typedef struct Ops {
     void (*matmul_backward)(float *dinp, float *dw, const float *dout, const float *inp,
                             const float *w, int N, int C, int OC);
     void (*rope_forward)(float *out, const float *inp, int B, int T, int H, int Dh, float theta);
-    void (*rope_backward)(float *dinp, const float *dout, int B, int T, int H, int Dh,
-                          float theta);
+    void (*rope_backward)(float *dinp, const float *dout, int B, int T, int H, int Dh, float theta);
     void (*attention_forward)(float *out, float *lse, const float *q, const float *k,
                               const float *v, int B, int T, int H, int Dh);
-    void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout,
-                               const float *out, const float *lse, const float *q,
-                               const float *k, const float *v, int B, int T, int H, int Dh);
+    void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                               const float *lse, const float *q, const float *k, const float *v,
+                               int B, int T, int H, int Dh);
     void (*swiglu_forward)(float *out, const float *g, const float *u, size_t n);
-    void (*swiglu_backward)(float *dg, float *du, const float *dout, const float *g,
-                            const float *u, size_t n);
+    void (*swiglu_backward)(float *dg, float *du, const float *dout, const float *g, const float *u,
+                            size_t n);
     void (*add_forward)(float *out, const float *a, const float *b, size_t n);
     void (*router_forward)(float *probs, float *lse, int32_t *topk_idx, float *topk_w,
                            const float *logits, int N, int E, int K, int norm_topk);
@@ -70,13 +69,12 @@ typedef struct Ops {
     void (*moe_plan)(int32_t *counts, int32_t *offsets, int32_t *row_token, int32_t *assign_row,
                      const int32_t *topk_idx, int N, int K, int E);
     void (*permute_forward)(float *xp, const float *x, const int32_t *row_token, int R, int D);
-    void (*permute_backward)(float *dx, const float *dxp, const int32_t *assign_row, int N,
-                             int K, int D);
+    void (*permute_backward)(float *dx, const float *dxp, const int32_t *assign_row, int N, int K,
+                             int D);
     void (*unpermute_forward)(float *out, const float *yp, const float *topk_w,
                               const int32_t *assign_row, int N, int K, int D);
     void (*unpermute_backward)(float *dyp, float *dtopk_w, const float *dout, const float *yp,
-                               const float *topk_w, const int32_t *assign_row, int N, int K,
-                               int D);
+                               const float *topk_w, const int32_t *assign_row, int N, int K, int D);
     // offsets_host: HOST (E+1) row offsets
     void (*grouped_matmul_forward)(float *out, const float *inp, const float *w,
                                    const int32_t *offsets_host, int E, int C, int OC);

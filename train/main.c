@@ -279,7 +279,10 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
     getrusage(RUSAGE_SELF, &ru);
     printf("\nstep time (median of %d): %.3f s\n", steps, med);
     printf("tokens/s:                 %.1f\n", tok_s);
-    printf("achieved:                 %.2f TFLOP/s\n", gflops / 1e3);
+    if (gpu)
+        printf("achieved:                 %.1f TFLOP/s\n", gflops / 1e3);
+    else
+        printf("achieved:                 %.1f GFLOP/s\n", gflops);
     if (gpu)
         printf("MFU:                      %.1f%% of the dense bf16 peak (%.0f TFLOP/s)\n",
                100.0 * gflops / peak, peak / 1e3);

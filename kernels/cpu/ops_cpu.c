@@ -22,7 +22,9 @@ static void *cpu_alloc_(size_t bytes) {
     return p;
 }
 
-static void cpu_free_(void *p) { free(p); }
+static void cpu_free_(void *p) {
+    free(p);
+}
 static void cpu_zero_(void *p, size_t bytes) {
     if (bytes) memset(p, 0, bytes);
 }
@@ -77,13 +79,21 @@ static const Ops cpu_ops_ = {
     .zero_fill = zero_fill,
 };
 
-const Ops *ops_cpu(void) { return &cpu_ops_; }
+const Ops *ops_cpu(void) {
+    return &cpu_ops_;
+}
 
 #ifndef MOET_CUDA
 // A build without the CUDA backend (MOET_CUDA=OFF or no nvcc).
-const Ops *ops_cuda(void) { return NULL; }
-int ops_cuda_device_count(void) { return 0; }
-double ops_cuda_peak_tflops(void) { return 0.0; }
+const Ops *ops_cuda(void) {
+    return NULL;
+}
+int ops_cuda_device_count(void) {
+    return 0;
+}
+double ops_cuda_peak_tflops(void) {
+    return 0.0;
+}
 int ops_cuda_open(int device, int gemm_bf16, char *info, int infolen) {
     (void)device;
     (void)gemm_bf16;

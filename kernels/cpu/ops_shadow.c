@@ -16,14 +16,18 @@
 
 #define TAG_ (1ull << 62)
 
-static void *tag_(void *p) { return p ? (void *)((uintptr_t)p ^ TAG_) : NULL; }
+static void *tag_(void *p) {
+    return p ? (void *)((uintptr_t)p ^ TAG_) : NULL;
+}
 // untags a backend pointer (NULL stays NULL); a pointer without the tag is a host pointer
 // passed where backend memory belongs: a bug, reported at once
 static void *un_(const void *p) {
     if (!p) return NULL;
     if (!((uintptr_t)p & TAG_)) {
-        fprintf(stderr, "moet: fatal: ops_shadow: a host pointer %p was passed as backend "
-                        "memory\n", p);
+        fprintf(stderr,
+                "moet: fatal: ops_shadow: a host pointer %p was passed as backend "
+                "memory\n",
+                p);
         abort();
     }
     return (void *)((uintptr_t)p ^ TAG_);
@@ -41,7 +45,9 @@ static void *sh_alloc_(size_t bytes) {
     memset(p, 0, n ? n : 64);
     return tag_(p);
 }
-static void sh_free_(void *p) { free(un_(p)); }
+static void sh_free_(void *p) {
+    free(un_(p));
+}
 static void sh_zero_(void *p, size_t bytes) {
     if (bytes) memset(un_(p), 0, bytes);
 }
@@ -76,8 +82,7 @@ static void sh_rmsnorm_backward_(float *dx, float *dw, const float *dout, const 
                                  const float *w, const float *rstd, int N, int D) {
     rmsnorm_backward(F_(dx), F_(dw), F_(dout), F_(x), F_(w), F_(rstd), N, D);
 }
-static void sh_matmul_forward_(float *out, const float *inp, const float *w, int N, int C,
-                               int OC) {
+static void sh_matmul_forward_(float *out, const float *inp, const float *w, int N, int C, int OC) {
     matmul_forward(F_(out), F_(inp), F_(w), N, C, OC);
 }
 static void sh_matmul_backward_(float *dinp, float *dw, const float *dout, const float *inp,
@@ -99,8 +104,8 @@ static void sh_attention_forward_(float *out, float *lse, const float *q, const 
 static void sh_attention_backward_(float *dq, float *dk, float *dv, const float *dout,
                                    const float *out, const float *lse, const float *q,
                                    const float *k, const float *v, int B, int T, int H, int Dh) {
-    attention_backward(F_(dq), F_(dk), F_(dv), F_(dout), F_(out), F_(lse), F_(q), F_(k), F_(v),
-                       B, T, H, Dh);
+    attention_backward(F_(dq), F_(dk), F_(dv), F_(dout), F_(out), F_(lse), F_(q), F_(k), F_(v), B,
+                       T, H, Dh);
 }
 static void sh_swiglu_forward_(float *out, const float *g, const float *u, size_t n) {
     swiglu_forward(F_(out), F_(g), F_(u), n);
@@ -123,16 +128,15 @@ static void sh_router_backward_(float *dlogits, const float *dtopk_w, const floa
     router_backward(F_(dlogits), F_(dtopk_w), F_(dprob_bias), dz_coef, F_(probs), F_(lse),
                     I_(topk_idx), F_(topk_w), N, E, K, norm_topk);
 }
-static void sh_router_aux_sums_(double *prob_sum_host, double *lse_sq_sum_host,
-                                const float *probs, const float *lse, int N, int E) {
+static void sh_router_aux_sums_(double *prob_sum_host, double *lse_sq_sum_host, const float *probs,
+                                const float *lse, int N, int E) {
     router_aux_sums(prob_sum_host, lse_sq_sum_host, F_(probs), F_(lse), N, E);
 }
-static void sh_moe_plan_(int32_t *counts, int32_t *offsets, int32_t *row_token,
-                         int32_t *assign_row, const int32_t *topk_idx, int N, int K, int E) {
+static void sh_moe_plan_(int32_t *counts, int32_t *offsets, int32_t *row_token, int32_t *assign_row,
+                         const int32_t *topk_idx, int N, int K, int E) {
     moe_plan(I_(counts), I_(offsets), I_(row_token), I_(assign_row), I_(topk_idx), N, K, E);
 }
-static void sh_permute_forward_(float *xp, const float *x, const int32_t *row_token, int R,
-                                int D) {
+static void sh_permute_forward_(float *xp, const float *x, const int32_t *row_token, int R, int D) {
     permute_forward(F_(xp), F_(x), I_(row_token), R, D);
 }
 static void sh_permute_backward_(float *dx, const float *dxp, const int32_t *assign_row, int N,
@@ -146,25 +150,23 @@ static void sh_unpermute_forward_(float *out, const float *yp, const float *topk
 static void sh_unpermute_backward_(float *dyp, float *dtopk_w, const float *dout, const float *yp,
                                    const float *topk_w, const int32_t *assign_row, int N, int K,
                                    int D) {
-    unpermute_backward(F_(dyp), F_(dtopk_w), F_(dout), F_(yp), F_(topk_w), I_(assign_row), N, K,
-                       D);
+    unpermute_backward(F_(dyp), F_(dtopk_w), F_(dout), F_(yp), F_(topk_w), I_(assign_row), N, K, D);
 }
 static void sh_grouped_matmul_forward_(float *out, const float *inp, const float *w,
                                        const int32_t *offsets_host, int E, int C, int OC) {
     grouped_matmul_forward(F_(out), F_(inp), F_(w), offsets_host, E, C, OC);
 }
-static void sh_grouped_matmul_backward_(float *dinp, float *dw, const float *dout,
-                                        const float *inp, const float *w,
-                                        const int32_t *offsets_host, int E, int C, int OC) {
+static void sh_grouped_matmul_backward_(float *dinp, float *dw, const float *dout, const float *inp,
+                                        const float *w, const int32_t *offsets_host, int E, int C,
+                                        int OC) {
     grouped_matmul_backward(F_(dinp), F_(dw), F_(dout), F_(inp), F_(w), offsets_host, E, C, OC);
 }
 static double sh_crossentropy_forward_(float *losses, const float *logits, const int32_t *targets,
                                        int N, int V) {
     return crossentropy_forward(F_(losses), F_(logits), I_(targets), N, V);
 }
-static double sh_crossentropy_forward_backward_(float *dlogits, float *losses,
-                                                const float *logits, const int32_t *targets,
-                                                int N, int V, float scale) {
+static double sh_crossentropy_forward_backward_(float *dlogits, float *losses, const float *logits,
+                                                const int32_t *targets, int N, int V, float scale) {
     return crossentropy_forward_backward(F_(dlogits), F_(losses), F_(logits), I_(targets), N, V,
                                          scale);
 }
@@ -172,9 +174,15 @@ static void sh_adamw_update_(float *p, const float *grad, float *m, float *v, si
                              float b1, float b2, float eps, float wd, int t, float grad_scale) {
     adamw_update(F_(p), F_(grad), F_(m), F_(v), n, lr, b1, b2, eps, wd, t, grad_scale);
 }
-static double sh_sum_squares_(const float *x, size_t n) { return sum_squares(F_(x), n); }
-static void sh_scale_inplace_(float *x, float s, size_t n) { scale_inplace(F_(x), s, n); }
-static void sh_zero_fill_(float *x, size_t n) { zero_fill(F_(x), n); }
+static double sh_sum_squares_(const float *x, size_t n) {
+    return sum_squares(F_(x), n);
+}
+static void sh_scale_inplace_(float *x, float s, size_t n) {
+    scale_inplace(F_(x), s, n);
+}
+static void sh_zero_fill_(float *x, size_t n) {
+    zero_fill(F_(x), n);
+}
 
 static const Ops shadow_ops_ = {
     .name = "cpu-shadow",
@@ -218,4 +226,6 @@ static const Ops shadow_ops_ = {
     .zero_fill = sh_zero_fill_,
 };
 
-const Ops *ops_cpu_shadow(void) { return &shadow_ops_; }
+const Ops *ops_cpu_shadow(void) {
+    return &shadow_ops_;
+}

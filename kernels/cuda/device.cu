@@ -90,13 +90,14 @@ static size_t mem_in_use_, mem_peak_;
 
 static void mem_track_(void *p, size_t bytes) {
     for (int i = 0; i < MEM_SLOTS; i++)
-        if (!mem_ptr_[i]) {  // a full table only stops the accounting, never the program
+        if (!mem_ptr_[i]) {
             mem_ptr_[i] = p;
             mem_size_[i] = bytes;
-            break;
+            mem_in_use_ += bytes;
+            if (mem_in_use_ > mem_peak_) mem_peak_ = mem_in_use_;
+            return;
         }
-    mem_in_use_ += bytes;
-    if (mem_in_use_ > mem_peak_) mem_peak_ = mem_in_use_;
+    // a full table only leaves this allocation out of the accounting, never stops the program
 }
 
 static void mem_untrack_(void *p) {

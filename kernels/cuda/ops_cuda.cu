@@ -54,14 +54,14 @@ static void attention_forward_(float *out, float *lse, const float *q, const flo
 }
 
 static void attention_backward_(float *dq, float *dk, float *dv, const float *dout,
-                                const float *out, const float *lse, const float *q,
-                                const float *k, const float *v, int B, int T, int H, int Dh) {
+                                const float *out, const float *lse, const float *q, const float *k,
+                                const float *v, int B, int T, int H, int Dh) {
     cuda_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, B, T, H, Dh,
                             scratch_(cuda_attention_scratch_bytes(T, H)));
 }
 
-static void embedding_backward_(float *dwte, const float *dout, const int32_t *tokens_host,
-                                int N, int D) {
+static void embedding_backward_(float *dwte, const float *dout, const int32_t *tokens_host, int N,
+                                int D) {
     cuda_embedding_backward(dwte, dout, tokens_host, N, D,
                             scratch_(cuda_embedding_backward_scratch_bytes(N)));
 }
@@ -94,7 +94,9 @@ static double sum_squares_(const float *x, size_t n) {
     return cuda_sum_squares(x, n, scratch_(cuda_sum_squares_scratch_bytes(n)));
 }
 
-static void zero_fill_(float *x, size_t n) { cuda_zero(x, n * sizeof(float)); }
+static void zero_fill_(float *x, size_t n) {
+    cuda_zero(x, n * sizeof(float));
+}
 
 // ---------------------------------------------------------------------------------------
 // the table
@@ -149,7 +151,9 @@ extern "C" const Ops *ops_cuda(void) {
     return &cuda_ops_;
 }
 
-extern "C" int ops_cuda_device_count(void) { return cuda_device_count(); }
+extern "C" int ops_cuda_device_count(void) {
+    return cuda_device_count();
+}
 
 extern "C" int ops_cuda_open(int device, int gemm_bf16, char *info, int infolen) {
     const int n = cuda_device_count();

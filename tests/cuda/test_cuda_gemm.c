@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/kernels_cuda.h"
 #include "kernels/kernels.h"
+#include "tests/cuda/cudatest.h"
 #include "tests/testutil.h"
 
 // Tolerances. Inputs are uniform in [-1, 1) (pre-filled gradients in [-0.5, 0.5)), so every
@@ -67,43 +68,10 @@
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-static float *host_alloc_(size_t n) {
-    float *p = malloc((n ? n : 1) * sizeof *p);
-    if (!p) {
-        fprintf(stderr, "test_cuda_gemm: out of host memory\n");
-        exit(1);
-    }
-    return p;
-}
-
-static float *host_rand_(size_t n, uint64_t seed, float scale) {
-    float *p = host_alloc_(n);
-    tu_fill_uniform(p, n, seed, scale);
-    return p;
-}
-
-static float *host_copy_(const float *src, size_t n) {
-    float *p = host_alloc_(n);
-    memcpy(p, src, n * sizeof *p);
-    return p;
-}
-
-static float *dev_from_(const float *h, size_t n) {
-    float *d = cuda_malloc(n * sizeof *d);
-    cuda_memcpy_h2d(d, h, n * sizeof *d);
-    return d;
-}
-
-static float *host_from_(const float *d, size_t n) {
-    float *h = host_alloc_(n);
-    cuda_memcpy_d2h(h, d, n * sizeof *h);
-    return h;
-}
-
 // Copies the device result back and compares: |got - want| <= atol + rtol * |want|.
 static int check_(const char *name, const float *d_got, const float *want, size_t n, double atol,
                   double rtol) {
-    float *got = host_from_(d_got, n);
+    float *got = tcu_host_from(d_got, n);
     int ok = tu_allclose(name, got, want, n, atol, rtol);
     free(got);
     return ok;
@@ -111,7 +79,7 @@ static int check_(const char *name, const float *d_got, const float *want, size_
 
 // Bitwise equality of a device buffer with a host one (for outputs that must stay untouched).
 static int same_bits_(const char *name, const float *d_got, const float *want, size_t n) {
-    float *got = host_from_(d_got, n);
+    float *got = tcu_host_from(d_got, n);
     int ok = memcmp(got, want, n * sizeof *got) == 0;
     if (!ok) fprintf(stderr, "  %s: changed, but must be left untouched\n", name);
     free(got);
@@ -148,17 +116,18 @@ static const char *mode_name_(int bf16) {
 static void matmul_case_(int N, int C, int OC, int with_dinp, int with_dw, int bf16,
                          uint64_t seed) {
     const size_t nc = (size_t)N * C, oc = (size_t)OC * C, no = (size_t)N * OC;
-    float *inp = host_rand_(nc, seed, 1.0f), *w = host_rand_(oc, seed + 1, 1.0f);
-    float *dout = host_rand_(no, seed + 2, 1.0f);
-    float *dinp0 = host_rand_(nc, seed + 3, 0.5f), *dw0 = host_rand_(oc, seed + 4, 0.5f);
-    float *out = host_alloc_(no);
+    float *inp = tcu_host_rand(nc, seed, 1.0f), *w = tcu_host_rand(oc, seed + 1, 1.0f);
+    float *dout = tcu_host_rand(no, seed + 2, 1.0f);
+    float *dinp0 = tcu_host_rand(nc, seed + 3, 0.5f), *dw0 = tcu_host_rand(oc, seed + 4, 0.5f);
+    float *out = tcu_host_alloc(no);
     matmul_forward(out, inp, w, N, C, OC);
-    float *want_dinp = host_copy_(dinp0, nc), *want_dw = host_copy_(dw0, oc);
+    float *want_dinp = tcu_host_copy(dinp0, nc), *want_dw = tcu_host_copy(dw0, oc);
     matmul_backward(with_dinp ? want_dinp : NULL, with_dw ? want_dw : NULL, dout, inp, w, N, C, OC);
 
     cuda_set_gemm_bf16(bf16);
-    float *d_inp = dev_from_(inp, nc), *d_w = dev_from_(w, oc), *d_dout = dev_from_(dout, no);
-    float *d_dinp = dev_from_(dinp0, nc), *d_dw = dev_from_(dw0, oc);
+    float *d_inp = tcu_dev_from(inp, nc), *d_w = tcu_dev_from(w, oc),
+          *d_dout = tcu_dev_from(dout, no);
+    float *d_dinp = tcu_dev_from(dinp0, nc), *d_dw = tcu_dev_from(dw0, oc);
     float *d_out = cuda_malloc(no * sizeof(float));
     cuda_matmul_forward(d_out, d_inp, d_w, N, C, OC);
     cuda_matmul_backward(with_dinp ? d_dinp : NULL, with_dw ? d_dw : NULL, d_dout, d_inp, d_w, N, C,
@@ -207,17 +176,18 @@ static void grouped_case_(const int *rows, int E, int C, int OC, int bf16, uint6
     int max_rows = 1;
     for (int e = 0; e < E; e++) max_rows = rows[e] > max_rows ? rows[e] : max_rows;
     const size_t rc = (size_t)R * C, ro = (size_t)R * OC, ew = (size_t)E * OC * C;
-    float *inp = host_rand_(rc, seed, 1.0f), *w = host_rand_(ew, seed + 1, 1.0f);
-    float *dout = host_rand_(ro, seed + 2, 1.0f);
-    float *dinp0 = host_rand_(rc, seed + 3, 0.5f), *dw0 = host_rand_(ew, seed + 4, 0.5f);
-    float *out = host_alloc_(ro);
+    float *inp = tcu_host_rand(rc, seed, 1.0f), *w = tcu_host_rand(ew, seed + 1, 1.0f);
+    float *dout = tcu_host_rand(ro, seed + 2, 1.0f);
+    float *dinp0 = tcu_host_rand(rc, seed + 3, 0.5f), *dw0 = tcu_host_rand(ew, seed + 4, 0.5f);
+    float *out = tcu_host_alloc(ro);
     grouped_matmul_forward(out, inp, w, offsets, E, C, OC);
-    float *want_dinp = host_copy_(dinp0, rc), *want_dw = host_copy_(dw0, ew);
+    float *want_dinp = tcu_host_copy(dinp0, rc), *want_dw = tcu_host_copy(dw0, ew);
     grouped_matmul_backward(want_dinp, want_dw, dout, inp, w, offsets, E, C, OC);
 
     cuda_set_gemm_bf16(bf16);
-    float *d_inp = dev_from_(inp, rc), *d_w = dev_from_(w, ew), *d_dout = dev_from_(dout, ro);
-    float *d_dinp = dev_from_(dinp0, rc), *d_dw = dev_from_(dw0, ew);
+    float *d_inp = tcu_dev_from(inp, rc), *d_w = tcu_dev_from(w, ew),
+          *d_dout = tcu_dev_from(dout, ro);
+    float *d_dinp = tcu_dev_from(dinp0, rc), *d_dw = tcu_dev_from(dw0, ew);
     float *d_out = cuda_malloc(ro * sizeof(float));
     cuda_grouped_matmul_forward(d_out, d_inp, d_w, offsets, E, C, OC);
     cuda_grouped_matmul_backward(d_dinp, d_dw, d_dout, d_inp, d_w, offsets, E, C, OC);
@@ -271,21 +241,21 @@ static void test_grouped_matmul(void) {
 // (1 dq, 2 dk, 4 dv; the others are NULL and must stay untouched).
 static void attention_case_(int B, int T, int H, int Dh, int grads, int bf16, uint64_t seed) {
     const size_t n = (size_t)B * T * H * Dh, nl = (size_t)B * H * T;
-    float *q = host_rand_(n, seed, 1.0f), *k = host_rand_(n, seed + 1, 1.0f);
-    float *v = host_rand_(n, seed + 2, 1.0f), *dout = host_rand_(n, seed + 3, 1.0f);
-    float *dq0 = host_rand_(n, seed + 4, 0.5f), *dk0 = host_rand_(n, seed + 5, 0.5f);
-    float *dv0 = host_rand_(n, seed + 6, 0.5f);
-    float *out = host_alloc_(n), *lse = host_alloc_(nl);
+    float *q = tcu_host_rand(n, seed, 1.0f), *k = tcu_host_rand(n, seed + 1, 1.0f);
+    float *v = tcu_host_rand(n, seed + 2, 1.0f), *dout = tcu_host_rand(n, seed + 3, 1.0f);
+    float *dq0 = tcu_host_rand(n, seed + 4, 0.5f), *dk0 = tcu_host_rand(n, seed + 5, 0.5f);
+    float *dv0 = tcu_host_rand(n, seed + 6, 0.5f);
+    float *out = tcu_host_alloc(n), *lse = tcu_host_alloc(nl);
     attention_forward(out, lse, q, k, v, B, T, H, Dh);
-    float *want_dq = host_copy_(dq0, n), *want_dk = host_copy_(dk0, n);
-    float *want_dv = host_copy_(dv0, n);
+    float *want_dq = tcu_host_copy(dq0, n), *want_dk = tcu_host_copy(dk0, n);
+    float *want_dv = tcu_host_copy(dv0, n);
     const int wq = grads & 1, wk = grads & 2, wv = grads & 4;
     attention_backward(wq ? want_dq : NULL, wk ? want_dk : NULL, wv ? want_dv : NULL, dout, out,
                        lse, q, k, v, B, T, H, Dh);
 
     cuda_set_gemm_bf16(bf16);
-    float *d_q = dev_from_(q, n), *d_k = dev_from_(k, n), *d_v = dev_from_(v, n);
-    float *d_dout = dev_from_(dout, n);
+    float *d_q = tcu_dev_from(q, n), *d_k = tcu_dev_from(k, n), *d_v = tcu_dev_from(v, n);
+    float *d_dout = tcu_dev_from(dout, n);
     float *d_out = cuda_malloc(n * sizeof(float)), *d_lse = cuda_malloc(nl * sizeof(float));
     void *scratch = cuda_malloc(cuda_attention_scratch_bytes(T, H));
     cuda_attention_forward(d_out, d_lse, d_q, d_k, d_v, B, T, H, Dh, scratch);
@@ -298,7 +268,7 @@ static void attention_case_(int B, int T, int H, int Dh, int grads, int bf16, ui
     CU_ASSERT_TRUE(check_(name, d_lse, lse, nl, attn_atol_(bf16, lse, nl, 1.0), gemm_rtol_(bf16)));
 
     // the backward reads the CPU's out and lse, like the CPU backward above
-    float *d_dq = dev_from_(dq0, n), *d_dk = dev_from_(dk0, n), *d_dv = dev_from_(dv0, n);
+    float *d_dq = tcu_dev_from(dq0, n), *d_dk = tcu_dev_from(dk0, n), *d_dv = tcu_dev_from(dv0, n);
     cuda_memcpy_h2d(d_out, out, n * sizeof(float));
     cuda_memcpy_h2d(d_lse, lse, nl * sizeof(float));
     cuda_attention_backward(wq ? d_dq : NULL, wk ? d_dk : NULL, wv ? d_dv : NULL, d_dout, d_out,
@@ -363,13 +333,14 @@ static void test_determinism(void) {
     for (int e = 0; e < 4; e++) offsets[e + 1] = offsets[e] + rows[e];
     const size_t nc = (size_t)N * C, oc = (size_t)OC * C, no = (size_t)N * OC;
     const size_t na = (size_t)B * T * H * Dh, nl = (size_t)B * H * T;
-    float *h_inp = host_rand_(nc, 4000, 1.0f), *h_w = host_rand_(4 * oc, 4001, 1.0f);
-    float *h_dout = host_rand_(no, 4002, 1.0f), *h_q = host_rand_(na, 4003, 1.0f);
-    float *h_k = host_rand_(na, 4004, 1.0f), *h_v = host_rand_(na, 4005, 1.0f);
-    float *h_do = host_rand_(na, 4006, 1.0f);
-    float *d_inp = dev_from_(h_inp, nc), *d_w = dev_from_(h_w, 4 * oc);
-    float *d_dout = dev_from_(h_dout, no), *d_q = dev_from_(h_q, na), *d_k = dev_from_(h_k, na);
-    float *d_v = dev_from_(h_v, na), *d_do = dev_from_(h_do, na);
+    float *h_inp = tcu_host_rand(nc, 4000, 1.0f), *h_w = tcu_host_rand(4 * oc, 4001, 1.0f);
+    float *h_dout = tcu_host_rand(no, 4002, 1.0f), *h_q = tcu_host_rand(na, 4003, 1.0f);
+    float *h_k = tcu_host_rand(na, 4004, 1.0f), *h_v = tcu_host_rand(na, 4005, 1.0f);
+    float *h_do = tcu_host_rand(na, 4006, 1.0f);
+    float *d_inp = tcu_dev_from(h_inp, nc), *d_w = tcu_dev_from(h_w, 4 * oc);
+    float *d_dout = tcu_dev_from(h_dout, no), *d_q = tcu_dev_from(h_q, na),
+          *d_k = tcu_dev_from(h_k, na);
+    float *d_v = tcu_dev_from(h_v, na), *d_do = tcu_dev_from(h_do, na);
     float *d_out = cuda_malloc(no * sizeof(float)), *d_dinp = cuda_malloc(nc * sizeof(float));
     float *d_dw = cuda_malloc(4 * oc * sizeof(float));
     float *d_aout = cuda_malloc(na * sizeof(float)), *d_lse = cuda_malloc(nl * sizeof(float));
@@ -391,27 +362,27 @@ static void test_determinism(void) {
             cuda_zero(d_dw, 4 * oc * sizeof(float));
             cuda_matmul_forward(d_out, d_inp, d_w, N, C, OC);
             cuda_matmul_backward(d_dinp, d_dw, d_dout, d_inp, d_w, N, C, OC);
-            res[r][i++] = host_from_(d_out, no);
-            res[r][i++] = host_from_(d_dinp, nc);
-            res[r][i++] = host_from_(d_dw, oc);
+            res[r][i++] = tcu_host_from(d_out, no);
+            res[r][i++] = tcu_host_from(d_dinp, nc);
+            res[r][i++] = tcu_host_from(d_dw, oc);
             cuda_zero(d_dinp, nc * sizeof(float));
             cuda_zero(d_dw, 4 * oc * sizeof(float));
             cuda_grouped_matmul_forward(d_out, d_inp, d_w, offsets, 4, C, OC);
             cuda_grouped_matmul_backward(d_dinp, d_dw, d_dout, d_inp, d_w, offsets, 4, C, OC);
-            res[r][i++] = host_from_(d_out, no);
-            res[r][i++] = host_from_(d_dinp, nc);
-            res[r][i++] = host_from_(d_dw, 4 * oc);
+            res[r][i++] = tcu_host_from(d_out, no);
+            res[r][i++] = tcu_host_from(d_dinp, nc);
+            res[r][i++] = tcu_host_from(d_dw, 4 * oc);
             cuda_zero(d_dq, na * sizeof(float));
             cuda_zero(d_dk, na * sizeof(float));
             cuda_zero(d_dv, na * sizeof(float));
             cuda_attention_forward(d_aout, d_lse, d_q, d_k, d_v, B, T, H, Dh, scratch);
             cuda_attention_backward(d_dq, d_dk, d_dv, d_do, d_aout, d_lse, d_q, d_k, d_v, B, T, H,
                                     Dh, scratch);
-            res[r][i++] = host_from_(d_aout, na);
-            res[r][i++] = host_from_(d_lse, nl);
-            res[r][i++] = host_from_(d_dq, na);
-            res[r][i++] = host_from_(d_dk, na);
-            res[r][i++] = host_from_(d_dv, na);
+            res[r][i++] = tcu_host_from(d_aout, na);
+            res[r][i++] = tcu_host_from(d_lse, nl);
+            res[r][i++] = tcu_host_from(d_dq, na);
+            res[r][i++] = tcu_host_from(d_dk, na);
+            res[r][i++] = tcu_host_from(d_dv, na);
         }
         for (int i = 0; i < NOUT; i++) {
             char name[96];

@@ -8,6 +8,7 @@
 
 #include "kernels/cuda/kernels_cuda.h"
 #include "kernels/kernels.h"
+#include "tests/cuda/cudatest.h"
 #include "tests/testutil.h"
 
 // Tolerances. The CUDA ops compute the same formulas as the CPU ops in fp32; what differs is
@@ -28,43 +29,10 @@
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-static float *host_alloc_(size_t n) {
-    float *p = malloc((n ? n : 1) * sizeof *p);
-    if (!p) {
-        fprintf(stderr, "test_cuda_kernels: out of host memory\n");
-        exit(1);
-    }
-    return p;
-}
-
-static float *host_rand_(size_t n, uint64_t seed, float scale) {
-    float *p = host_alloc_(n);
-    tu_fill_uniform(p, n, seed, scale);
-    return p;
-}
-
-static float *host_copy_(const float *src, size_t n) {
-    float *p = host_alloc_(n);
-    memcpy(p, src, n * sizeof *p);
-    return p;
-}
-
-static float *dev_from_(const float *h, size_t n) {
-    float *d = cuda_malloc(n * sizeof *d);
-    cuda_memcpy_h2d(d, h, n * sizeof *d);
-    return d;
-}
-
-static float *host_from_(const float *d, size_t n) {
-    float *h = host_alloc_(n);
-    cuda_memcpy_d2h(h, d, n * sizeof *h);
-    return h;
-}
-
 // Copies the device result back and compares it with the CPU result (see the tolerances).
 static int check_(const char *name, const float *d_got, const float *want, size_t n, double rtol,
                   double atol_frac) {
-    float *got = host_from_(d_got, n);
+    float *got = tcu_host_from(d_got, n);
     int ok = tu_allclose(name, got, want, n, atol_frac * tu_max_abs(want, n), rtol);
     free(got);
     return ok;
@@ -76,12 +44,12 @@ static int check_(const char *name, const float *d_got, const float *want, size_
 static void rmsnorm_forward_case_(int N, int D, uint64_t seed) {
     const size_t nd = (size_t)N * D;
     const float eps = 1e-5f;
-    float *x = host_rand_(nd, seed, 2.0f), *w = host_rand_(D, seed + 1, 0.5f);
+    float *x = tcu_host_rand(nd, seed, 2.0f), *w = tcu_host_rand(D, seed + 1, 0.5f);
     for (int j = 0; j < D; j++) w[j] += 1.0f;
-    float *out = host_alloc_(nd), *rstd = host_alloc_(N);
+    float *out = tcu_host_alloc(nd), *rstd = tcu_host_alloc(N);
     rmsnorm_forward(out, rstd, x, w, N, D, eps);
 
-    float *d_x = dev_from_(x, nd), *d_w = dev_from_(w, D);
+    float *d_x = tcu_dev_from(x, nd), *d_w = tcu_dev_from(w, D);
     float *d_out = cuda_malloc(nd * sizeof(float)), *d_rstd = cuda_malloc(N * sizeof(float));
     cuda_rmsnorm_forward(d_out, d_rstd, d_x, d_w, N, D, eps);
     CU_ASSERT_TRUE(check_("rmsnorm_forward out", d_out, out, nd, RTOL, ATOL_FRAC));
@@ -105,17 +73,18 @@ static void test_rmsnorm_forward(void) {
 // gradient outputs selected by with_dx / with_dw (the other is NULL).
 static void rmsnorm_backward_case_(int N, int D, int with_dx, int with_dw, uint64_t seed) {
     const size_t nd = (size_t)N * D;
-    float *x = host_rand_(nd, seed, 2.0f), *w = host_rand_(D, seed + 1, 0.5f);
+    float *x = tcu_host_rand(nd, seed, 2.0f), *w = tcu_host_rand(D, seed + 1, 0.5f);
     for (int j = 0; j < D; j++) w[j] += 1.0f;
-    float *dout = host_rand_(nd, seed + 2, 1.0f);
-    float *dx0 = host_rand_(nd, seed + 3, 0.5f), *dw0 = host_rand_(D, seed + 4, 0.5f);
-    float *out = host_alloc_(nd), *rstd = host_alloc_(N);
+    float *dout = tcu_host_rand(nd, seed + 2, 1.0f);
+    float *dx0 = tcu_host_rand(nd, seed + 3, 0.5f), *dw0 = tcu_host_rand(D, seed + 4, 0.5f);
+    float *out = tcu_host_alloc(nd), *rstd = tcu_host_alloc(N);
     rmsnorm_forward(out, rstd, x, w, N, D, 1e-5f); // both backends get the same rstd
-    float *want_dx = host_copy_(dx0, nd), *want_dw = host_copy_(dw0, D);
+    float *want_dx = tcu_host_copy(dx0, nd), *want_dw = tcu_host_copy(dw0, D);
     rmsnorm_backward(with_dx ? want_dx : NULL, with_dw ? want_dw : NULL, dout, x, w, rstd, N, D);
 
-    float *d_x = dev_from_(x, nd), *d_w = dev_from_(w, D), *d_dout = dev_from_(dout, nd);
-    float *d_rstd = dev_from_(rstd, N), *d_dx = dev_from_(dx0, nd), *d_dw = dev_from_(dw0, D);
+    float *d_x = tcu_dev_from(x, nd), *d_w = tcu_dev_from(w, D), *d_dout = tcu_dev_from(dout, nd);
+    float *d_rstd = tcu_dev_from(rstd, N), *d_dx = tcu_dev_from(dx0, nd),
+          *d_dw = tcu_dev_from(dw0, D);
     void *scratch = with_dw ? cuda_malloc(cuda_rmsnorm_backward_scratch_bytes(N, D)) : NULL;
     cuda_rmsnorm_backward(with_dx ? d_dx : NULL, with_dw ? d_dw : NULL, d_dout, d_x, d_w, d_rstd, N,
                           D, scratch);
@@ -142,17 +111,17 @@ static void test_rmsnorm_backward(void) {
 
 static void swiglu_case_(size_t n, int with_dg, int with_du, uint64_t seed) {
     // g in [-8, 8) covers both saturated ends of the sigmoid and the zero of silu' (g ~ -1.28)
-    float *g = host_rand_(n, seed, 8.0f), *u = host_rand_(n, seed + 1, 2.0f);
-    float *dout = host_rand_(n, seed + 2, 1.0f);
-    float *dg0 = host_rand_(n, seed + 3, 0.5f), *du0 = host_rand_(n, seed + 4, 0.5f);
-    float *out = host_alloc_(n);
+    float *g = tcu_host_rand(n, seed, 8.0f), *u = tcu_host_rand(n, seed + 1, 2.0f);
+    float *dout = tcu_host_rand(n, seed + 2, 1.0f);
+    float *dg0 = tcu_host_rand(n, seed + 3, 0.5f), *du0 = tcu_host_rand(n, seed + 4, 0.5f);
+    float *out = tcu_host_alloc(n);
     swiglu_forward(out, g, u, n);
-    float *want_dg = host_copy_(dg0, n), *want_du = host_copy_(du0, n);
+    float *want_dg = tcu_host_copy(dg0, n), *want_du = tcu_host_copy(du0, n);
     swiglu_backward(with_dg ? want_dg : NULL, with_du ? want_du : NULL, dout, g, u, n);
 
-    float *d_g = dev_from_(g, n), *d_u = dev_from_(u, n), *d_dout = dev_from_(dout, n);
+    float *d_g = tcu_dev_from(g, n), *d_u = tcu_dev_from(u, n), *d_dout = tcu_dev_from(dout, n);
     float *d_out = cuda_malloc(n * sizeof(float));
-    float *d_dg = dev_from_(dg0, n), *d_du = dev_from_(du0, n);
+    float *d_dg = tcu_dev_from(dg0, n), *d_du = tcu_dev_from(du0, n);
     cuda_swiglu_forward(d_out, d_g, d_u, n);
     CU_ASSERT_TRUE(check_("swiglu_forward", d_out, out, n, RTOL, ATOL_FRAC));
     cuda_swiglu_backward(with_dg ? d_dg : NULL, with_du ? d_du : NULL, d_dout, d_g, d_u, n);
@@ -179,10 +148,10 @@ static void test_add(void) {
     static const size_t sizes[] = {1, 1000, 100003};
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
         size_t n = sizes[s];
-        float *a = host_rand_(n, 500 + 10 * s, 3.0f), *b = host_rand_(n, 501 + 10 * s, 3.0f);
-        float *out = host_alloc_(n);
+        float *a = tcu_host_rand(n, 500 + 10 * s, 3.0f), *b = tcu_host_rand(n, 501 + 10 * s, 3.0f);
+        float *out = tcu_host_alloc(n);
         add_forward(out, a, b, n);
-        float *d_a = dev_from_(a, n), *d_b = dev_from_(b, n);
+        float *d_a = tcu_dev_from(a, n), *d_b = tcu_dev_from(b, n);
         float *d_out = cuda_malloc(n * sizeof(float));
         cuda_add_forward(d_out, d_a, d_b, n);
         CU_ASSERT_TRUE(check_("add_forward", d_out, out, n, 0.0, 0.0));
@@ -199,13 +168,13 @@ static void test_add(void) {
 static void test_adamw(void) {
     const size_t n = 100003;
     const float lr = 3e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, grad_scale = 0.5f;
-    float *p = host_rand_(n, 600, 1.0f), *m = host_alloc_(n), *v = host_alloc_(n);
+    float *p = tcu_host_rand(n, 600, 1.0f), *m = tcu_host_alloc(n), *v = tcu_host_alloc(n);
     memset(m, 0, n * sizeof *m);
     memset(v, 0, n * sizeof *v);
-    float *d_p = dev_from_(p, n), *d_m = dev_from_(m, n), *d_v = dev_from_(v, n);
+    float *d_p = tcu_dev_from(p, n), *d_m = tcu_dev_from(m, n), *d_v = tcu_dev_from(v, n);
     float *d_grad = cuda_malloc(n * sizeof(float));
     for (int t = 1; t <= 3; t++) {
-        float *grad = host_rand_(n, 610 + (uint64_t)t, 2.0f);
+        float *grad = tcu_host_rand(n, 610 + (uint64_t)t, 2.0f);
         adamw_update(p, grad, m, v, n, lr, b1, b2, eps, wd, t, grad_scale);
         cuda_memcpy_h2d(d_grad, grad, n * sizeof(float));
         cuda_adamw_update(d_p, d_grad, d_m, d_v, n, lr, b1, b2, eps, wd, t, grad_scale);
@@ -226,9 +195,9 @@ static void test_sum_squares(void) {
     static const size_t sizes[] = {0, 1, 5, 100003, 3000001};
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
         size_t n = sizes[s];
-        float *x = host_rand_(n, 700 + 10 * s, 3.0f);
+        float *x = tcu_host_rand(n, 700 + 10 * s, 3.0f);
         double want = sum_squares(x, n);
-        float *d_x = dev_from_(x, n);
+        float *d_x = tcu_dev_from(x, n);
         void *scratch = cuda_malloc(cuda_sum_squares_scratch_bytes(n));
         double got = cuda_sum_squares(d_x, n, scratch);
         if (!(fabs(got - want) <= RTOL_SUMSQ * fabs(want)))
@@ -265,7 +234,7 @@ static void test_bf16_roundtrip(void) {
     // (rounds to inf), infinities and NaN.
     enum { NRAND = 100000, NSPECIAL = 9 };
     const size_t n = NRAND + NSPECIAL;
-    float *x = host_rand_(n, 800, 1.0f);
+    float *x = tcu_host_rand(n, 800, 1.0f);
     uint64_t state = 801;
     for (size_t i = 0; i < NRAND; i++) x[i] = ldexpf(x[i], (int)(tu_rand_u64(&state) % 61) - 30);
     const uint32_t special[NSPECIAL] = {0x00000000u, 0x80000000u, 0x3f808000u,
@@ -273,12 +242,12 @@ static void test_bf16_roundtrip(void) {
                                         0xff800000u, 0x7fc00000u, 0xbf7fffffu};
     for (int k = 0; k < NSPECIAL; k++) memcpy(&x[NRAND + k], &special[k], sizeof(float));
 
-    float *d_x = dev_from_(x, n), *d_back = cuda_malloc(n * sizeof(float));
+    float *d_x = tcu_dev_from(x, n), *d_back = cuda_malloc(n * sizeof(float));
     uint16_t *d_bf = cuda_malloc(n * sizeof(uint16_t));
     cuda_f32_to_bf16(d_bf, d_x, n);
     cuda_bf16_to_f32(d_back, d_bf, n);
     uint16_t *bf = malloc(n * sizeof *bf);
-    float *back = host_from_(d_back, n);
+    float *back = tcu_host_from(d_back, n);
     cuda_memcpy_d2h(bf, d_bf, n * sizeof *bf);
 
     size_t bad_bits = 0, bad_rel = 0, bad_back = 0;
@@ -317,11 +286,11 @@ static void test_bf16_roundtrip(void) {
 static void test_determinism(void) {
     const int N = 3000, D = 384;
     const size_t nd = (size_t)N * D;
-    float *x = host_rand_(nd, 900, 2.0f), *w = host_rand_(D, 901, 1.0f);
-    float *dout = host_rand_(nd, 902, 1.0f), *rstd = host_rand_(N, 903, 1.0f);
+    float *x = tcu_host_rand(nd, 900, 2.0f), *w = tcu_host_rand(D, 901, 1.0f);
+    float *dout = tcu_host_rand(nd, 902, 1.0f), *rstd = tcu_host_rand(N, 903, 1.0f);
     for (int i = 0; i < N; i++) rstd[i] = 1.0f + fabsf(rstd[i]);
-    float *d_x = dev_from_(x, nd), *d_w = dev_from_(w, D), *d_dout = dev_from_(dout, nd);
-    float *d_rstd = dev_from_(rstd, N);
+    float *d_x = tcu_dev_from(x, nd), *d_w = tcu_dev_from(w, D), *d_dout = tcu_dev_from(dout, nd);
+    float *d_rstd = tcu_dev_from(rstd, N);
     float *d_dx = cuda_malloc(nd * sizeof(float)), *d_dw = cuda_malloc(D * sizeof(float));
     void *scratch = cuda_malloc(cuda_rmsnorm_backward_scratch_bytes(N, D));
     void *ss_scratch = cuda_malloc(cuda_sum_squares_scratch_bytes(nd));
@@ -331,8 +300,8 @@ static void test_determinism(void) {
         cuda_zero(d_dx, nd * sizeof(float));
         cuda_zero(d_dw, D * sizeof(float));
         cuda_rmsnorm_backward(d_dx, d_dw, d_dout, d_x, d_w, d_rstd, N, D, scratch);
-        dx[r] = host_from_(d_dx, nd);
-        dw[r] = host_from_(d_dw, D);
+        dx[r] = tcu_host_from(d_dx, nd);
+        dw[r] = tcu_host_from(d_dw, D);
         ss[r] = cuda_sum_squares(d_dx, nd, ss_scratch);
     }
     CU_ASSERT_EQUAL(memcmp(dx[0], dx[1], nd * sizeof(float)), 0);

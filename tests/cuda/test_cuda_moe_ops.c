@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/kernels_cuda.h"
 #include "kernels/kernels.h"
+#include "tests/cuda/cudatest.h"
 #include "tests/testutil.h"
 
 // Tolerances: what may differ between the two backends, op by op.
@@ -56,53 +57,16 @@
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-static void *xmalloc_(size_t bytes) {
-    void *p = malloc(bytes ? bytes : 1);
-    if (!p) {
-        fprintf(stderr, "test_cuda_moe_ops: out of host memory\n");
-        exit(1);
-    }
-    return p;
-}
-
-static float *host_alloc_(size_t n) {
-    return xmalloc_(n * sizeof(float));
-}
-
-static float *host_rand_(size_t n, uint64_t seed, float scale) {
-    float *p = host_alloc_(n);
-    tu_fill_uniform(p, n, seed, scale);
-    return p;
-}
-
-static float *host_copy_(const float *src, size_t n) {
-    float *p = host_alloc_(n);
-    memcpy(p, src, n * sizeof *p);
-    return p;
-}
-
-static float *dev_from_(const float *h, size_t n) {
-    float *d = cuda_malloc(n * sizeof *d);
-    cuda_memcpy_h2d(d, h, n * sizeof *d);
-    return d;
-}
-
 static int32_t *dev_i32_from_(const int32_t *h, size_t n) {
     int32_t *d = cuda_malloc(n * sizeof *d);
     cuda_memcpy_h2d(d, h, n * sizeof *d);
     return d;
 }
 
-static float *host_from_(const float *d, size_t n) {
-    float *h = host_alloc_(n);
-    cuda_memcpy_d2h(h, d, n * sizeof *h);
-    return h;
-}
-
 // Copies the device result back and compares it with the CPU result (see the tolerances).
 static int check_(const char *name, const float *d_got, const float *want, size_t n, double rtol,
                   double atol_frac) {
-    float *got = host_from_(d_got, n);
+    float *got = tcu_host_from(d_got, n);
     int ok = tu_allclose(name, got, want, n, atol_frac * tu_max_abs(want, n), rtol);
     free(got);
     return ok;
@@ -110,7 +74,7 @@ static int check_(const char *name, const float *d_got, const float *want, size_
 
 // Integer outputs must be equal element for element.
 static int check_i32_(const char *name, const int32_t *d_got, const int32_t *want, size_t n) {
-    int32_t *got = xmalloc_(n * sizeof *got);
+    int32_t *got = tcu_xmalloc(n * sizeof *got);
     cuda_memcpy_d2h(got, d_got, n * sizeof *got);
     size_t bad = 0;
     for (size_t i = 0; i < n; i++) {
@@ -142,7 +106,7 @@ static int check_f64_(const char *name, double got, double want, double rtol) {
 // tokens drawn from [0, n_ids) spread over [0, V) (n_ids small: many repeats), plus the two
 // ends of the vocabulary
 static int32_t *make_tokens_(int N, int V, int n_ids, uint64_t seed) {
-    int32_t *tok = xmalloc_((size_t)N * sizeof *tok);
+    int32_t *tok = tcu_xmalloc((size_t)N * sizeof *tok);
     uint64_t s = seed;
     for (int i = 0; i < N; i++) {
         const uint64_t id = tu_rand_u64(&s) % (uint64_t)n_ids;
@@ -155,15 +119,15 @@ static int32_t *make_tokens_(int N, int V, int n_ids, uint64_t seed) {
 static void embedding_case_(int N, int D, int V, int n_ids, uint64_t seed) {
     const size_t nd = (size_t)N * D, vd = (size_t)V * D;
     int32_t *tok = make_tokens_(N, V, n_ids, seed);
-    float *wte = host_rand_(vd, seed + 1, 1.0f), *dout = host_rand_(nd, seed + 2, 1.0f);
-    float *dwte0 = host_rand_(vd, seed + 3, 0.5f); // pre-filled: backward must accumulate
-    float *out = host_alloc_(nd), *want_dwte = host_copy_(dwte0, vd);
+    float *wte = tcu_host_rand(vd, seed + 1, 1.0f), *dout = tcu_host_rand(nd, seed + 2, 1.0f);
+    float *dwte0 = tcu_host_rand(vd, seed + 3, 0.5f); // pre-filled: backward must accumulate
+    float *out = tcu_host_alloc(nd), *want_dwte = tcu_host_copy(dwte0, vd);
     embedding_forward(out, tok, wte, N, D);
     embedding_backward(want_dwte, dout, tok, N, D);
 
     int32_t *d_tok = dev_i32_from_(tok, N);
-    float *d_wte = dev_from_(wte, vd), *d_dout = dev_from_(dout, nd);
-    float *d_out = cuda_malloc(nd * sizeof(float)), *d_dwte = dev_from_(dwte0, vd);
+    float *d_wte = tcu_dev_from(wte, vd), *d_dout = tcu_dev_from(dout, nd);
+    float *d_out = cuda_malloc(nd * sizeof(float)), *d_dwte = tcu_dev_from(dwte0, vd);
     void *scratch = cuda_malloc(cuda_embedding_backward_scratch_bytes(N));
     cuda_embedding_forward(d_out, d_tok, d_wte, N, D);
     CU_ASSERT_TRUE(check_("embedding_forward", d_out, out, nd, 0.0, 0.0));
@@ -188,14 +152,14 @@ static void test_embedding(void) {
 
 static void rope_case_(int B, int T, int H, int Dh, float theta, uint64_t seed) {
     const size_t n = (size_t)B * T * H * Dh;
-    float *x = host_rand_(n, seed, 2.0f), *dout = host_rand_(n, seed + 1, 1.0f);
-    float *dx0 = host_rand_(n, seed + 2, 0.5f);
-    float *out = host_alloc_(n), *want_dx = host_copy_(dx0, n);
+    float *x = tcu_host_rand(n, seed, 2.0f), *dout = tcu_host_rand(n, seed + 1, 1.0f);
+    float *dx0 = tcu_host_rand(n, seed + 2, 0.5f);
+    float *out = tcu_host_alloc(n), *want_dx = tcu_host_copy(dx0, n);
     rope_forward(out, x, B, T, H, Dh, theta);
     rope_backward(want_dx, dout, B, T, H, Dh, theta);
 
-    float *d_x = dev_from_(x, n), *d_out = cuda_malloc(n * sizeof(float));
-    float *d_dout = dev_from_(dout, n), *d_dx = dev_from_(dx0, n);
+    float *d_x = tcu_dev_from(x, n), *d_out = cuda_malloc(n * sizeof(float));
+    float *d_dout = tcu_dev_from(dout, n), *d_dx = tcu_dev_from(dx0, n);
     cuda_rope_forward(d_out, d_x, B, T, H, Dh, theta);
     CU_ASSERT_TRUE(check_("rope_forward", d_out, out, n, RTOL_ROPE, ATOL_FRAC_ROPE));
     cuda_rope_forward(d_x, d_x, B, T, H, Dh, theta); // in place, as the model applies it to q, k
@@ -221,7 +185,7 @@ static void test_rope(void) {
 // Logits in [-2, 2) with ties: rows t % 5 == 0 are constant (every expert ties), rows
 // t % 5 == 1 have three experts tied at the top, rows t % 5 == 2 have two pairs of equal values.
 static float *make_router_logits_(int N, int E, uint64_t seed) {
-    float *l = host_rand_((size_t)N * E, seed, 2.0f);
+    float *l = tcu_host_rand((size_t)N * E, seed, 2.0f);
     for (int t = 0; t < N; t++) {
         float *r = l + (size_t)t * E;
         if (t % 5 == 0) {
@@ -243,10 +207,10 @@ typedef struct {
 
 static RouterOut router_cpu_(const float *logits, int N, int E, int K, int norm_topk) {
     RouterOut r;
-    r.probs = host_alloc_((size_t)N * E);
-    r.lse = host_alloc_(N);
-    r.topk_w = host_alloc_((size_t)N * K);
-    r.topk_idx = xmalloc_((size_t)N * K * sizeof(int32_t));
+    r.probs = tcu_host_alloc((size_t)N * E);
+    r.lse = tcu_host_alloc(N);
+    r.topk_w = tcu_host_alloc((size_t)N * K);
+    r.topk_idx = tcu_xmalloc((size_t)N * K * sizeof(int32_t));
     router_forward(r.probs, r.lse, r.topk_idx, r.topk_w, logits, N, E, K, norm_topk);
     return r;
 }
@@ -260,7 +224,7 @@ static void router_forward_case_(int N, int E, int K, int norm_topk, uint64_t se
     float *logits = make_router_logits_(N, E, seed);
     RouterOut want = router_cpu_(logits, N, E, K, norm_topk);
 
-    float *d_logits = dev_from_(logits, ne);
+    float *d_logits = tcu_dev_from(logits, ne);
     float *d_probs = cuda_malloc(ne * sizeof(float)), *d_lse = cuda_malloc(N * sizeof(float));
     float *d_w = cuda_malloc(nk * sizeof(float));
     int32_t *d_idx = cuda_malloc(nk * sizeof(int32_t));
@@ -293,14 +257,15 @@ static void router_backward_case_(int N, int E, int K, int norm_topk, int with_d
     const size_t ne = (size_t)N * E, nk = (size_t)N * K;
     float *logits = make_router_logits_(N, E, seed);
     RouterOut f = router_cpu_(logits, N, E, K, norm_topk);
-    float *dw = host_rand_(nk, seed + 1, 1.0f), *bias = host_rand_(E, seed + 2, 0.1f);
-    float *dl0 = host_rand_(ne, seed + 3, 0.5f), *want = host_copy_(dl0, ne);
+    float *dw = tcu_host_rand(nk, seed + 1, 1.0f), *bias = tcu_host_rand(E, seed + 2, 0.1f);
+    float *dl0 = tcu_host_rand(ne, seed + 3, 0.5f), *want = tcu_host_copy(dl0, ne);
     router_backward(want, with_dw ? dw : NULL, with_bias ? bias : NULL, dz_coef, f.probs, f.lse,
                     f.topk_idx, f.topk_w, N, E, K, norm_topk);
 
-    float *d_probs = dev_from_(f.probs, ne), *d_lse = dev_from_(f.lse, N);
-    float *d_w = dev_from_(f.topk_w, nk), *d_dw = dev_from_(dw, nk), *d_bias = dev_from_(bias, E);
-    float *d_dl = dev_from_(dl0, ne);
+    float *d_probs = tcu_dev_from(f.probs, ne), *d_lse = tcu_dev_from(f.lse, N);
+    float *d_w = tcu_dev_from(f.topk_w, nk), *d_dw = tcu_dev_from(dw, nk),
+          *d_bias = tcu_dev_from(bias, E);
+    float *d_dl = tcu_dev_from(dl0, ne);
     int32_t *d_idx = dev_i32_from_(f.topk_idx, nk);
     cuda_router_backward(d_dl, with_dw ? d_dw : NULL, with_bias ? d_bias : NULL, dz_coef, d_probs,
                          d_lse, d_idx, d_w, N, E, K, norm_topk);
@@ -332,11 +297,11 @@ static void test_router_aux_sums(void) {
         const int N = shapes[s][0], E = shapes[s][1];
         float *logits = make_router_logits_(N, E, 1500 + 10 * s);
         RouterOut f = router_cpu_(logits, N, E, 1, 0);
-        double *want = xmalloc_((size_t)E * sizeof(double)), want_z = 0.0;
-        double *got = xmalloc_((size_t)E * sizeof(double)), got_z = 0.0;
+        double *want = tcu_xmalloc((size_t)E * sizeof(double)), want_z = 0.0;
+        double *got = tcu_xmalloc((size_t)E * sizeof(double)), got_z = 0.0;
         router_aux_sums(want, &want_z, f.probs, f.lse, N, E);
 
-        float *d_probs = dev_from_(f.probs, (size_t)N * E), *d_lse = dev_from_(f.lse, N);
+        float *d_probs = tcu_dev_from(f.probs, (size_t)N * E), *d_lse = tcu_dev_from(f.lse, N);
         void *scratch = cuda_malloc(cuda_router_aux_sums_scratch_bytes(N, E));
         cuda_router_aux_sums(got, &got_z, d_probs, d_lse, N, E, scratch);
         int ok = 1;
@@ -359,7 +324,7 @@ static void test_router_aux_sums(void) {
 // rest to E - 1, every other expert empty.
 static int32_t *make_topk_(int N, int K, int E, int kind, uint64_t seed) {
     const size_t nk = (size_t)N * K;
-    int32_t *idx = xmalloc_(nk * sizeof *idx);
+    int32_t *idx = tcu_xmalloc(nk * sizeof *idx);
     if (kind == 0) {
         float *logits = make_router_logits_(N, E, seed);
         RouterOut f = router_cpu_(logits, N, E, K, 0);
@@ -382,8 +347,9 @@ typedef struct {
 
 static Plan plan_cpu_(const int32_t *topk, int N, int K, int E) {
     const size_t nk = (size_t)N * K;
-    Plan p = {xmalloc_((size_t)E * sizeof(int32_t)), xmalloc_(((size_t)E + 1) * sizeof(int32_t)),
-              xmalloc_(nk * sizeof(int32_t)), xmalloc_(nk * sizeof(int32_t))};
+    Plan p = {tcu_xmalloc((size_t)E * sizeof(int32_t)),
+              tcu_xmalloc(((size_t)E + 1) * sizeof(int32_t)), tcu_xmalloc(nk * sizeof(int32_t)),
+              tcu_xmalloc(nk * sizeof(int32_t))};
     moe_plan(p.counts, p.offsets, p.row_token, p.assign_row, topk, N, K, E);
     return p;
 }
@@ -433,15 +399,15 @@ static void permute_case_(int N, int K, int E, int D, uint64_t seed) {
     const size_t nd = (size_t)N * D, nk = (size_t)N * K, R = nk, rd = R * D;
     int32_t *topk = make_topk_(N, K, E, 0, seed);
     Plan plan = plan_cpu_(topk, N, K, E);
-    float *x = host_rand_(nd, seed + 1, 1.0f), *dxp = host_rand_(rd, seed + 2, 1.0f);
-    float *dx0 = host_rand_(nd, seed + 3, 0.5f);
-    float *xp = host_alloc_(rd), *want_dx = host_copy_(dx0, nd);
+    float *x = tcu_host_rand(nd, seed + 1, 1.0f), *dxp = tcu_host_rand(rd, seed + 2, 1.0f);
+    float *dx0 = tcu_host_rand(nd, seed + 3, 0.5f);
+    float *xp = tcu_host_alloc(rd), *want_dx = tcu_host_copy(dx0, nd);
     permute_forward(xp, x, plan.row_token, (int)R, D);
     permute_backward(want_dx, dxp, plan.assign_row, N, K, D);
 
     int32_t *d_row_token = dev_i32_from_(plan.row_token, R);
     int32_t *d_assign_row = dev_i32_from_(plan.assign_row, nk);
-    float *d_x = dev_from_(x, nd), *d_dxp = dev_from_(dxp, rd), *d_dx = dev_from_(dx0, nd);
+    float *d_x = tcu_dev_from(x, nd), *d_dxp = tcu_dev_from(dxp, rd), *d_dx = tcu_dev_from(dx0, nd);
     float *d_xp = cuda_malloc(rd * sizeof(float));
     cuda_permute_forward(d_xp, d_x, d_row_token, (int)R, D);
     CU_ASSERT_TRUE(check_("permute_forward", d_xp, xp, rd, 0.0, 0.0));
@@ -459,17 +425,19 @@ static void unpermute_case_(int N, int K, int E, int D, int with_dyp, int with_d
     const size_t nd = (size_t)N * D, nk = (size_t)N * K, rd = nk * D;
     int32_t *topk = make_topk_(N, K, E, 0, seed);
     Plan plan = plan_cpu_(topk, N, K, E);
-    float *yp = host_rand_(rd, seed + 1, 1.0f), *w = host_rand_(nk, seed + 2, 1.0f);
-    float *dout = host_rand_(nd, seed + 3, 1.0f);
-    float *dyp0 = host_rand_(rd, seed + 4, 0.5f), *dw0 = host_rand_(nk, seed + 5, 0.5f);
-    float *out = host_alloc_(nd), *want_dyp = host_copy_(dyp0, rd), *want_dw = host_copy_(dw0, nk);
+    float *yp = tcu_host_rand(rd, seed + 1, 1.0f), *w = tcu_host_rand(nk, seed + 2, 1.0f);
+    float *dout = tcu_host_rand(nd, seed + 3, 1.0f);
+    float *dyp0 = tcu_host_rand(rd, seed + 4, 0.5f), *dw0 = tcu_host_rand(nk, seed + 5, 0.5f);
+    float *out = tcu_host_alloc(nd), *want_dyp = tcu_host_copy(dyp0, rd),
+          *want_dw = tcu_host_copy(dw0, nk);
     unpermute_forward(out, yp, w, plan.assign_row, N, K, D);
     unpermute_backward(with_dyp ? want_dyp : NULL, with_dw ? want_dw : NULL, dout, yp, w,
                        plan.assign_row, N, K, D);
 
     int32_t *d_assign_row = dev_i32_from_(plan.assign_row, nk);
-    float *d_yp = dev_from_(yp, rd), *d_w = dev_from_(w, nk), *d_dout = dev_from_(dout, nd);
-    float *d_dyp = dev_from_(dyp0, rd), *d_dw = dev_from_(dw0, nk);
+    float *d_yp = tcu_dev_from(yp, rd), *d_w = tcu_dev_from(w, nk),
+          *d_dout = tcu_dev_from(dout, nd);
+    float *d_dyp = tcu_dev_from(dyp0, rd), *d_dw = tcu_dev_from(dw0, nk);
     float *d_out = cuda_malloc(nd * sizeof(float));
     cuda_unpermute_forward(d_out, d_yp, d_w, d_assign_row, N, K, D);
     CU_ASSERT_TRUE(check_("unpermute_forward", d_out, out, nd, RTOL_COMBINE, ATOL_FRAC_COMBINE));
@@ -511,7 +479,7 @@ static void test_unpermute(void) {
 // Targets in [0, V), with the two ends of the vocabulary, and no target (-1) at t % 7 == 3
 // and at the last position.
 static int32_t *make_targets_(int N, int V, uint64_t seed) {
-    int32_t *tg = xmalloc_((size_t)N * sizeof *tg);
+    int32_t *tg = tcu_xmalloc((size_t)N * sizeof *tg);
     uint64_t s = seed;
     for (int i = 0; i < N; i++) tg[i] = (int32_t)(tu_rand_u64(&s) % (uint64_t)V);
     if (N > 2) tg[0] = 0, tg[1] = V - 1;
@@ -522,16 +490,16 @@ static int32_t *make_targets_(int N, int V, uint64_t seed) {
 
 static void crossentropy_case_(int N, int V, uint64_t seed) {
     const size_t nv = (size_t)N * V;
-    float *logits = host_rand_(nv, seed, 4.0f); // logits in [-4, 4): see the tolerances
+    float *logits = tcu_host_rand(nv, seed, 4.0f); // logits in [-4, 4): see the tolerances
     int32_t *tg = make_targets_(N, V, seed + 1);
     int n_valid = 0;
     for (int i = 0; i < N; i++) n_valid += tg[i] >= 0;
     const float scale = 1.0f / (float)(n_valid > 0 ? n_valid : 1);
-    float *losses = host_alloc_(N), *losses_fb = host_alloc_(N), *dl = host_alloc_(nv);
+    float *losses = tcu_host_alloc(N), *losses_fb = tcu_host_alloc(N), *dl = tcu_host_alloc(nv);
     const double want = crossentropy_forward(losses, logits, tg, N, V);
     const double want_fb = crossentropy_forward_backward(dl, losses_fb, logits, tg, N, V, scale);
 
-    float *d_logits = dev_from_(logits, nv), *d_dl = cuda_malloc(nv * sizeof(float));
+    float *d_logits = tcu_dev_from(logits, nv), *d_dl = cuda_malloc(nv * sizeof(float));
     float *d_losses = cuda_malloc(N * sizeof(float));
     int32_t *d_tg = dev_i32_from_(tg, N);
     void *scratch = cuda_malloc(cuda_crossentropy_scratch_bytes(N));
@@ -575,14 +543,14 @@ static void test_determinism(void) {
         const int N = 3000, D = 384, V = 1000;
         const size_t nd = (size_t)N * D, vd = (size_t)V * D;
         int32_t *tok = make_tokens_(N, V, 50, 3000);
-        float *dout = host_rand_(nd, 3001, 1.0f);
-        float *d_dout = dev_from_(dout, nd), *d_dwte = cuda_malloc(vd * sizeof(float));
+        float *dout = tcu_host_rand(nd, 3001, 1.0f);
+        float *d_dout = tcu_dev_from(dout, nd), *d_dwte = cuda_malloc(vd * sizeof(float));
         void *scratch = cuda_malloc(cuda_embedding_backward_scratch_bytes(N));
         float *r[2];
         for (int k = 0; k < 2; k++) {
             cuda_zero(d_dwte, vd * sizeof(float));
             cuda_embedding_backward(d_dwte, d_dout, tok, N, D, scratch);
-            r[k] = host_from_(d_dwte, vd);
+            r[k] = tcu_host_from(d_dwte, vd);
         }
         CU_ASSERT_TRUE(same_bits_("embedding_backward", r[0], r[1], vd * sizeof(float)));
         cuda_free(d_dout), cuda_free(d_dwte), cuda_free(scratch);
@@ -603,22 +571,23 @@ static void test_determinism(void) {
         for (int k = 0; k < 2; k++) {
             cuda_zero(d_plan, plan_bytes);
             cuda_moe_plan(d_counts, d_offsets, d_row_token, d_assign_row, d_topk, N, K, E, scratch);
-            plan[k] = xmalloc_(plan_bytes);
+            plan[k] = tcu_xmalloc(plan_bytes);
             cuda_memcpy_d2h(plan[k], d_plan, plan_bytes);
         }
         CU_ASSERT_TRUE(same_bits_("moe_plan", plan[0], plan[1], plan_bytes));
 
-        float *yp = host_rand_(rd, 3011, 1.0f), *w = host_rand_(nk, 3012, 1.0f);
-        float *dout = host_rand_(nd, 3013, 1.0f);
-        float *d_yp = dev_from_(yp, rd), *d_w = dev_from_(w, nk), *d_dout = dev_from_(dout, nd);
+        float *yp = tcu_host_rand(rd, 3011, 1.0f), *w = tcu_host_rand(nk, 3012, 1.0f);
+        float *dout = tcu_host_rand(nd, 3013, 1.0f);
+        float *d_yp = tcu_dev_from(yp, rd), *d_w = tcu_dev_from(w, nk),
+              *d_dout = tcu_dev_from(dout, nd);
         float *d_dyp = cuda_malloc(rd * sizeof(float)), *d_dw = cuda_malloc(nk * sizeof(float));
         float *dyp[2], *dw[2];
         for (int k = 0; k < 2; k++) {
             cuda_zero(d_dyp, rd * sizeof(float));
             cuda_zero(d_dw, nk * sizeof(float));
             cuda_unpermute_backward(d_dyp, d_dw, d_dout, d_yp, d_w, d_assign_row, N, K, D);
-            dyp[k] = host_from_(d_dyp, rd);
-            dw[k] = host_from_(d_dw, nk);
+            dyp[k] = tcu_host_from(d_dyp, rd);
+            dw[k] = tcu_host_from(d_dw, nk);
         }
         CU_ASSERT_TRUE(same_bits_("unpermute_backward dyp", dyp[0], dyp[1], rd * sizeof(float)));
         CU_ASSERT_TRUE(same_bits_("unpermute_backward dtopk_w", dw[0], dw[1], nk * sizeof(float)));
@@ -632,9 +601,9 @@ static void test_determinism(void) {
     {
         const int N = 200, V = 50304;
         const size_t nv = (size_t)N * V;
-        float *logits = host_rand_(nv, 3020, 4.0f);
+        float *logits = tcu_host_rand(nv, 3020, 4.0f);
         int32_t *tg = make_targets_(N, V, 3021);
-        float *d_logits = dev_from_(logits, nv), *d_dl = cuda_malloc(nv * sizeof(float));
+        float *d_logits = tcu_dev_from(logits, nv), *d_dl = cuda_malloc(nv * sizeof(float));
         int32_t *d_tg = dev_i32_from_(tg, N);
         void *scratch = cuda_malloc(cuda_crossentropy_scratch_bytes(N));
         double sum[2];
@@ -642,7 +611,7 @@ static void test_determinism(void) {
         for (int k = 0; k < 2; k++) {
             sum[k] = cuda_crossentropy_forward_backward(d_dl, NULL, d_logits, d_tg, N, V, 0.01f,
                                                         scratch);
-            dl[k] = host_from_(d_dl, nv);
+            dl[k] = tcu_host_from(d_dl, nv);
         }
         CU_ASSERT_TRUE(same_bits_("crossentropy sum", &sum[0], &sum[1], sizeof(double)));
         CU_ASSERT_TRUE(same_bits_("crossentropy dlogits", dl[0], dl[1], nv * sizeof(float)));
@@ -652,8 +621,9 @@ static void test_determinism(void) {
     // router auxiliary sums
     {
         const int N = 5000, E = 64;
-        float *probs = host_rand_((size_t)N * E, 3030, 1.0f), *lse = host_rand_(N, 3031, 3.0f);
-        float *d_probs = dev_from_(probs, (size_t)N * E), *d_lse = dev_from_(lse, N);
+        float *probs = tcu_host_rand((size_t)N * E, 3030, 1.0f),
+              *lse = tcu_host_rand(N, 3031, 3.0f);
+        float *d_probs = tcu_dev_from(probs, (size_t)N * E), *d_lse = tcu_dev_from(lse, N);
         void *scratch = cuda_malloc(cuda_router_aux_sums_scratch_bytes(N, E));
         double ps[2][64], z[2];
         for (int k = 0; k < 2; k++)

@@ -28,8 +28,11 @@
 // loops): ~1e-6 relative per op at step 1. AdamW divides each gradient by its own running RMS,
 // so a parameter whose gradient is mostly rounding noise still moves by ~lr; over 20 steps
 // that lets the two trajectories drift apart, and a router near a tie may send a token to
-// another expert. Losses (~10.8 falling to ~7) then differ by ~1e-4 relative in our
-// experience of the CPU backend under different thread counts; RTOL_FP32 = 2e-3 leaves margin
+// another expert. Nothing here has run on a GPU yet: a host emulation of the CUDA kernels
+// (tools/cuda-emu, the GPU's code with plain fp32 / libm rounding) stays within 2.5e-9 of the
+// CPU's losses (~10.9 falling to ~9.9) in fp32 and 2.2e-5 with bf16-rounded GEMM operands.
+// RTOL_FP32 = 2e-3 leaves room for the GPU's own rounding (fused multiply-adds, fast-math
+// exp) to be amplified ~1000x by the drift above,
 // while a wrong op (a missing term, a wrong index) moves the loss by 1e-2 or more within a
 // few steps. bf16: every GEMM operand carries a relative error up to 2^-9 (8 significant
 // bits), ~3e-3 per product, averaging down over the D = 64..128 term dot products to ~5e-4 on
@@ -51,7 +54,7 @@ static void load_config_(void) {
 }
 
 // The tokens of step s: a fixed mixture of a few frequent ids and random ones, so that the
-// loss falls quickly from ln(V) (the unigram distribution is learnable in 20 steps).
+// loss falls from ln(V) within 20 steps (10.87 -> 9.91 on the CPU backend).
 static void tokens_(int32_t *tok, int n, int step) {
     uint64_t st = 0x5DEECE66Dull * (uint64_t)(step + 1);
     for (int i = 0; i < n; i++) {
@@ -99,8 +102,8 @@ static void run_steps_(Run *r, int first, int last, double *losses) {
     free(tok);
 }
 
-static int losses_close_(const char *what, const double *got, const double *want, int from,
-                         int to, double rtol) {
+static int losses_close_(const char *what, const double *got, const double *want, int from, int to,
+                         double rtol) {
     int ok = 1;
     double worst = 0;
     for (int s = from; s < to; s++) {
@@ -140,13 +143,18 @@ static void gpu_vs_cpu_(int bf16, double rtol) {
     double gpu[STEPS];
     run_steps_(&r, 0, STEPS, gpu);
     run_close_(&r);
-    CU_ASSERT_TRUE(losses_close_(bf16 ? "gpu bf16 vs cpu" : "gpu fp32 vs cpu", gpu, cpu_losses_,
-                                 0, STEPS, rtol));
-    CU_ASSERT_TRUE(gpu[STEPS - 1] < gpu[0] - 1.0); // and it learns
+    CU_ASSERT_TRUE(losses_close_(bf16 ? "gpu bf16 vs cpu" : "gpu fp32 vs cpu", gpu, cpu_losses_, 0,
+                                 STEPS, rtol));
+    // and it learns: on the CPU the loss falls from 10.87 to 9.91 over these 20 steps
+    CU_ASSERT_TRUE(gpu[STEPS - 1] < gpu[0] - 0.5);
 }
 
-static void test_fp32_vs_cpu(void) { gpu_vs_cpu_(0, RTOL_FP32); }
-static void test_bf16_vs_cpu(void) { gpu_vs_cpu_(1, RTOL_BF16); }
+static void test_fp32_vs_cpu(void) {
+    gpu_vs_cpu_(0, RTOL_FP32);
+}
+static void test_bf16_vs_cpu(void) {
+    gpu_vs_cpu_(1, RTOL_BF16);
+}
 
 // Saves run r after step `step` into dir; returns the file's path in path.
 static void save_(Run *r, const char *dir, int step, char *path, size_t n) {
@@ -212,7 +220,7 @@ static void test_resume(void) {
     run_close_(&c);
 
     // the GPU's step-10 checkpoint continued on the CPU (fp32 GEMMs for the comparison)
-    ops_cuda_open(0, 0, info, sizeof info);
+    CU_ASSERT_EQUAL_FATAL(ops_cuda_open(0, 0, info, sizeof info), 0);
     Run g;
     run_open_(&g, ops_cuda());
     model_init_weights(&g.m, g.c.seed);
@@ -232,8 +240,8 @@ static void test_resume(void) {
     load_(&k, path2);
     run_steps_(&k, SAVE_AT, STEPS, mixed);
     run_close_(&k);
-    CU_ASSERT_TRUE(losses_close_("gpu steps 1-10, cpu 11-20 vs gpu", mixed, gfull, SAVE_AT, STEPS,
-                                 RTOL_FP32));
+    CU_ASSERT_TRUE(
+        losses_close_("gpu steps 1-10, cpu 11-20 vs gpu", mixed, gfull, SAVE_AT, STEPS, RTOL_FP32));
     run_close_(&a);
     char cmd[2400];
     snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s'", dir, dir2);

@@ -1,0 +1,904 @@
+// emu_runtime.cpp: the CUDA host emulator's runtime (tools/cuda-emu/README.md): fibers and
+// barriers for the kernels, checked "device" memory, the runtime API calls the backend makes,
+// and a fake cuBLAS on OpenBLAS. x86-64 Linux only (the fiber switch is a few lines of asm).
+#include <cblas.h>
+#include <execinfo.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdarg>
+#include <algorithm>
+#include <atomic>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "inc/cublas_v2.h"
+#include "inc/cuda_runtime.h"
+
+dim3 threadIdx, blockIdx, blockDim, gridDim;
+char *emu_dyn_smem;
+
+static int env_int_(const char *name, int def) {
+    const char *s = getenv(name);
+    return s && *s ? atoi(s) : def;
+}
+
+[[noreturn]] static void emu_fatal_(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// ---------------------------------------------------------------------------------------
+// Options (environment)
+//   EMU_ORDER   0: threads and blocks in increasing order (default), 1: decreasing,
+//               2: a random permutation per block (seed EMU_SEED): results that depend on the
+//               order are races between barriers.
+//   EMU_PROTECT 1 (default): device memory is PROT_NONE outside kernels, memcpy, memset and
+//               cuBLAS, so that host code touching a device pointer faults. 0: off.
+//   EMU_ALIGN256 0 (default): allocations end exactly at a guard page; 1: 256-byte aligned.
+//   EMU_POISON  byte that fills fresh device memory and shared memory (default 255: NaN floats,
+//               -1 ints).
+static int opt_order_ = -1, opt_protect_ = 1, opt_poison_ = 0xFF, opt_align256_ = 0;
+static std::mt19937 rng_;
+
+static void opts_(void) {
+    if (opt_order_ >= 0) return;
+    opt_order_ = env_int_("EMU_ORDER", 0);
+    opt_protect_ = env_int_("EMU_PROTECT", 1);
+    opt_poison_ = env_int_("EMU_POISON", 0xFF) & 0xFF;
+    opt_align256_ = env_int_("EMU_ALIGN256", 0);
+    rng_.seed((unsigned)env_int_("EMU_SEED", 1));
+}
+
+// ---------------------------------------------------------------------------------------
+// Where we are (for the fault handler and the messages)
+static const char *cur_kernel_ = nullptr; // kernel running, or null
+static const char *cur_api_ = nullptr;    // runtime / cuBLAS call running, or null
+static int cur_tid_ = -1;
+
+// ---------------------------------------------------------------------------------------
+// Device memory: one mapping per allocation, the allocation right-aligned against a
+// PROT_NONE guard page (an overrun of the end by one element faults), 256-byte aligned.
+struct Alloc {
+    char *map;
+    size_t map_len;
+    size_t size; // as asked (>= 1)
+    size_t user; // bytes from the start to the guard page (n, or n rounded to 256)
+};
+static std::map<uintptr_t, Alloc> allocs_; // by user pointer
+static size_t in_use_;
+static const size_t kTotalMem = (size_t)80 << 30; // an H100's 80 GB
+static int dev_open_depth_;
+
+static const Alloc *find_alloc_(const void *p, uintptr_t *base) {
+    if (allocs_.empty()) return nullptr;
+    uintptr_t a = (uintptr_t)p;
+    auto it = allocs_.upper_bound(a);
+    if (it == allocs_.begin()) return nullptr;
+    --it;
+    if (a > it->first + it->second.user) return nullptr; // one past the end is still "in"
+    if (base) *base = it->first;
+    return &it->second;
+}
+
+static void protect_all_(int prot) {
+    if (!opt_protect_) return;
+    for (auto &kv : allocs_)
+        if (mprotect(kv.second.map, kv.second.map_len - (size_t)sysconf(_SC_PAGESIZE), prot))
+            emu_fatal_("mprotect failed");
+}
+
+// Device access window: kernels, memcpy, memset and cuBLAS open it.
+struct DevScope {
+    const char *prev;
+    explicit DevScope(const char *api) : prev(cur_api_) {
+        opts_();
+        cur_api_ = api;
+        if (dev_open_depth_++ == 0) protect_all_(PROT_READ | PROT_WRITE);
+    }
+    ~DevScope() {
+        if (--dev_open_depth_ == 0) protect_all_(PROT_NONE);
+        cur_api_ = prev;
+    }
+};
+
+// 1 when [p, p + n) lies inside one live allocation; where says what the range is for.
+static bool dev_range_ok_(const void *p, size_t n) {
+    uintptr_t base;
+    const Alloc *a = find_alloc_(p, &base);
+    return a && (uintptr_t)p + n <= base + a->size;
+}
+
+static bool is_device_(const void *p) { return find_alloc_(p, nullptr) != nullptr; }
+
+// ---------------------------------------------------------------------------------------
+// Fault handler: says whether the address is device memory, a guard page, and where.
+static char sig_stack_[1 << 16];
+
+static void segv_handler_(int sig, siginfo_t *si, void *) {
+    char buf[512];
+    const void *addr = si->si_addr;
+    const char *what = "not device memory";
+    for (auto &kv : allocs_) {
+        const Alloc &a = kv.second;
+        if ((char *)addr >= a.map && (char *)addr < a.map + a.map_len) {
+            what = (uintptr_t)addr >= kv.first + a.user
+                       ? "just past the end of a device allocation (guard page): OUT OF BOUNDS"
+                   : (uintptr_t)addr < kv.first
+                       ? "in the padding before a device allocation: OUT OF BOUNDS (below)"
+                       : "inside a device allocation";
+            break;
+        }
+    }
+    int n = snprintf(buf, sizeof buf,
+                     "\n*** cuda-emu: signal %d at address %p (%s)\n*** while in %s%s%s",
+                     sig, addr, what,
+                     cur_kernel_ ? "kernel " : cur_api_ ? "" : "HOST CODE (device memory is "
+                                                               "not accessible from the host)",
+                     cur_kernel_ ? cur_kernel_ : cur_api_ ? cur_api_ : "",
+                     cur_kernel_ ? "" : "\n");
+    if (write(2, buf, (size_t)n) < 0) _exit(3);
+    if (cur_kernel_) {
+        n = snprintf(buf, sizeof buf, ", block (%u,%u,%u) thread (%u,%u,%u)\n", blockIdx.x,
+                     blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+        if (write(2, buf, (size_t)n) < 0) _exit(3);
+    }
+    void *bt[64];
+    int nb = backtrace(bt, 64);
+    backtrace_symbols_fd(bt, nb, 2);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+__attribute__((constructor)) static void install_handler_(void) {
+    stack_t ss;
+    ss.ss_sp = sig_stack_;
+    ss.ss_size = sizeof sig_stack_;
+    ss.ss_flags = 0;
+    sigaltstack(&ss, nullptr);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = segv_handler_;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGBUS, &sa, nullptr);
+}
+
+static void emu_fatal_(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "\n*** cuda-emu: ");
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    if (cur_kernel_)
+        fprintf(stderr, "\n*** in kernel %s, block (%u,%u,%u) thread (%u,%u,%u)", cur_kernel_,
+                blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+    fprintf(stderr, "\n");
+    void *bt[64];
+    int nb = backtrace(bt, 64);
+    backtrace_symbols_fd(bt, nb, 2);
+    abort();
+}
+
+// ---------------------------------------------------------------------------------------
+// Runtime API
+static cudaError_t last_error_ = cudaSuccess;
+static int device_ = 0;
+
+static cudaError_t set_err_(cudaError_t e) {
+    if (e != cudaSuccess) last_error_ = e;
+    return e;
+}
+
+const char *cudaGetErrorName(cudaError_t e) {
+    switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevicePointer: return "cudaErrorInvalidDevicePointer";
+    case cudaErrorInvalidMemcpyDirection: return "cudaErrorInvalidMemcpyDirection";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
+    default: return "cudaError(emu)";
+    }
+}
+const char *cudaGetErrorString(cudaError_t e) { return cudaGetErrorName(e); }
+cudaError_t cudaGetLastError(void) {
+    cudaError_t e = last_error_;
+    last_error_ = cudaSuccess;
+    return e;
+}
+cudaError_t cudaPeekAtLastError(void) { return last_error_; }
+cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaGetDeviceCount(int *n) {
+    *n = env_int_("EMU_DEVICES", 1);
+    return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int d) {
+    int n;
+    cudaGetDeviceCount(&n);
+    if (d < 0 || d >= n) return set_err_(cudaErrorInvalidDevice);
+    device_ = d;
+    return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int *d) {
+    *d = device_;
+    return cudaSuccess;
+}
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d) {
+    int n;
+    cudaGetDeviceCount(&n);
+    if (d < 0 || d >= n) return set_err_(cudaErrorInvalidDevice);
+    memset(p, 0, sizeof *p);
+    snprintf(p->name, sizeof p->name, "cuda-emu (host emulation of an H100)");
+    p->totalGlobalMem = kTotalMem;
+    p->sharedMemPerBlock = 48 * 1024;
+    p->major = 9;
+    p->minor = 0;
+    p->multiProcessorCount = 132;
+    p->warpSize = 32;
+    p->maxThreadsPerBlock = 1024;
+    return cudaSuccess;
+}
+static const int kSmemOptin = 227 * 1024; // sm_90
+cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int) {
+    if (a == cudaDevAttrMaxSharedMemoryPerBlockOptin) {
+        *v = kSmemOptin;
+        return cudaSuccess;
+    }
+    return set_err_(cudaErrorInvalidValue);
+}
+cudaError_t cudaMemGetInfo(size_t *f, size_t *t) {
+    *t = kTotalMem;
+    *f = kTotalMem - in_use_;
+    return cudaSuccess;
+}
+cudaError_t cudaDriverGetVersion(int *v) {
+    *v = 13000;
+    return cudaSuccess;
+}
+cudaError_t cudaRuntimeGetVersion(int *v) {
+    *v = 13000;
+    return cudaSuccess;
+}
+
+cudaError_t cudaMalloc(void **p, size_t n) {
+    opts_();
+    if (!p) return set_err_(cudaErrorInvalidValue);
+    if (n == 0) { // as the real runtime: success and a NULL pointer
+        *p = nullptr;
+        return cudaSuccess;
+    }
+    if (n > kTotalMem - in_use_) return set_err_(cudaErrorMemoryAllocation);
+    const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    // The allocation ends exactly where the guard page begins, so that reading the first
+    // element past the end faults: its start is aligned to the largest power of two that
+    // divides n, at most 256 (EMU_ALIGN256=1: always 256, the end rounded up to 256 bytes).
+    const size_t user = opt_align256_ ? (n + 255) / 256 * 256 : n;
+    const size_t data_pages = (user + pg - 1) / pg * pg;
+    const size_t len = data_pages + pg; // + the guard page
+    // large allocations start on a 2 MB boundary and ask for transparent huge pages, which
+    // makes the mprotect calls of the protection window cheap (one PMD per 2 MB)
+    const size_t huge = (size_t)2 << 20;
+    const bool big = data_pages >= 2 * huge;
+    const size_t over = big ? len + huge : len;
+    char *m0 = (char *)mmap(nullptr, over, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                            -1, 0);
+    if (m0 == MAP_FAILED) return set_err_(cudaErrorMemoryAllocation);
+    char *m = m0;
+    if (big) {
+        m = (char *)(((uintptr_t)m0 + huge - 1) & ~(uintptr_t)(huge - 1));
+        if (m > m0) munmap(m0, (size_t)(m - m0));
+        if (m0 + over > m + len) munmap(m + len, (size_t)(m0 + over - (m + len)));
+        madvise(m, data_pages, MADV_HUGEPAGE);
+    }
+    if (mprotect(m + data_pages, pg, PROT_NONE)) emu_fatal_("mprotect (guard)");
+    char *u = m + data_pages - user;
+    memset(u, opt_poison_, user);
+    allocs_[(uintptr_t)u] = Alloc{m, len, n, user};
+    in_use_ += n;
+    if (opt_protect_ && dev_open_depth_ == 0) mprotect(m, data_pages, PROT_NONE);
+    *p = u;
+    return cudaSuccess;
+}
+
+cudaError_t cudaFree(void *p) {
+    if (!p) return cudaSuccess;
+    auto it = allocs_.find((uintptr_t)p);
+    if (it == allocs_.end()) {
+        fprintf(stderr, "*** cuda-emu: cudaFree(%p): not a live allocation's start\n", p);
+        return set_err_(cudaErrorInvalidValue);
+    }
+    in_use_ -= it->second.size;
+    munmap(it->second.map, it->second.map_len); // a later use faults
+    allocs_.erase(it);
+    return cudaSuccess;
+}
+
+static const char *kind_name_(cudaMemcpyKind k) {
+    static const char *n[] = {"HostToHost", "HostToDevice", "DeviceToHost", "DeviceToDevice",
+                              "Default"};
+    return (unsigned)k < 5 ? n[k] : "?";
+}
+
+cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
+    if (n == 0) return cudaSuccess;
+    const bool dd = k == cudaMemcpyHostToDevice || k == cudaMemcpyDeviceToDevice;
+    const bool sd = k == cudaMemcpyDeviceToHost || k == cudaMemcpyDeviceToDevice;
+    if (k == cudaMemcpyDefault || k == cudaMemcpyHostToHost) {
+        // nothing to check
+    } else {
+        if (dd && !dev_range_ok_(d, n))
+            emu_fatal_("cudaMemcpy%s: destination [%p, +%zu) is not inside one device "
+                       "allocation%s",
+                       kind_name_(k), d, n,
+                       is_device_(d) ? " (it runs past the end)" : " (a host pointer?)");
+        if (sd && !dev_range_ok_(s, n))
+            emu_fatal_("cudaMemcpy%s: source [%p, +%zu) is not inside one device allocation%s",
+                       kind_name_(k), s, n,
+                       is_device_(s) ? " (it runs past the end)" : " (a host pointer?)");
+        if (!dd && is_device_(d))
+            emu_fatal_("cudaMemcpy%s: the destination %p is a DEVICE pointer", kind_name_(k), d);
+        if (!sd && is_device_(s))
+            emu_fatal_("cudaMemcpy%s: the source %p is a DEVICE pointer", kind_name_(k), s);
+    }
+    if ((char *)d < (char *)s + n && (char *)s < (char *)d + n && d != s)
+        emu_fatal_("cudaMemcpy: overlapping ranges %p and %p (%zu bytes)", d, s, n);
+    DevScope scope("cudaMemcpy");
+    memmove(d, s, n);
+    return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t) {
+    return cudaMemcpy(d, s, n, k);
+}
+
+cudaError_t cudaMemset(void *d, int v, size_t n) {
+    if (n == 0) return cudaSuccess;
+    if (!dev_range_ok_(d, n))
+        emu_fatal_("cudaMemset: [%p, +%zu) is not inside one device allocation%s", d, n,
+                   is_device_(d) ? " (it runs past the end)" : " (a host pointer?)");
+    DevScope scope("cudaMemset");
+    memset(d, v, n);
+    return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t) { return cudaMemset(d, v, n); }
+
+// per-kernel attributes: the dynamic shared memory opt-in, and the static shared memory seen
+static std::map<const void *, int> func_dyn_smem_;
+static std::map<const void *, size_t> func_static_smem_;
+static const void *cur_kernel_fn_ = nullptr;
+
+cudaError_t emu_func_get_attributes(cudaFuncAttributes *a, const void *f) {
+    memset(a, 0, sizeof *a);
+    a->maxThreadsPerBlock = 1024;
+    a->sharedSizeBytes = func_static_smem_.count(f) ? func_static_smem_[f] : 0;
+    a->maxDynamicSharedSizeBytes = func_dyn_smem_.count(f) ? func_dyn_smem_[f] : 48 * 1024;
+    return cudaSuccess;
+}
+cudaError_t emu_func_set_attribute(const void *f, cudaFuncAttribute a, int v) {
+    if (a != cudaFuncAttributeMaxDynamicSharedMemorySize) return set_err_(cudaErrorInvalidValue);
+    const size_t st = func_static_smem_.count(f) ? func_static_smem_[f] : 0;
+    if (v < 0 || (size_t)v + st > (size_t)kSmemOptin) return set_err_(cudaErrorInvalidValue);
+    func_dyn_smem_[f] = v;
+    return cudaSuccess;
+}
+
+// ---------------------------------------------------------------------------------------
+// Fibers
+extern "C" void emu_ctx_swap(void **save_sp, void *next_sp);
+extern "C" void emu_ctx_tramp(void);
+asm(R"(
+    .text
+    .globl emu_ctx_swap
+    .type emu_ctx_swap,@function
+emu_ctx_swap:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_ctx_swap, .-emu_ctx_swap
+    .globl emu_ctx_tramp
+    .type emu_ctx_tramp,@function
+emu_ctx_tramp:
+    movq %r12, %rdi
+    callq *%r13
+    ud2
+    .size emu_ctx_tramp, .-emu_ctx_tramp
+    .section .note.GNU-stack,"",@progbits
+    .text
+)");
+
+enum { F_READY, F_BLOCK_BAR, F_WARP_BAR, F_DONE };
+struct Fiber {
+    void *sp;
+    char *stack;
+    int state;
+    unsigned tid;
+    unsigned xchg_n;     // warp exchanges done in this block
+    int xchg_src;        // source lane of the pending exchange
+    const void *bar_at;  // call site of the pending __syncthreads
+};
+static const size_t kStack = 256 * 1024;
+static std::vector<Fiber> fibers_;
+static void *sched_sp_;
+static Fiber *cur_;
+static EmuKernelCall call_;
+static unsigned nthreads_;
+// warp exchange buffers: [warp][parity][lane]
+static uint64_t xbuf_[32][2][32];
+
+static void fiber_main_(void *arg) {
+    Fiber *f = (Fiber *)arg;
+    for (;;) {
+        call_.invoke(call_.ctx);
+        f->state = F_DONE;
+        emu_ctx_swap(&f->sp, sched_sp_);
+    }
+}
+
+static void fibers_reserve_(unsigned n) {
+    const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    while (fibers_.size() < n) {
+        Fiber f;
+        memset(&f, 0, sizeof f);
+        f.stack = (char *)mmap(nullptr, kStack, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (f.stack == MAP_FAILED) emu_fatal_("mmap of a fiber stack");
+        mprotect(f.stack, pg, PROT_NONE); // stack overflow guard
+        fibers_.push_back(f);
+    }
+}
+
+static void fiber_start_(Fiber *f) {
+    // stack for emu_ctx_swap's pops: [mxcsr|fpcw] r15 r14 r13 r12 rbx rbp ret
+    uint64_t *sp = (uint64_t *)(f->stack + kStack - 80);
+    sp[0] = 0x037F00001F80ull; // mxcsr 0x1F80 (low 4 bytes), x87 control word 0x037F
+    sp[1] = 0;
+    sp[2] = 0;
+    sp[3] = (uint64_t)(uintptr_t)&fiber_main_;
+    sp[4] = (uint64_t)(uintptr_t)f;
+    sp[5] = 0;
+    sp[6] = 0;
+    sp[7] = (uint64_t)(uintptr_t)&emu_ctx_tramp;
+    f->sp = sp;
+}
+
+static void set_thread_idx_(unsigned tid) {
+    threadIdx.x = tid % blockDim.x;
+    threadIdx.y = tid / blockDim.x % blockDim.y;
+    threadIdx.z = tid / (blockDim.x * blockDim.y);
+}
+
+static void yield_(int state) {
+    Fiber *f = cur_;
+    f->state = state;
+    emu_ctx_swap(&f->sp, sched_sp_);
+    // resumed by the scheduler (which has set threadIdx)
+}
+
+void emu_syncthreads(const char *file, int line) {
+    if (!cur_) emu_fatal_("__syncthreads outside a kernel");
+    cur_->bar_at = file + line; // a site key
+    yield_(F_BLOCK_BAR);
+}
+
+void emu_warp_exchange(const void *in, void *out, size_t size, int src) {
+    if (!cur_) emu_fatal_("warp shuffle outside a kernel");
+    Fiber *f = cur_;
+    const unsigned w = f->tid >> 5, lane = f->tid & 31, par = f->xchg_n & 1;
+    uint64_t v = 0;
+    memcpy(&v, in, size);
+    xbuf_[w][par][lane] = v;
+    f->xchg_src = src;
+    yield_(F_WARP_BAR);
+    f->xchg_n++;
+    v = xbuf_[w][par][src];
+    memcpy(out, &v, size);
+}
+
+void emu_syncwarp(void) {
+    int dummy = 0, r;
+    emu_warp_exchange(&dummy, &r, sizeof dummy, (int)(cur_->tid & 31));
+}
+
+// static __shared__ arrays: poisoned before every block
+static std::vector<std::pair<void *, size_t>> shared_regs_;
+void emu_shared_register(void *p, size_t n) {
+    shared_regs_.push_back({p, n});
+    if (cur_kernel_fn_) func_static_smem_[cur_kernel_fn_] += n;
+}
+
+static std::vector<char> dyn_smem_buf_;
+static std::map<std::string, int> warned_;
+
+static void warn_once_(const char *kernel, const char *what) {
+    std::string key = std::string(kernel) + what;
+    if (warned_[key]++) return;
+    fprintf(stderr, "*** cuda-emu: WARNING: kernel %s: %s\n", kernel, what);
+}
+
+// Runs one block to completion.
+static void run_block_(const char *name, std::vector<unsigned> &order) {
+    const unsigned nt = nthreads_;
+    for (auto &r : shared_regs_) memset(r.first, opt_poison_, r.second);
+    memset(dyn_smem_buf_.data(), opt_poison_, dyn_smem_buf_.size());
+    for (unsigned t = 0; t < nt; t++) {
+        Fiber &f = fibers_[t];
+        f.tid = t;
+        f.state = F_READY;
+        f.xchg_n = 0;
+        fiber_start_(&f);
+    }
+    if (opt_order_ == 2) std::shuffle(order.begin(), order.end(), rng_);
+    unsigned done = 0;
+    const unsigned nwarps = (nt + 31) / 32;
+    for (;;) {
+        bool ran = false;
+        for (unsigned t : order) {
+            Fiber &f = fibers_[t];
+            if (f.state != F_READY) continue;
+            cur_ = &f;
+            set_thread_idx_(t);
+            cur_tid_ = (int)t;
+            emu_ctx_swap(&sched_sp_, f.sp);
+            ran = true;
+            if (f.state == F_DONE) done++;
+        }
+        cur_ = nullptr;
+        if (done == nt) return;
+        (void)ran;
+        // release the warp exchanges whose live lanes have all arrived
+        bool released = false;
+        for (unsigned w = 0; w < nwarps; w++) {
+            const unsigned l0 = w * 32, l1 = std::min(nt, l0 + 32);
+            unsigned at = 0, gone = 0, other = 0;
+            for (unsigned t = l0; t < l1; t++) {
+                int s = fibers_[t].state;
+                at += s == F_WARP_BAR;
+                gone += s == F_DONE;
+                other += s == F_BLOCK_BAR;
+            }
+            if (!at || other) continue;
+            if (gone || l1 - l0 < 32) {
+                // a full-mask shuffle with exited or missing lanes: undefined on the GPU
+                for (unsigned t = l0; t < l1; t++) {
+                    const Fiber &f = fibers_[t];
+                    if (f.state != F_WARP_BAR) continue;
+                    if (f.xchg_src < 0 || (unsigned)f.xchg_src >= l1 - l0)
+                        emu_fatal_("kernel %s block %u warp %u: lane %u reads lane %d, which "
+                                   "does not exist", name, blockIdx.x, w, t - l0, f.xchg_src);
+                    if (fibers_[l0 + f.xchg_src].state == F_DONE)
+                        emu_fatal_("kernel %s block %u warp %u: lane %u shuffles with lane %d, "
+                                   "which has exited (full-mask shuffle with inactive lanes "
+                                   "is undefined)",
+                                   name, blockIdx.x, w, t - l0, f.xchg_src);
+                }
+                warn_once_(name, "warp shuffle while some lanes of the warp have exited (mask "
+                                 "0xffffffff names them: undefined behaviour on the GPU)");
+            }
+            unsigned n0 = ~0u;
+            for (unsigned t = l0; t < l1; t++) {
+                Fiber &f = fibers_[t];
+                if (f.state != F_WARP_BAR) continue;
+                if (n0 == ~0u) n0 = f.xchg_n;
+                if (f.xchg_n != n0)
+                    emu_fatal_("kernel %s block %u warp %u: lanes at different shuffles "
+                               "(divergent warp-synchronous code)",
+                               name, blockIdx.x, w);
+                f.state = F_READY;
+            }
+            released = true;
+        }
+        if (released) continue;
+        // release the block barrier when every live thread is there
+        unsigned at = 0;
+        const void *site = nullptr;
+        bool same_site = true;
+        for (unsigned t = 0; t < nt; t++)
+            if (fibers_[t].state == F_BLOCK_BAR) {
+                if (at++ == 0) site = fibers_[t].bar_at;
+                else if (fibers_[t].bar_at != site) same_site = false;
+            }
+        if (at && at + done == nt) {
+            if (done)
+                warn_once_(name, "__syncthreads reached after some threads of the block exited");
+            if (!same_site)
+                warn_once_(name, "threads of one block wait at DIFFERENT __syncthreads calls "
+                                 "(divergent barrier: undefined on the GPU)");
+            for (unsigned t = 0; t < nt; t++)
+                if (fibers_[t].state == F_BLOCK_BAR) fibers_[t].state = F_READY;
+            continue;
+        }
+        // nothing can run: a deadlock
+        unsigned nb = 0, nw = 0;
+        for (unsigned t = 0; t < nt; t++) {
+            nb += fibers_[t].state == F_BLOCK_BAR;
+            nw += fibers_[t].state == F_WARP_BAR;
+        }
+        emu_fatal_("kernel %s block (%u,%u,%u): DEADLOCK: %u threads at __syncthreads, %u at a "
+                   "warp shuffle, %u exited (divergent barrier)",
+                   name, blockIdx.x, blockIdx.y, blockIdx.z, nb, nw, done);
+    }
+}
+
+void emu_check_kernel_pointer(const char *kernel, int arg, const void *p) {
+    if (!p) return;
+    if (!is_device_(p))
+        emu_fatal_("launch of %s: pointer argument %d (%p) is not device memory (a host "
+                   "pointer, or freed)",
+                   kernel, arg, p);
+}
+
+static size_t launches_;
+
+void emu_run_grid(const char *name, const void *kernel, dim3 grid, dim3 block, size_t smem,
+                  EmuKernelCall call) {
+    opts_();
+    launches_++;
+    const unsigned long long nt = (unsigned long long)block.x * block.y * block.z;
+    if (nt == 0 || nt > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+        grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
+        fprintf(stderr,
+                "*** cuda-emu: launch of %s with grid (%u,%u,%u) block (%u,%u,%u): invalid "
+                "configuration\n",
+                name, grid.x, grid.y, grid.z, block.x, block.y, block.z);
+        set_err_(cudaErrorInvalidConfiguration);
+        return;
+    }
+    const size_t st = func_static_smem_.count(kernel) ? func_static_smem_[kernel] : 0;
+    const size_t lim = func_dyn_smem_.count(kernel) ? (size_t)func_dyn_smem_[kernel]
+                                                     : (st < 48 * 1024 ? 48 * 1024 - st : 0);
+    if (smem > lim) {
+        fprintf(stderr,
+                "*** cuda-emu: launch of %s asks %zu bytes of dynamic shared memory; the "
+                "limit is %zu (static %zu; opt in with cudaFuncSetAttribute)\n",
+                name, smem, lim, st);
+        set_err_(cudaErrorInvalidValue);
+        return;
+    }
+    if (nt % 32) warn_once_(name, "block size is not a multiple of 32");
+    DevScope scope("kernel");
+    cur_kernel_ = name;
+    cur_kernel_fn_ = kernel;
+    call_ = call;
+    nthreads_ = (unsigned)nt;
+    blockDim = block;
+    gridDim = grid;
+    fibers_reserve_(nthreads_);
+    dyn_smem_buf_.assign(smem + 16, 0);
+    emu_dyn_smem = dyn_smem_buf_.data();
+    std::vector<unsigned> order(nthreads_);
+    for (unsigned t = 0; t < nthreads_; t++) order[t] = opt_order_ == 1 ? nthreads_ - 1 - t : t;
+    const unsigned long long nblocks = (unsigned long long)grid.x * grid.y * grid.z;
+    for (unsigned long long b0 = 0; b0 < nblocks; b0++) {
+        const unsigned long long b = opt_order_ == 1 ? nblocks - 1 - b0 : b0;
+        blockIdx.x = (unsigned)(b % grid.x);
+        blockIdx.y = (unsigned)(b / grid.x % grid.y);
+        blockIdx.z = (unsigned)(b / ((unsigned long long)grid.x * grid.y));
+        run_block_(name, order);
+    }
+    cur_kernel_ = nullptr;
+    cur_kernel_fn_ = nullptr;
+    cur_tid_ = -1;
+}
+
+// ---------------------------------------------------------------------------------------
+// Fake cuBLAS
+struct EmuCublasContext {
+    int magic;
+    cublasMath_t math;
+};
+
+cublasStatus_t cublasCreate(cublasHandle_t *h) {
+    *h = new EmuCublasContext{0x6375626c, CUBLAS_DEFAULT_MATH};
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasDestroy(cublasHandle_t h) {
+    delete h;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) {
+    if (!h || h->magic != 0x6375626c) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (s != nullptr) fprintf(stderr, "*** cuda-emu: cublasSetStream: a non-default stream\n");
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasSetMathMode(cublasHandle_t h, cublasMath_t m) {
+    if (!h || h->magic != 0x6375626c) return CUBLAS_STATUS_NOT_INITIALIZED;
+    h->math = m;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasSetAtomicsMode(cublasHandle_t h, cublasAtomicsMode_t) {
+    if (!h || h->magic != 0x6375626c) return CUBLAS_STATUS_NOT_INITIALIZED;
+    return CUBLAS_STATUS_SUCCESS;
+}
+const char *cublasGetStatusName(cublasStatus_t s) {
+    switch (s) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default: return "CUBLAS_STATUS_(emu)";
+    }
+}
+const char *cublasGetStatusString(cublasStatus_t s) { return cublasGetStatusName(s); }
+
+static float bf16_round_(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return f;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// Checks that the (rows, cols) column-major matrix at p with leading dimension ld lies inside
+// one device allocation; what names it in the message.
+static void gemm_operand_check_(const char *api, const char *what, const void *p, int rows,
+                                int cols, int ld) {
+    if (rows == 0 || cols == 0) return;
+    const size_t last = ((size_t)(cols - 1) * (size_t)ld + (size_t)rows) * sizeof(float);
+    if (!dev_range_ok_(p, last))
+        emu_fatal_("%s: operand %s at %p (%d x %d, ld %d, %zu bytes) is not inside one device "
+                   "allocation%s",
+                   api, what, p, rows, cols, ld, last,
+                   is_device_(p) ? " (it runs past the end)" : " (a host pointer?)");
+}
+
+// Copy of the stored (rows, cols) matrix, each element rounded to bf16, compact (ld = rows).
+static std::vector<float> bf16_copy_(const float *p, int rows, int cols, int ld) {
+    std::vector<float> r((size_t)rows * cols);
+    for (int c = 0; c < cols; c++)
+        for (int i = 0; i < rows; i++)
+            r[(size_t)c * rows + i] = bf16_round_(p[(size_t)c * ld + i]);
+    return r;
+}
+
+static size_t gemms_;
+
+static cublasStatus_t gemm_one_(const char *api, cublasOperation_t ta, cublasOperation_t tb,
+                                int m, int n, int k, float alpha, const float *A, int lda,
+                                const float *B, int ldb, float beta, float *C, int ldc,
+                                bool bf16) {
+    const int ar = ta == CUBLAS_OP_N ? m : k, ac = ta == CUBLAS_OP_N ? k : m;
+    const int br = tb == CUBLAS_OP_N ? k : n, bc = tb == CUBLAS_OP_N ? n : k;
+    gemm_operand_check_(api, "A", A, ar, ac, lda);
+    gemm_operand_check_(api, "B", B, br, bc, ldb);
+    gemm_operand_check_(api, "C", C, m, n, ldc);
+    // C must not overlap A or B (cuBLAS does not support in-place products)
+    auto span = [](const void *p, int rows, int cols, int ld) {
+        return std::make_pair((const char *)p,
+                              (const char *)p + ((size_t)(cols - 1) * ld + rows) * 4);
+    };
+    if (m && n && k) {
+        auto sc = span(C, m, n, ldc), sa = span(A, ar, ac, lda), sb = span(B, br, bc, ldb);
+        if ((sc.first < sa.second && sa.first < sc.second) ||
+            (sc.first < sb.second && sb.first < sc.second))
+            emu_fatal_("%s: the output C overlaps an input", api);
+    }
+    if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+    if (beta == 0.0f) // C is not read
+        for (int j = 0; j < n; j++) memset(C + (size_t)j * ldc, 0, (size_t)m * sizeof(float));
+    if (k == 0) {
+        if (beta != 0.0f)
+            for (int j = 0; j < n; j++)
+                for (int i = 0; i < m; i++) C[(size_t)j * ldc + i] *= beta;
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    const CBLAS_TRANSPOSE cta = ta == CUBLAS_OP_N ? CblasNoTrans : CblasTrans;
+    const CBLAS_TRANSPOSE ctb = tb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans;
+    if (bf16) {
+        std::vector<float> a = bf16_copy_(A, ar, ac, lda), b = bf16_copy_(B, br, bc, ldb);
+        cblas_sgemm(CblasColMajor, cta, ctb, m, n, k, alpha, a.data(), ar, b.data(), br, beta, C,
+                    ldc);
+    } else {
+        cblas_sgemm(CblasColMajor, cta, ctb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+    }
+    gemms_++;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+static cublasStatus_t gemm_args_check_(cublasHandle_t h, cublasOperation_t ta,
+                                       cublasOperation_t tb, int m, int n, int k, int lda,
+                                       int ldb, int ldc, cudaDataType at, cudaDataType bt,
+                                       cudaDataType ct, cublasComputeType_t comp,
+                                       const void *alpha, const void *beta) {
+    if (!h || h->magic != 0x6375626c) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if ((ta != CUBLAS_OP_N && ta != CUBLAS_OP_T) || (tb != CUBLAS_OP_N && tb != CUBLAS_OP_T))
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    const int ar = ta == CUBLAS_OP_N ? m : k, br = tb == CUBLAS_OP_N ? k : n;
+    if (lda < std::max(1, ar) || ldb < std::max(1, br) || ldc < std::max(1, m))
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (at != CUDA_R_32F || bt != CUDA_R_32F || ct != CUDA_R_32F)
+        return CUBLAS_STATUS_NOT_SUPPORTED; // the emulation knows fp32 storage only
+    if (comp != CUBLAS_COMPUTE_32F && comp != CUBLAS_COMPUTE_32F_FAST_16BF)
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (!alpha || !beta || is_device_(alpha) || is_device_(beta))
+        return CUBLAS_STATUS_INVALID_VALUE; // pointer mode host: alpha, beta on the host
+    if (comp == CUBLAS_COMPUTE_32F && h->math != CUBLAS_DEFAULT_MATH &&
+        h->math != CUBLAS_PEDANTIC_MATH)
+        fprintf(stderr, "*** cuda-emu: note: CUBLAS_COMPUTE_32F with math mode %d may use TF32 "
+                        "on a GPU; the emulation computes fp32\n",
+                h->math);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
+                            int n, int k, const void *alpha, const void *A, cudaDataType at,
+                            int lda, const void *B, cudaDataType bt, int ldb, const void *beta,
+                            void *C, cudaDataType ct, int ldc, cublasComputeType_t comp,
+                            cublasGemmAlgo_t) {
+    cublasStatus_t s =
+        gemm_args_check_(h, ta, tb, m, n, k, lda, ldb, ldc, at, bt, ct, comp, alpha, beta);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr,
+                "*** cuda-emu: cublasGemmEx(%c%c, m %d n %d k %d, lda %d ldb %d ldc %d): %s\n",
+                ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, lda, ldb, ldc, cublasGetStatusName(s));
+        return s;
+    }
+    DevScope scope("cublasGemmEx");
+    return gemm_one_("cublasGemmEx", ta, tb, m, n, k, *(const float *)alpha, (const float *)A,
+                     lda, (const float *)B, ldb, *(const float *)beta, (float *)C, ldc,
+                     comp == CUBLAS_COMPUTE_32F_FAST_16BF);
+}
+
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta,
+                                          cublasOperation_t tb, int m, int n, int k,
+                                          const void *alpha, const void *A, cudaDataType at,
+                                          int lda, long long sA, const void *B, cudaDataType bt,
+                                          int ldb, long long sB, const void *beta, void *C,
+                                          cudaDataType ct, int ldc, long long sC, int batch,
+                                          cublasComputeType_t comp, cublasGemmAlgo_t) {
+    cublasStatus_t s =
+        gemm_args_check_(h, ta, tb, m, n, k, lda, ldb, ldc, at, bt, ct, comp, alpha, beta);
+    if (s == CUBLAS_STATUS_SUCCESS && batch < 0) s = CUBLAS_STATUS_INVALID_VALUE;
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr,
+                "*** cuda-emu: cublasGemmStridedBatchedEx(%c%c, m %d n %d k %d, lda %d ldb %d "
+                "ldc %d, batch %d): %s\n",
+                ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, lda, ldb, ldc, batch,
+                cublasGetStatusName(s));
+        return s;
+    }
+    // the output matrices of the batch must not share elements: C_i's columns are m wide,
+    // at stride sC; with ldc > sC they interleave, which is fine while sC >= m
+    if (batch > 1 && m > 0 && n > 0 && sC < m && !(n == 1 && sC >= m))
+        emu_fatal_("cublasGemmStridedBatchedEx: the batch's outputs overlap (strideC %lld < m "
+                   "%d)",
+                   sC, m);
+    DevScope scope("cublasGemmStridedBatchedEx");
+    for (int i = 0; i < batch; i++) {
+        s = gemm_one_("cublasGemmStridedBatchedEx", ta, tb, m, n, k, *(const float *)alpha,
+                      (const float *)A + i * sA, lda, (const float *)B + i * sB, ldb,
+                      *(const float *)beta, (float *)C + i * sC, ldc,
+                      comp == CUBLAS_COMPUTE_32F_FAST_16BF);
+        if (s != CUBLAS_STATUS_SUCCESS) return s;
+    }
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+__attribute__((destructor)) static void stats_(void) {
+    if (getenv("EMU_STATS"))
+        fprintf(stderr, "cuda-emu: %zu kernel launches, %zu GEMMs, %zu bytes still allocated\n",
+                launches_, gemms_, in_use_);
+}

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# run.sh: builds moet's CUDA backend for the host emulator (tools/cuda-emu/README.md) into
+# /tmp/cuda-emu-build and runs the four CUDA tests under it, printing their summaries.
+#   tools/cuda-emu/run.sh [test ...]      (default: kernels gemm moe_ops train)
+# Environment: BUILD (default /tmp/cuda-emu-build), JOBS (default 2), OMP_NUM_THREADS (default 2),
+# EMU_ORDER / EMU_PROTECT / EMU_POISON / EMU_SEED / EMU_STATS (see emu_runtime.cpp),
+# EXTRA_CXXFLAGS: more g++ flags for the .cu files (e.g. "-mfma -ffp-contract=fast" to mimic
+# nvcc's default FMA contraction; use a separate BUILD folder),
+# PATCHED_CU_DIR: a folder whose *.cu files replace kernels/cuda's of the same name (to go on
+# past a bug without touching the repository).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+BUILD=${BUILD:-/tmp/cuda-emu-build}
+JOBS=${JOBS:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export TU_VERBOSE=${TU_VERBOSE:-1}
+TESTS=("$@")
+[ ${#TESTS[@]} -eq 0 ] && TESTS=(kernels gemm moe_ops train)
+mkdir -p "$BUILD/src" "$BUILD/obj"
+
+BLAS_INC=/usr/include/x86_64-linux-gnu/openblas-openmp
+BLAS_LIB=/usr/lib/x86_64-linux-gnu/openblas-openmp
+PKGS="hdf5-openmpi inih libcjson libzstd cunit oniguruma libutf8proc"
+CFLAGS="-std=c11 -O2 -g -fopenmp -DMOET_CUDA=1 -DMOET_MPI=1 -D_POSIX_C_SOURCE=200809L \
+  -I$ROOT -I$BLAS_INC $(pkg-config --cflags $PKGS)"
+CXXFLAGS="-std=c++20 -O2 -g -fno-omit-frame-pointer -D_POSIX_C_SOURCE=200809L -I$HERE/inc \
+  -I$HERE -I$ROOT -I$BLAS_INC -Wno-unused-variable -Wno-unused-function ${EXTRA_CXXFLAGS:-}"
+LIBS="$BLAS_LIB/libopenblas.so -Wl,-rpath,$BLAS_LIB $(pkg-config --libs $PKGS) -lz -lm -lpthread -fopenmp"
+
+# compile SRC OBJ CMD...: only when SRC (or an emulator file) is newer than OBJ
+stale() { [ ! -f "$2" ] || [ "$1" -nt "$2" ] || [ "$HERE/inc/cuda_runtime.h" -nt "$2" ] ||
+          [ "$HERE/convert.c" -nt "$2" ]; }
+
+# the .cu -> .cpp rewriter (tools/cuda-emu/convert.c)
+CONVERT="$BUILD/convert"
+if [ ! -x "$CONVERT" ] || [ "$HERE/convert.c" -nt "$CONVERT" ]; then
+  gcc -std=c11 -O2 -D_POSIX_C_SOURCE=200809L -o "$CONVERT" "$HERE/convert.c"
+fi
+
+jobs_file="$BUILD/jobs.txt"; : > "$jobs_file"
+for cu in "$ROOT"/kernels/cuda/*.cu; do
+  name=$(basename "$cu" .cu)
+  src=$cu
+  [ -n "${PATCHED_CU_DIR:-}" ] && [ -f "$PATCHED_CU_DIR/$name.cu" ] && src="$PATCHED_CU_DIR/$name.cu"
+  out="$BUILD/src/$name.cpp"; obj="$BUILD/obj/cu_$name.o"
+  if stale "$src" "$obj" || [ "$ROOT/kernels/cuda/common.cuh" -nt "$obj" ] ||
+     [ "$ROOT/kernels/cuda/cublas_util.cuh" -nt "$obj" ] || [ "$ROOT/kernels/cuda/kernels_cuda.h" -nt "$obj" ] ||
+     [ "$HERE/inc/cublas_v2.h" -nt "$obj" ] || [ -n "${PATCHED_CU_DIR:-}" ]; then
+    "$CONVERT" "$src" "$out"
+    echo "g++ $CXXFLAGS -c $out -o $obj" >> "$jobs_file"
+  fi
+done
+obj="$BUILD/obj/emu_runtime.o"
+if stale "$HERE/emu_runtime.cpp" "$obj" || [ "$HERE/inc/cublas_v2.h" -nt "$obj" ]; then
+  echo "g++ $CXXFLAGS -c $HERE/emu_runtime.cpp -o $obj" >> "$jobs_file"
+fi
+CSRC=$(ls "$ROOT"/kernels/cpu/*.c "$ROOT"/train/*.c "$ROOT"/data/*.c "$ROOT"/tests/testutil.c |
+       grep -v '/train/main\.c$')
+for c in $CSRC "$ROOT"/tests/cuda/test_*.c; do
+  rel=${c#$ROOT/}; obj="$BUILD/obj/$(echo "$rel" | tr / _ | sed 's/\.c$/.o/')"
+  # headers: rebuild everything C when any repository header is newer than the object
+  if stale "$c" "$obj" || [ -n "$(find "$ROOT/kernels" "$ROOT/train" "$ROOT/data" "$ROOT/tests" \
+       -name '*.h' -newer "$obj" -print -quit)" ]; then
+    echo "gcc $CFLAGS -c $c -o $obj" >> "$jobs_file"
+  fi
+done
+if [ -s "$jobs_file" ]; then
+  echo "== building ($(wc -l < "$jobs_file") files, $JOBS jobs) into $BUILD"
+  xargs -P "$JOBS" -I{} -d '\n' sh -c '{} || { echo "FAILED: {}" >&2; exit 255; }' < "$jobs_file"
+fi
+rm -f "$BUILD/libmoet_core_emu.a"
+ar rcs "$BUILD/libmoet_core_emu.a" $(for c in $CSRC; do rel=${c#$ROOT/}; echo "$BUILD/obj/$(echo "$rel" | tr / _ | sed 's/\.c$/.o/')"; done) \
+  "$BUILD"/obj/cu_*.o "$BUILD/obj/emu_runtime.o"
+for t in kernels gemm moe_ops train; do
+  g++ -o "$BUILD/cuda_test_cuda_$t" "$BUILD/obj/tests_cuda_test_cuda_$t.o" \
+    "$BUILD/obj/tests_testutil.o" "$BUILD/libmoet_core_emu.a" $LIBS
+done
+
+status=0
+cd "$ROOT" # the tests read configs/ relative to the repository root
+for t in "${TESTS[@]}"; do
+  echo "== cuda_test_cuda_$t (EMU_ORDER=${EMU_ORDER:-0})"
+  log="$BUILD/test_$t.log"
+  start=$(date +%s)
+  set +e
+  "$BUILD/cuda_test_cuda_$t" > "$log" 2>&1
+  rc=$?
+  set -e
+  # the CUnit summary, the worst |err|/tol of each check (the maximum over its calls), the
+  # train test's loss comparisons, and every message of the emulator or of a failed check
+  awk '/worst \|err\|\/tol =/ { n = $0; sub(/ *worst \|err\|\/tol = .*/, "", n); sub(/^ *Test: .*\.\.\. */, "", n); sub(/^ */, "", n); gsub(/ [^ ]*=[^ ]*/, "", n); gsub(/ [0-9]+x[0-9]+(x[0-9]+)?/, "", n);
+         v = $NF + 0; if (!(n in w) || v > w[n]) w[n] = v; if (!(n in o)) o[n] = ++k; next }
+       /Run Summary|suites|tests |asserts|Elapsed/ { sum = sum $0 "\n"; next }
+       /cuda-emu|fatal|FAIL|differ|got |steps [0-9]|resume|skipped|Test: / { print }
+       END { if (k) { printf "  worst |err|/tol per check (max over its calls and shapes):\n";
+                      for (n in o) line[o[n]] = sprintf("    %-48s %.3f", n, w[n]);
+                      for (i = 1; i <= k; i++) print line[i] }
+             printf "%s", sum }' "$log" | sed 's/^  Test: \(.*\)\.\.\.\(.*\)$/  Test: \1... \2/' | head -120
+  echo "-- exit status $rc ($(( $(date +%s) - start )) s), full log: $log"
+  [ $rc -ne 0 ] && status=1
+done
+exit $status
