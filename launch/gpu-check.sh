@@ -6,7 +6,7 @@
 #   3. tiny-moe trained 20 steps with `moet train` on cuda and on cpu: the two loss curves;
 #   4. `moet bench configs/bench-gpu-olmoe.ini`: tokens/s, MFU, peak memory.
 #   bash launch/gpu-check.sh [BUNDLE] [LOGDIR]
-# BUNDLE is a folder from launch/gpu-bundle.sh (bin/, lib/) or a build folder; LOGDIR receives
+# BUNDLE is a folder from launch/gpu-bundle.sh (bin/, lib/), its .tar.gz, or a build folder; LOGDIR receives
 # one log per check (default gpu-logs). Every check runs even when an earlier one fails; the
 # exit status is the number of failed checks.
 set -uo pipefail
@@ -14,15 +14,24 @@ cd "$(dirname "$0")/.."
 BUNDLE=${1:-gpu-bundle}
 LOG=${2:-gpu-logs}
 mkdir -p "$LOG"
+if [[ $BUNDLE == *.tar.gz ]]; then # packed by gpu-bundle.sh: unpack next to it
+  tar xzf "$BUNDLE" -C "$(dirname "$BUNDLE")"
+  BUNDLE=${BUNDLE%.tar.gz}
+fi
 BIN=$BUNDLE/bin
 [ -d "$BIN" ] || BIN=$BUNDLE
 export LD_LIBRARY_PATH="$(cd "$BUNDLE" && pwd)/lib:${LD_LIBRARY_PATH:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+export PATH=$PATH:/usr/local/cuda/bin # compute-sanitizer
 fail=0
 check() { # name, command...
   local name=$1; shift
   local t0=$SECONDS
-  if "$@" >"$LOG/$name.log" 2>&1; then r=ok; else r="FAILED ($?)"; fail=$((fail + 1)); fi
+  "$@" >"$LOG/$name.log" 2>&1
+  local rc=$?
+  if [[ $rc -eq 0 ]]; then r=ok
+  elif [[ $rc -eq 77 ]]; then r="SKIPPED (no GPU)"; fail=$((fail + 1))
+  else r="FAILED ($rc)"; fail=$((fail + 1)); fi
   printf '%-28s %-12s %4ds  %s\n' "$name" "$r" $((SECONDS - t0)) "$LOG/$name.log"
 }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; } \
@@ -37,8 +46,9 @@ if command -v compute-sanitizer >/dev/null; then
 fi
 # tiny-moe on both devices from the sample documents
 for split in train valid; do
-  check "tokenize_$split" "$BIN/moet" tokenize --tokenizer data/tokenizers/gpt-neox-olmo-dolma-v1_5.json \
-    --out data/sample/tokens/$split data/sample/documents/$split.jsonl.gz
+  ls data/sample/tokens/$split/*.npy >/dev/null 2>&1 ||
+    check "tokenize_$split" "$BIN/moet" tokenize --tokenizer data/tokenizers/gpt-neox-olmo-dolma-v1_5.json \
+      --out data/sample/tokens/$split data/sample/documents/$split.jsonl.gz
 done
 for dev in cuda cpu; do
   check "train_tiny_$dev" "$BIN/moet" train --config configs/tiny-moe.ini \

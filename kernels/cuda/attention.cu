@@ -38,20 +38,6 @@ size_t cuda_attention_scratch_bytes(int T, int H) {
     return 2 * (size_t)H * (size_t)T * (size_t)T * sizeof(float);
 }
 
-// Max of v over a 1-D block, returned to every thread; the same contract as block_sum_f32 in
-// common.cuh (blockDim.x a multiple of 32, every thread calls it, buf is __shared__ [32], and
-// buf may be reused by the next reduction). Max is exact, so the order does not matter.
-static __device__ __forceinline__ float block_max_f32_(float v, float *buf) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    __syncthreads();
-    if (lane == 0) buf[warp] = v;
-    __syncthreads();
-    v = lane < nwarps ? buf[lane] : -INFINITY;
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
 // ---------------------------------------------------------------------------------------
 // Forward
 
@@ -68,7 +54,7 @@ static __global__ void attention_softmax_kernel(float *s, float *lse, int T) {
     float *sr = s + (size_t)row * T;
     float m = -INFINITY;
     for (int j = threadIdx.x; j < nk; j += blockDim.x) m = fmaxf(m, sr[j]);
-    m = block_max_f32_(m, red);
+    m = block_max_f32(m, red);
     float sum = 0.0f;
     for (int j = threadIdx.x; j < nk; j += blockDim.x) {
         const float e = expf(sr[j] - m);

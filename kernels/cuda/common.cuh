@@ -3,6 +3,7 @@
 // block reductions.
 #pragma once
 #include <cuda_runtime.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -112,4 +113,18 @@ __device__ __forceinline__ double block_sum_f64(double v, double *buf) {
     if (lane == 0) buf[warp] = v;
     __syncthreads();
     return warp_sum_f64(lane < nwarps ? buf[lane] : 0.0);
+}
+
+// Max of v over a 1-D block, returned to every thread; the same contract as block_sum_f32
+// (blockDim.x a multiple of 32, every thread calls it, buf is __shared__ [32] and may be reused
+// by the next reduction). The max is exact, so its order does not matter.
+__device__ __forceinline__ float block_max_f32(float v, float *buf) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if (lane == 0) buf[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? buf[lane] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
 }

@@ -31,20 +31,6 @@ static unsigned row_blocks_(size_t rows) {
     return (unsigned)(rows < (size_t)ROW_MAX_BLOCKS ? rows : (size_t)ROW_MAX_BLOCKS);
 }
 
-// Max of v over a 1-D block, returned to every thread (same contract as block_sum_f32 in
-// common.cuh: blockDim.x a multiple of 32, every thread calls it, buf is __shared__ [32]).
-// The max is exact, so its order does not matter.
-static __device__ __forceinline__ float block_max_f32_(float v, float *buf) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    __syncthreads();
-    if (lane == 0) buf[warp] = v;
-    __syncthreads();
-    v = lane < nwarps ? buf[lane] : -INFINITY;
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
 // ---------------------------------------------------------------------------------------
 // Row gather: out[r] = src[idx[r]] for r < R. Embedding forward (idx = tokens, src = wte) and
 // permute forward (idx = row_token, src = x) are both this copy.
@@ -724,7 +710,7 @@ static __global__ void crossentropy_kernel(float *dlogits, float *losses, double
     const float xt = l[target]; // before any write (dl may alias logits)
     float m = -INFINITY;
     for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, l[i]);
-    m = block_max_f32_(m, red_f);
+    m = block_max_f32(m, red_f);
     double sum = 0.0;
     for (int i = threadIdx.x; i < V; i += blockDim.x) sum += (double)expf(l[i] - m);
     sum = block_sum_f64(sum, red_d);
