@@ -47,3 +47,19 @@ static inline float *tcu_host_from(const float *d, size_t n) {
     cuda_memcpy_d2h(h, d, n * sizeof *h);
     return h;
 }
+
+// The main() of a CUDA test: exits 77 (ctest "skipped") where no CUDA device exists, else opens
+// device 0, prints its description and runs the tests as the CUnit suite `suite`.
+static inline int tcu_main(const char *suite, const TuTest *tests, int n_tests) {
+    if (cuda_device_count() == 0) {
+        printf("skipped: no CUDA device\n");
+        return TU_SKIP;
+    }
+    char info[512];
+    if (cuda_init(0, info, sizeof info) != 0) {
+        fprintf(stderr, "%s: %s\n", suite, info);
+        return 1;
+    }
+    printf("%s\n", info);
+    return tu_run(suite, tests, n_tests);
+}

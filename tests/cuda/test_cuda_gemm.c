@@ -401,16 +401,6 @@ static void test_determinism(void) {
 }
 
 int main(void) {
-    if (cuda_device_count() == 0) {
-        printf("skipped: no CUDA device\n");
-        return TU_SKIP;
-    }
-    char info[512];
-    if (cuda_init(0, info, sizeof info) != 0) {
-        fprintf(stderr, "test_cuda_gemm: %s\n", info);
-        return 1;
-    }
-    printf("%s\n", info);
     if (cuda_gemm_bf16() != 1) {
         fprintf(stderr, "test_cuda_gemm: the GEMM precision must default to bf16 (1)\n");
         return 1;
@@ -422,5 +412,5 @@ int main(void) {
         {"attention forward and backward", test_attention},
         {"determinism of the GEMM ops", test_determinism},
     };
-    return tu_run("cuda_gemm", tests, (int)(sizeof tests / sizeof tests[0]));
+    return tcu_main("cuda_gemm", tests, (int)(sizeof tests / sizeof tests[0]));
 }

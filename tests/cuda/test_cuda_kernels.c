@@ -315,16 +315,6 @@ static void test_determinism(void) {
 }
 
 int main(void) {
-    if (cuda_device_count() == 0) {
-        printf("skipped: no CUDA device\n");
-        return TU_SKIP;
-    }
-    char info[512];
-    if (cuda_init(0, info, sizeof info) != 0) {
-        fprintf(stderr, "test_cuda_kernels: %s\n", info);
-        return 1;
-    }
-    printf("%s\n", info);
     static const TuTest tests[] = {
         {"rmsnorm_forward", test_rmsnorm_forward},
         {"rmsnorm_backward", test_rmsnorm_backward},
@@ -335,5 +325,5 @@ int main(void) {
         {"bf16 round trip", test_bf16_roundtrip},
         {"determinism of the reductions", test_determinism},
     };
-    return tu_run("cuda_kernels", tests, (int)(sizeof tests / sizeof tests[0]));
+    return tcu_main("cuda_kernels", tests, (int)(sizeof tests / sizeof tests[0]));
 }

@@ -636,16 +636,6 @@ static void test_determinism(void) {
 }
 
 int main(void) {
-    if (cuda_device_count() == 0) {
-        printf("skipped: no CUDA device\n");
-        return TU_SKIP;
-    }
-    char info[512];
-    if (cuda_init(0, info, sizeof info) != 0) {
-        fprintf(stderr, "test_cuda_moe_ops: %s\n", info);
-        return 1;
-    }
-    printf("%s\n", info);
     static const TuTest tests[] = {
         {"embedding forward and backward", test_embedding},
         {"rope forward and backward", test_rope},
@@ -658,5 +648,5 @@ int main(void) {
         {"crossentropy", test_crossentropy},
         {"determinism of the reductions and plans", test_determinism},
     };
-    return tu_run("cuda_moe_ops", tests, (int)(sizeof tests / sizeof tests[0]));
+    return tcu_main("cuda_moe_ops", tests, (int)(sizeof tests / sizeof tests[0]));
 }
