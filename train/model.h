@@ -111,7 +111,8 @@ typedef struct {
     float *d_prob_bias;          // (E) load-balancing gradient per expert probability
     // host copies (host memory on every backend)
     int32_t *tokens_h, *targets_h;   // (N)
-    int32_t *counts_h, *offsets_h;   // (L,E), (L,E+1): the dispatch plan's row counts
+    int32_t *counts_h, *offsets_h;   // (L,E), (L,E+1): the dispatch plan's row counts and
+                                     // their prefix sums
 
     // results of the last forward
     int logits_are_grads;        // 1 after backward overwrote logits with dlogits

@@ -21,10 +21,13 @@ static void route_(Model *m, int l, MoeLayerLoss *loss) {
     k->router_forward(a->rprobs, a->rlse, a->topk_idx, a->topk_w, a->rlogits, N, E, K,
                       m->cfg.norm_topk_prob);
     k->moe_plan(a->counts, a->offsets, a->row_token, a->assign_row, a->topk_idx, N, K, E);
-    // the row counts decide the expert GEMM shapes and the losses: the host needs them
+    // the row counts decide the expert GEMM shapes and the losses: the host needs them (one
+    // copy; the offsets are their prefix sums, as moe_plan computes them)
     int32_t *counts = m->counts_h + (size_t)l * E;
+    int32_t *offsets = m->offsets_h + (size_t)l * (E + 1);
     k->to_host(counts, a->counts, (size_t)E * sizeof(int32_t));
-    k->to_host(m->offsets_h + (size_t)l * (E + 1), a->offsets, (size_t)(E + 1) * sizeof(int32_t));
+    offsets[0] = 0;
+    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
 
     double P[E], zsum;
     k->router_aux_sums(P, &zsum, a->rprobs, a->rlse, N, E);

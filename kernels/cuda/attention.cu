@@ -67,15 +67,30 @@ static __global__ void attention_softmax_kernel(float *s, float *lse, int T) {
     if (threadIdx.x == 0) lse[row] = m + logf(sum);
 }
 
+// Stops with a message when a caller passed no scratch (a bug in the caller).
+static void need_scratch_(const char *fn, const void *scratch) {
+    if (scratch) return;
+    fprintf(stderr, "moet: fatal: %s: scratch is NULL (allocate cuda_attention_scratch_bytes(T, "
+                    "H) bytes)\n", fn);
+    exit(EXIT_FAILURE);
+}
+
+// The scaled scores of one sequence, s[h*T*T + t*T + j] = scale * q_t . k_j per head, into s
+// (H,T,T). Forward and backward both call this one GEMM, so the backward recomputes exactly the
+// forward's scores. Per head h, column-major: S^T (T,T) = scale * K (T,Dh) * Q^T (Dh,T) (K is
+// stored as the column-major (Dh,T) K^T: op T; Q as Q^T: op N). qb, kb point at the sequence.
+static void scores_(float *s, const float *qb, const float *kb, int T, int H, int Dh,
+                    float scale) {
+    const int ld = H * Dh;
+    gemm_f32_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, T, T, Dh, scale, kb, ld, Dh, qb, ld, Dh,
+                              0.0f, s, T, (long long)T * T, H);
+}
+
 // out, q, k, v are (B,T,H,Dh); lse is (B,H,T); scratch is cuda_attention_scratch_bytes(T, H)
 void cuda_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
                             int B, int T, int H, int Dh, void *scratch) {
     if (B <= 0 || T <= 0 || H <= 0 || Dh <= 0) return;
-    if (!scratch) {
-        fprintf(stderr, "moet: fatal: cuda_attention_forward: scratch is NULL (allocate "
-                        "cuda_attention_scratch_bytes(T, H) bytes)\n");
-        exit(EXIT_FAILURE);
-    }
+    need_scratch_("cuda_attention_forward", scratch);
     const int ld = H * Dh;
     const long long TT = (long long)T * T;
     const float scale = 1.0f / sqrtf((float)Dh);
@@ -83,11 +98,7 @@ void cuda_attention_forward(float *out, float *lse, const float *q, const float 
     for (int b = 0; b < B; b++) {
         const size_t base = (size_t)b * T * ld;
         const float *qb = q + base, *kb = k + base, *vb = v + base;
-        // Per head h, column-major: S^T (T,T) = scale * K (T,Dh) * Q^T (Dh,T)
-        // (K is stored as the column-major (Dh,T) K^T: op T; Q as Q^T: op N), so that
-        // s[h*T*T + t*T + j] = scale * q_t . k_j.
-        gemm_f32_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, T, T, Dh, scale, kb, ld, Dh, qb, ld, Dh,
-                                  0.0f, s, T, TT, H);
+        scores_(s, qb, kb, T, H, Dh, scale);
         attention_softmax_kernel<<<(unsigned)(H * T), ATTN_ROW_THREADS>>>(
             s, lse + (size_t)b * H * T, T);
         CUDA_CHECK_LAUNCH();
@@ -136,11 +147,7 @@ void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                              const float *lse, const float *q, const float *k, const float *v,
                              int B, int T, int H, int Dh, void *scratch) {
     if (B <= 0 || T <= 0 || H <= 0 || Dh <= 0 || (!dq && !dk && !dv)) return;
-    if (!scratch) {
-        fprintf(stderr, "moet: fatal: cuda_attention_backward: scratch is NULL (allocate "
-                        "cuda_attention_scratch_bytes(T, H) bytes)\n");
-        exit(EXIT_FAILURE);
-    }
+    need_scratch_("cuda_attention_backward", scratch);
     const int ld = H * Dh;
     const long long TT = (long long)T * T;
     const float scale = 1.0f / sqrtf((float)Dh);
@@ -150,9 +157,7 @@ void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout,
     for (int b = 0; b < B; b++) {
         const size_t base = (size_t)b * T * ld;
         const float *qb = q + base, *kb = k + base, *vb = v + base, *dob = dout + base;
-        // S^T (T,T) = scale * K * Q^T per head, exactly as in the forward
-        gemm_f32_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, T, T, Dh, scale, kb, ld, Dh, qb, ld, Dh,
-                                  0.0f, p, T, TT, H);
+        scores_(p, qb, kb, T, H, Dh, scale);
         if (need_ds) {
             // dP = dO V^T, the same form as S: column-major dP^T (T,T) = V (T,Dh) * dO^T (Dh,T)
             gemm_f32_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, T, T, Dh, 1.0f, vb, ld, Dh, dob, ld,

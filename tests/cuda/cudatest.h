@@ -48,6 +48,16 @@ static inline float *tcu_host_from(const float *d, size_t n) {
     return h;
 }
 
+// Copies the device result back and compares it with the CPU result want:
+// |got - want| <= atol_frac * max|want| + rtol * |want| for every element.
+static inline int tcu_check(const char *name, const float *d_got, const float *want, size_t n,
+                            double rtol, double atol_frac) {
+    float *got = tcu_host_from(d_got, n);
+    int ok = tu_allclose(name, got, want, n, atol_frac * tu_max_abs(want, n), rtol);
+    free(got);
+    return ok;
+}
+
 // The main() of a CUDA test: exits 77 (ctest "skipped") where no CUDA device exists, else opens
 // device 0, prints its description and runs the tests as the CUnit suite `suite`.
 static inline int tcu_main(const char *suite, const TuTest *tests, int n_tests) {

@@ -29,15 +29,6 @@
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-// Copies the device result back and compares it with the CPU result (see the tolerances).
-static int check_(const char *name, const float *d_got, const float *want, size_t n, double rtol,
-                  double atol_frac) {
-    float *got = tcu_host_from(d_got, n);
-    int ok = tu_allclose(name, got, want, n, atol_frac * tu_max_abs(want, n), rtol);
-    free(got);
-    return ok;
-}
-
 // ---------------------------------------------------------------------------------------
 // RMSNorm
 
@@ -52,12 +43,12 @@ static void rmsnorm_forward_case_(int N, int D, uint64_t seed) {
     float *d_x = tcu_dev_from(x, nd), *d_w = tcu_dev_from(w, D);
     float *d_out = cuda_malloc(nd * sizeof(float)), *d_rstd = cuda_malloc(N * sizeof(float));
     cuda_rmsnorm_forward(d_out, d_rstd, d_x, d_w, N, D, eps);
-    CU_ASSERT_TRUE(check_("rmsnorm_forward out", d_out, out, nd, RTOL, ATOL_FRAC));
-    CU_ASSERT_TRUE(check_("rmsnorm_forward rstd", d_rstd, rstd, N, RTOL, 0.0));
+    CU_ASSERT_TRUE(tcu_check("rmsnorm_forward out", d_out, out, nd, RTOL, ATOL_FRAC));
+    CU_ASSERT_TRUE(tcu_check("rmsnorm_forward rstd", d_rstd, rstd, N, RTOL, 0.0));
 
     // in place (out aliases x), rstd not saved
     cuda_rmsnorm_forward(d_x, NULL, d_x, d_w, N, D, eps);
-    CU_ASSERT_TRUE(check_("rmsnorm_forward in place", d_x, out, nd, RTOL, ATOL_FRAC));
+    CU_ASSERT_TRUE(tcu_check("rmsnorm_forward in place", d_x, out, nd, RTOL, ATOL_FRAC));
 
     cuda_free(d_x), cuda_free(d_w), cuda_free(d_out), cuda_free(d_rstd);
     free(x), free(w), free(out), free(rstd);
@@ -88,8 +79,8 @@ static void rmsnorm_backward_case_(int N, int D, int with_dx, int with_dw, uint6
     void *scratch = with_dw ? cuda_malloc(cuda_rmsnorm_backward_scratch_bytes(N, D)) : NULL;
     cuda_rmsnorm_backward(with_dx ? d_dx : NULL, with_dw ? d_dw : NULL, d_dout, d_x, d_w, d_rstd, N,
                           D, scratch);
-    CU_ASSERT_TRUE(check_("rmsnorm_backward dx", d_dx, want_dx, nd, RTOL, ATOL_FRAC));
-    CU_ASSERT_TRUE(check_("rmsnorm_backward dw", d_dw, want_dw, D, RTOL, ATOL_FRAC));
+    CU_ASSERT_TRUE(tcu_check("rmsnorm_backward dx", d_dx, want_dx, nd, RTOL, ATOL_FRAC));
+    CU_ASSERT_TRUE(tcu_check("rmsnorm_backward dw", d_dw, want_dw, D, RTOL, ATOL_FRAC));
 
     cuda_free(d_x), cuda_free(d_w), cuda_free(d_dout), cuda_free(d_rstd), cuda_free(d_dx);
     cuda_free(d_dw), cuda_free(scratch);
@@ -123,10 +114,10 @@ static void swiglu_case_(size_t n, int with_dg, int with_du, uint64_t seed) {
     float *d_out = cuda_malloc(n * sizeof(float));
     float *d_dg = tcu_dev_from(dg0, n), *d_du = tcu_dev_from(du0, n);
     cuda_swiglu_forward(d_out, d_g, d_u, n);
-    CU_ASSERT_TRUE(check_("swiglu_forward", d_out, out, n, RTOL, ATOL_FRAC));
+    CU_ASSERT_TRUE(tcu_check("swiglu_forward", d_out, out, n, RTOL, ATOL_FRAC));
     cuda_swiglu_backward(with_dg ? d_dg : NULL, with_du ? d_du : NULL, d_dout, d_g, d_u, n);
-    CU_ASSERT_TRUE(check_("swiglu_backward dg", d_dg, want_dg, n, RTOL, ATOL_FRAC));
-    CU_ASSERT_TRUE(check_("swiglu_backward du", d_du, want_du, n, RTOL, ATOL_FRAC));
+    CU_ASSERT_TRUE(tcu_check("swiglu_backward dg", d_dg, want_dg, n, RTOL, ATOL_FRAC));
+    CU_ASSERT_TRUE(tcu_check("swiglu_backward du", d_du, want_du, n, RTOL, ATOL_FRAC));
 
     cuda_free(d_g), cuda_free(d_u), cuda_free(d_dout), cuda_free(d_out), cuda_free(d_dg);
     cuda_free(d_du);
@@ -154,9 +145,9 @@ static void test_add(void) {
         float *d_a = tcu_dev_from(a, n), *d_b = tcu_dev_from(b, n);
         float *d_out = cuda_malloc(n * sizeof(float));
         cuda_add_forward(d_out, d_a, d_b, n);
-        CU_ASSERT_TRUE(check_("add_forward", d_out, out, n, 0.0, 0.0));
+        CU_ASSERT_TRUE(tcu_check("add_forward", d_out, out, n, 0.0, 0.0));
         cuda_add_forward(d_a, d_a, d_b, n); // out aliases a, as in x = x + attn(x)
-        CU_ASSERT_TRUE(check_("add_forward in place", d_a, out, n, 0.0, 0.0));
+        CU_ASSERT_TRUE(tcu_check("add_forward in place", d_a, out, n, 0.0, 0.0));
         cuda_free(d_a), cuda_free(d_b), cuda_free(d_out);
         free(a), free(b), free(out);
     }
@@ -178,9 +169,9 @@ static void test_adamw(void) {
         adamw_update(p, grad, m, v, n, lr, b1, b2, eps, wd, t, grad_scale);
         cuda_memcpy_h2d(d_grad, grad, n * sizeof(float));
         cuda_adamw_update(d_p, d_grad, d_m, d_v, n, lr, b1, b2, eps, wd, t, grad_scale);
-        CU_ASSERT_TRUE(check_("adamw_update p", d_p, p, n, RTOL, ATOL_FRAC));
-        CU_ASSERT_TRUE(check_("adamw_update m", d_m, m, n, RTOL, ATOL_FRAC));
-        CU_ASSERT_TRUE(check_("adamw_update v", d_v, v, n, RTOL, ATOL_FRAC));
+        CU_ASSERT_TRUE(tcu_check("adamw_update p", d_p, p, n, RTOL, ATOL_FRAC));
+        CU_ASSERT_TRUE(tcu_check("adamw_update m", d_m, m, n, RTOL, ATOL_FRAC));
+        CU_ASSERT_TRUE(tcu_check("adamw_update v", d_v, v, n, RTOL, ATOL_FRAC));
         free(grad);
     }
     cuda_free(d_p), cuda_free(d_m), cuda_free(d_v), cuda_free(d_grad);

@@ -63,15 +63,6 @@ static int32_t *dev_i32_from_(const int32_t *h, size_t n) {
     return d;
 }
 
-// Copies the device result back and compares it with the CPU result (see the tolerances).
-static int check_(const char *name, const float *d_got, const float *want, size_t n, double rtol,
-                  double atol_frac) {
-    float *got = tcu_host_from(d_got, n);
-    int ok = tu_allclose(name, got, want, n, atol_frac * tu_max_abs(want, n), rtol);
-    free(got);
-    return ok;
-}
-
 // Integer outputs must be equal element for element.
 static int check_i32_(const char *name, const int32_t *d_got, const int32_t *want, size_t n) {
     int32_t *got = tcu_xmalloc(n * sizeof *got);
@@ -130,9 +121,9 @@ static void embedding_case_(int N, int D, int V, int n_ids, uint64_t seed) {
     float *d_out = cuda_malloc(nd * sizeof(float)), *d_dwte = tcu_dev_from(dwte0, vd);
     void *scratch = cuda_malloc(cuda_embedding_backward_scratch_bytes(N));
     cuda_embedding_forward(d_out, d_tok, d_wte, N, D);
-    CU_ASSERT_TRUE(check_("embedding_forward", d_out, out, nd, 0.0, 0.0));
+    CU_ASSERT_TRUE(tcu_check("embedding_forward", d_out, out, nd, 0.0, 0.0));
     cuda_embedding_backward(d_dwte, d_dout, tok, N, D, scratch); // tokens from the HOST
-    CU_ASSERT_TRUE(check_("embedding_backward", d_dwte, want_dwte, vd, 0.0, 0.0));
+    CU_ASSERT_TRUE(tcu_check("embedding_backward", d_dwte, want_dwte, vd, 0.0, 0.0));
 
     cuda_free(d_tok), cuda_free(d_wte), cuda_free(d_dout), cuda_free(d_out), cuda_free(d_dwte);
     cuda_free(scratch);
@@ -161,11 +152,11 @@ static void rope_case_(int B, int T, int H, int Dh, float theta, uint64_t seed) 
     float *d_x = tcu_dev_from(x, n), *d_out = cuda_malloc(n * sizeof(float));
     float *d_dout = tcu_dev_from(dout, n), *d_dx = tcu_dev_from(dx0, n);
     cuda_rope_forward(d_out, d_x, B, T, H, Dh, theta);
-    CU_ASSERT_TRUE(check_("rope_forward", d_out, out, n, RTOL_ROPE, ATOL_FRAC_ROPE));
+    CU_ASSERT_TRUE(tcu_check("rope_forward", d_out, out, n, RTOL_ROPE, ATOL_FRAC_ROPE));
     cuda_rope_forward(d_x, d_x, B, T, H, Dh, theta); // in place, as the model applies it to q, k
-    CU_ASSERT_TRUE(check_("rope_forward in place", d_x, out, n, RTOL_ROPE, ATOL_FRAC_ROPE));
+    CU_ASSERT_TRUE(tcu_check("rope_forward in place", d_x, out, n, RTOL_ROPE, ATOL_FRAC_ROPE));
     cuda_rope_backward(d_dx, d_dout, B, T, H, Dh, theta);
-    CU_ASSERT_TRUE(check_("rope_backward", d_dx, want_dx, n, RTOL_ROPE, ATOL_FRAC_ROPE));
+    CU_ASSERT_TRUE(tcu_check("rope_backward", d_dx, want_dx, n, RTOL_ROPE, ATOL_FRAC_ROPE));
 
     cuda_free(d_x), cuda_free(d_out), cuda_free(d_dout), cuda_free(d_dx);
     free(x), free(dout), free(dx0), free(out), free(want_dx);
@@ -230,9 +221,10 @@ static void router_forward_case_(int N, int E, int K, int norm_topk, uint64_t se
     int32_t *d_idx = cuda_malloc(nk * sizeof(int32_t));
     cuda_router_forward(d_probs, d_lse, d_idx, d_w, d_logits, N, E, K, norm_topk);
     CU_ASSERT_TRUE(check_i32_("router_forward topk_idx", d_idx, want.topk_idx, nk));
-    CU_ASSERT_TRUE(check_("router_forward probs", d_probs, want.probs, ne, RTOL_ROUTER, 0.0));
-    CU_ASSERT_TRUE(check_("router_forward lse", d_lse, want.lse, N, RTOL_ROUTER, ATOL_FRAC_ROUTER));
-    CU_ASSERT_TRUE(check_("router_forward topk_w", d_w, want.topk_w, nk, RTOL_ROUTER, 0.0));
+    CU_ASSERT_TRUE(tcu_check("router_forward probs", d_probs, want.probs, ne, RTOL_ROUTER, 0.0));
+    CU_ASSERT_TRUE(
+        tcu_check("router_forward lse", d_lse, want.lse, N, RTOL_ROUTER, ATOL_FRAC_ROUTER));
+    CU_ASSERT_TRUE(tcu_check("router_forward topk_w", d_w, want.topk_w, nk, RTOL_ROUTER, 0.0));
 
     cuda_free(d_logits), cuda_free(d_probs), cuda_free(d_lse), cuda_free(d_w), cuda_free(d_idx);
     router_free_(&want);
@@ -270,7 +262,7 @@ static void router_backward_case_(int N, int E, int K, int norm_topk, int with_d
     cuda_router_backward(d_dl, with_dw ? d_dw : NULL, with_bias ? d_bias : NULL, dz_coef, d_probs,
                          d_lse, d_idx, d_w, N, E, K, norm_topk);
     CU_ASSERT_TRUE(
-        check_("router_backward dlogits", d_dl, want, ne, RTOL_COMBINE, ATOL_FRAC_COMBINE));
+        tcu_check("router_backward dlogits", d_dl, want, ne, RTOL_COMBINE, ATOL_FRAC_COMBINE));
 
     cuda_free(d_probs), cuda_free(d_lse), cuda_free(d_w), cuda_free(d_dw), cuda_free(d_bias);
     cuda_free(d_dl), cuda_free(d_idx);
@@ -410,9 +402,9 @@ static void permute_case_(int N, int K, int E, int D, uint64_t seed) {
     float *d_x = tcu_dev_from(x, nd), *d_dxp = tcu_dev_from(dxp, rd), *d_dx = tcu_dev_from(dx0, nd);
     float *d_xp = cuda_malloc(rd * sizeof(float));
     cuda_permute_forward(d_xp, d_x, d_row_token, (int)R, D);
-    CU_ASSERT_TRUE(check_("permute_forward", d_xp, xp, rd, 0.0, 0.0));
+    CU_ASSERT_TRUE(tcu_check("permute_forward", d_xp, xp, rd, 0.0, 0.0));
     cuda_permute_backward(d_dx, d_dxp, d_assign_row, N, K, D);
-    CU_ASSERT_TRUE(check_("permute_backward", d_dx, want_dx, nd, 0.0, 0.0));
+    CU_ASSERT_TRUE(tcu_check("permute_backward", d_dx, want_dx, nd, 0.0, 0.0));
     cuda_permute_backward(NULL, d_dxp, d_assign_row, N, K, D); // NULL gradient: skipped
 
     cuda_free(d_row_token), cuda_free(d_assign_row), cuda_free(d_x), cuda_free(d_dxp);
@@ -440,13 +432,13 @@ static void unpermute_case_(int N, int K, int E, int D, int with_dyp, int with_d
     float *d_dyp = tcu_dev_from(dyp0, rd), *d_dw = tcu_dev_from(dw0, nk);
     float *d_out = cuda_malloc(nd * sizeof(float));
     cuda_unpermute_forward(d_out, d_yp, d_w, d_assign_row, N, K, D);
-    CU_ASSERT_TRUE(check_("unpermute_forward", d_out, out, nd, RTOL_COMBINE, ATOL_FRAC_COMBINE));
+    CU_ASSERT_TRUE(tcu_check("unpermute_forward", d_out, out, nd, RTOL_COMBINE, ATOL_FRAC_COMBINE));
     cuda_unpermute_backward(with_dyp ? d_dyp : NULL, with_dw ? d_dw : NULL, d_dout, d_yp, d_w,
                             d_assign_row, N, K, D);
     CU_ASSERT_TRUE(
-        check_("unpermute_backward dyp", d_dyp, want_dyp, rd, RTOL_COMBINE, ATOL_FRAC_COMBINE));
-    CU_ASSERT_TRUE(
-        check_("unpermute_backward dtopk_w", d_dw, want_dw, nk, RTOL_COMBINE, ATOL_FRAC_COMBINE));
+        tcu_check("unpermute_backward dyp", d_dyp, want_dyp, rd, RTOL_COMBINE, ATOL_FRAC_COMBINE));
+    CU_ASSERT_TRUE(tcu_check("unpermute_backward dtopk_w", d_dw, want_dw, nk, RTOL_COMBINE,
+                             ATOL_FRAC_COMBINE));
 
     cuda_free(d_assign_row), cuda_free(d_yp), cuda_free(d_w), cuda_free(d_dout);
     cuda_free(d_dyp), cuda_free(d_dw), cuda_free(d_out);
@@ -505,22 +497,22 @@ static void crossentropy_case_(int N, int V, uint64_t seed) {
     void *scratch = cuda_malloc(cuda_crossentropy_scratch_bytes(N));
     double got = cuda_crossentropy_forward(d_losses, d_logits, d_tg, N, V, scratch);
     CU_ASSERT_TRUE(check_f64_("crossentropy_forward sum", got, want, RTOL_CE_SUM));
-    CU_ASSERT_TRUE(check_("crossentropy_forward losses", d_losses, losses, N, RTOL_CE, 0.0));
+    CU_ASSERT_TRUE(tcu_check("crossentropy_forward losses", d_losses, losses, N, RTOL_CE, 0.0));
     const double got_nl = cuda_crossentropy_forward(NULL, d_logits, d_tg, N, V, scratch);
     CU_ASSERT_TRUE(same_bits_("crossentropy_forward without losses", &got_nl, &got, sizeof got));
 
     got = cuda_crossentropy_forward_backward(d_dl, d_losses, d_logits, d_tg, N, V, scale, scratch);
     CU_ASSERT_TRUE(check_f64_("crossentropy_forward_backward sum", got, want_fb, RTOL_CE_SUM));
     CU_ASSERT_TRUE(
-        check_("crossentropy_forward_backward losses", d_losses, losses_fb, N, RTOL_CE, 0.0));
+        tcu_check("crossentropy_forward_backward losses", d_losses, losses_fb, N, RTOL_CE, 0.0));
     CU_ASSERT_TRUE(
-        check_("crossentropy_forward_backward dlogits", d_dl, dl, nv, RTOL_CE, ATOL_FRAC_CE));
+        tcu_check("crossentropy_forward_backward dlogits", d_dl, dl, nv, RTOL_CE, ATOL_FRAC_CE));
     // in place (dlogits aliases logits, as the model does with the (N,V) buffer), no losses
     got = cuda_crossentropy_forward_backward(d_logits, NULL, d_logits, d_tg, N, V, scale, scratch);
     CU_ASSERT_TRUE(
         check_f64_("crossentropy_forward_backward in place sum", got, want_fb, RTOL_CE_SUM));
-    CU_ASSERT_TRUE(
-        check_("crossentropy_forward_backward in place", d_logits, dl, nv, RTOL_CE, ATOL_FRAC_CE));
+    CU_ASSERT_TRUE(tcu_check("crossentropy_forward_backward in place", d_logits, dl, nv, RTOL_CE,
+                             ATOL_FRAC_CE));
 
     cuda_free(d_logits), cuda_free(d_dl), cuda_free(d_losses), cuda_free(d_tg), cuda_free(scratch);
     free(logits), free(tg), free(losses), free(losses_fb), free(dl);
