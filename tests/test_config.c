@@ -170,7 +170,7 @@ static void test_defaults(void) {
     CU_ASSERT_EQUAL(c.keep_every, 0);
     CU_ASSERT_EQUAL(c.model_only, 0);
     CU_ASSERT_EQUAL(c.ep, 1);
-    CU_ASSERT_STRING_EQUAL(c.comm, "mpi");
+    CU_ASSERT_STRING_EQUAL(c.comm, "auto");
     CU_ASSERT_STRING_EQUAL(c.metrics, "metrics.jsonl");
 
     // the defaults alone lack the model's shape: the first required key is named
@@ -482,7 +482,7 @@ static const BadCase BAD[] = {
     {"seq_len 1", {"train.seq_len=1"}, {"[train] seq_len = 1: must be >= 2"}, 0},
     {"keep_last 0", {"checkpoint.keep_last=0"}, {"[checkpoint] keep_last = 0: must be >= 1"}, 0},
     {"device", {"train.device=gpu"}, {"[train] device = gpu: must be one of cpu|cuda"}, 0},
-    {"comm", {"parallel.comm=gloo"}, {"[parallel] comm = gloo: must be one of mpi|nccl"}, 0},
+    {"comm", {"parallel.comm=gloo"}, {"[parallel] comm = gloo: must be one of auto|mpi|nccl"}, 0},
     {"schedule", {"optim.schedule=step"}, {"[optim] schedule = step", "cosine|linear|constant"}, 0},
     {"empty dir", {"checkpoint.dir="}, {"[checkpoint] dir", "must not be empty"}, 0},
     {"'#' comment after a value",

@@ -1,6 +1,8 @@
 // comm: the ranks of a run and their collectives (ARCHITECTURE §4): the world, this rank's
-// expert-parallel (EP) group and its expert-data-parallel (EDP) group, behind a transport
-// interface (MPI now, NCCL later). Built without MPI (-DMOET_MPI=OFF): a one-rank stub.
+// expert-parallel (EP) group and its expert-data-parallel (EDP) group, behind transports:
+// host memory moves over MPI; backend memory (gradients, parameters and expert rows, in GPU
+// memory on a GPU) over NCCL, or over MPI staged through host memory. Built without MPI
+// (-DMOET_MPI=OFF): a one-rank stub. A watchdog aborts the job when a collective hangs.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -13,7 +15,8 @@ typedef struct Comm Comm;
 typedef struct {
     double alltoall_bytes, alltoall_s;    // bytes this rank sent in all-to-all(-v)
     double allreduce_bytes, allreduce_s;  // bytes this rank contributed to all-reduces
-    double other_bytes, other_s;          // broadcast, barrier, gathers
+    double allgather_bytes, allgather_s;  // bytes this rank contributed to all-gathers (ZeRO-1)
+    double other_bytes, other_s;          // broadcast, barrier
 } CommStats;
 
 typedef struct {
@@ -24,7 +27,10 @@ typedef struct {
     int rank, world_size;
     int ep_rank, ep_size;
     int local_rank;   // rank within the node (from the launcher's environment), for GPUs
+    int local_size;   // ranks on this node
 } Parallel;
+
+struct Ops;
 
 // Starts MPI (when built with it and launched by mpirun / srun; a plain start is a world of
 // one), checks world % ep == 0, and builds the groups. Errors (bad ep) are MOET_EUSAGE.
@@ -58,7 +64,42 @@ int comm_alltoall_i64(Comm *c, const int64_t *send, int64_t *recv, int count, Mo
 int comm_alltoallv(Comm *c, const void *send, const int64_t *send_counts, void *recv,
                    const int64_t *recv_counts, size_t elem_size, MoetErr *err);
 int comm_bcast(Comm *c, void *buf, size_t bytes, int root, MoetErr *err);
+// In-place all-gather of host floats (see comm_buf_allgatherv_f32).
+int comm_allgatherv_f32(Comm *c, float *buf, const size_t *counts, MoetErr *err);
 int comm_barrier(Comm *c, MoetErr *err);
+
+// ---- backend memory (the data plane) ----
+
+// Says where the data-plane buffers live (ops: the model's backend) and what moves them:
+// transport "mpi" (device buffers staged through host memory, so several ranks may share one
+// GPU), "nccl" (NCCL communicators; the cuda backend, one rank per GPU) or "auto" (nccl on the
+// cuda backend when this build has NCCL and the node has a GPU per rank, else mpi). Every rank
+// calls it once, after comm_init. timeout_s > 0: a collective unfinished after that many
+// seconds aborts the job, naming the rank and the collective (the watchdog; 0: none).
+int comm_use_backend(Parallel *p, const struct Ops *ops, const char *transport, double timeout_s,
+                     MoetErr *err);
+// "stub", "mpi", "mpi-staged" or "nccl": what moves this group's backend buffers.
+const char *comm_buf_transport(const Comm *c);
+
+// The collectives above on backend memory (as the host versions; on a GPU the result is
+// ordered before the ops issued after the call).
+int comm_buf_allreduce_sum_f32(Comm *c, float *buf, size_t n, MoetErr *err);
+int comm_buf_alltoallv(Comm *c, const void *send, const int64_t *send_counts, void *recv,
+                       const int64_t *recv_counts, size_t elem_size, MoetErr *err);
+// In-place all-gather of floats: rank j contributes buf[d_j, d_j + counts[j]) with d_j the sum
+// of counts[0..j); afterwards every rank holds all parts (ZeRO-1's parameter gather).
+int comm_buf_allgatherv_f32(Comm *c, float *buf, const size_t *counts, MoetErr *err);
+// Gradient buckets: starts the sum of buf over the group and may return before it is done (on
+// NCCL it runs on a communication stream, overlapping the ops issued meanwhile; on MPI it is
+// done on return). comm_buf_wait(c) waits for every started sum of c; the results are ready
+// for the ops issued after it. The same starts in the same order on every rank.
+int comm_buf_allreduce_start_f32(Comm *c, float *buf, size_t n, MoetErr *err);
+// The all-to-all-v, started: recv is complete (and send free again) after comm_buf_wait(c). One
+// started all-to-all-v per group at a time. The MoE backward sends the input gradients back
+// with it while the expert weight gradients are computed.
+int comm_buf_alltoallv_start(Comm *c, const void *send, const int64_t *send_counts, void *recv,
+                             const int64_t *recv_counts, size_t elem_size, MoetErr *err);
+int comm_buf_wait(Comm *c, MoetErr *err);
 
 // The statistics of the whole process (all groups).
 void comm_stats(CommStats *s);

@@ -97,6 +97,9 @@ static const Key KEYS[] = {
      .help = "micro-batches per evaluation"},
     {INT_("train", "log_every", log_every), .def = "1", IGE_(1),
      .help = "steps between metrics lines"},
+    {STR_("train", "recompute", recompute), .def = "none", .choices = "none|full",
+     .help = "activation recomputation: none, or full (keep each layer's input only and "
+             "recompute the layer in backward: less memory, about 1/3 more compute)"},
 
     {FLT_("optim", "lr", lr), .def = "4e-4", FGE_(0), .help = "peak learning rate"},
     {FLT_("optim", "min_lr", min_lr), .def = "5e-5", FGE_(0),
@@ -132,8 +135,21 @@ static const Key KEYS[] = {
 
     {INT_("parallel", "ep", ep), .def = "1", IGE_(1),
      .help = "expert-parallel degree (divides n_experts and the world size)"},
-    {STR_("parallel", "comm", comm), .def = "mpi", .choices = "mpi|nccl",
-     .help = "transport for collectives: mpi or nccl"},
+    {STR_("parallel", "comm", comm), .def = "auto", .choices = "auto|mpi|nccl",
+     .help = "transport for gradients and expert rows: nccl (GPUs), mpi (device buffers "
+             "staged through host memory; also several ranks per GPU), auto = nccl on cuda "
+             "with one rank per GPU, else mpi"},
+    {INT_("parallel", "zero", zero), .def = "0", .lo = 0, .hi = 1,
+     .help = "ZeRO stage: 0, or 1 = AdamW moments and the update sharded over the "
+             "data-parallel ranks (params all-gathered after the step)"},
+    {INT_("parallel", "bucket_mb", bucket_mb), .def = "64", IGE_(1),
+     .help = "gradient all-reduce bucket size in MB (buckets start while backward runs)"},
+    {INT_("parallel", "timeout_s", timeout_s), .def = "600", IGE_(0),
+     .help = "a collective unfinished after this many seconds aborts the job, naming the "
+             "rank (0 = wait forever)"},
+    {BOOL_("parallel", "a2a_overlap", a2a_overlap), .def = "true",
+     .help = "ep > 1: the MoE backward sends the input gradients back to their ranks while it "
+             "computes the expert weight gradients (same results; false: one after the other)"},
 
     {STR_("log", "metrics", metrics), .def = "metrics.jsonl", .nonempty = 1,
      .help = "metrics file (JSON lines) inside checkpoint.dir"},

@@ -36,6 +36,7 @@ typedef struct {
     int eval_every;
     int eval_batches;
     int log_every;
+    char recompute[8];   // none | full: activation recomputation in backward
     // [optim]
     float lr;
     float min_lr;
@@ -57,7 +58,12 @@ typedef struct {
     int model_only;      // bool
     // [parallel]
     int ep;
-    char comm[16];       // mpi | nccl
+    char comm[16];       // auto | mpi | nccl
+    int zero;            // 0 | 1: ZeRO stage (1 = AdamW moments sharded over the DP ranks)
+    int bucket_mb;       // gradient all-reduce bucket size in MB
+    int timeout_s;       // a collective that takes longer aborts the job (0 = never)
+    int a2a_overlap;     // bool: the MoE backward returns input gradients while it computes
+                         // the expert weight gradients
     // [log]
     char metrics[1024];  // metrics file name inside ckpt_dir
 

@@ -4,47 +4,51 @@
 #include <stdlib.h>
 #include <string.h>
 
-// One layer's exchange plan and saved rows.
+// One layer's exchange plan (host) and saved rows (backend memory).
 typedef struct {
     int64_t rows, cap;       // received rows; capacity of the buffers below (rows)
     int64_t *send_counts;    // (ep) rows to each rank
     int64_t *recv_counts;    // (ep) rows from each rank
     int32_t *offsets;        // (El+1) over the regrouped rows
-    int32_t *perm;           // (cap) regrouped row i = received row perm[i]
+    int32_t *perm, *inv;     // (cap) host: regrouped row i = received row perm[i]; inv = perm^-1
+    int32_t *perm_d, *inv_d; // (cap) backend copies, the gather indices of regroup / unregroup
     float *x, *g, *u, *a;    // (cap,D), (cap,F) x3
 } DispLayer;
 
 struct Dispatcher {
     Comm *comm;
+    const Ops *ops;          // the backend whose memory holds the rows
     int ep, L, E, El, D, F;
+    int one_set;             // 1: every layer uses layers[0] (recompute: forward reruns the
+                             // layer right before its backward, refilling the set)
     DispLayer *layers;       // (L)
     int64_t *cnt_send;       // (E) per-expert counts, as int64 (El to each rank)
     int64_t *cnt_recv;       // (ep*El) [src][local expert]
     int64_t *pos;            // (ep*El) scratch: start of [src][local expert] in received order
-    // scratch shared by all layers, grown on demand
+    // scratch shared by all layers (backend memory), grown on demand
     int64_t scap;            // rows
     float *raw;              // (scap,D) rows in received (per-source) order
     float *y, *d_y, *d_x;    // (scap,D)
     float *d_g, *d_u, *d_a;  // (scap,F)
 };
 
-// Grows *p to hold n floats (contents are not kept).
-static void grow_f_(float **p, size_t n) {
-    free(*p);
-    *p = moet_malloc(n ? n * sizeof(float) : sizeof(float));
+// Grows the backend buffer *p to hold n floats (contents are not kept).
+static void grow_f_(const Ops *k, float **p, size_t n) {
+    k->free(*p);
+    *p = k->alloc(n ? n * sizeof(float) : sizeof(float));
 }
 
 static void ensure_scratch_(Dispatcher *d, int64_t rows) {
     if (rows <= d->scap && d->raw) return;
     int64_t cap = rows + rows / 2 + 16;
     size_t nd = (size_t)cap * d->D, nf = (size_t)cap * d->F;
-    grow_f_(&d->raw, nd);
-    grow_f_(&d->y, nd);
-    grow_f_(&d->d_y, nd);
-    grow_f_(&d->d_x, nd);
-    grow_f_(&d->d_g, nf);
-    grow_f_(&d->d_u, nf);
-    grow_f_(&d->d_a, nf);
+    grow_f_(d->ops, &d->raw, nd);
+    grow_f_(d->ops, &d->y, nd);
+    grow_f_(d->ops, &d->d_y, nd);
+    grow_f_(d->ops, &d->d_x, nd);
+    grow_f_(d->ops, &d->d_g, nf);
+    grow_f_(d->ops, &d->d_u, nf);
+    grow_f_(d->ops, &d->d_a, nf);
     d->scap = cap;
 }
 
@@ -52,16 +56,24 @@ static void ensure_layer_(Dispatcher *d, DispLayer *ly, int64_t rows) {
     if (rows <= ly->cap && ly->perm) return;
     int64_t cap = rows + rows / 2 + 16;
     size_t nd = (size_t)cap * d->D, nf = (size_t)cap * d->F;
+    const Ops *k = d->ops;
     free(ly->perm);
+    free(ly->inv);
     ly->perm = moet_malloc((size_t)cap * sizeof(int32_t));
-    grow_f_(&ly->x, nd);
-    grow_f_(&ly->g, nf);
-    grow_f_(&ly->u, nf);
-    grow_f_(&ly->a, nf);
+    ly->inv = moet_malloc((size_t)cap * sizeof(int32_t));
+    k->free(ly->perm_d);
+    k->free(ly->inv_d);
+    ly->perm_d = k->alloc((size_t)cap * sizeof(int32_t));
+    ly->inv_d = k->alloc((size_t)cap * sizeof(int32_t));
+    grow_f_(k, &ly->x, nd);
+    grow_f_(k, &ly->g, nf);
+    grow_f_(k, &ly->u, nf);
+    grow_f_(k, &ly->a, nf);
     ly->cap = cap;
 }
 
-int dispatch_create(Dispatcher **out, Comm *ep, int L, int E, int D, int F, MoetErr *err) {
+int dispatch_create(Dispatcher **out, Comm *ep, const Ops *ops, int L, int E, int D, int F,
+                    int one_set, MoetErr *err) {
     *out = NULL;
     int n = comm_size(ep);
     if (n < 1 || E <= 0 || E % n != 0)
@@ -70,6 +82,8 @@ int dispatch_create(Dispatcher **out, Comm *ep, int L, int E, int D, int F, Moet
     Dispatcher *d = calloc(1, sizeof *d);
     if (!d) moet_die("out of memory creating the token dispatcher");
     d->comm = ep;
+    d->ops = ops;
+    d->one_set = one_set;
     d->ep = n;
     d->L = L;
     d->E = E;
@@ -96,43 +110,45 @@ int dispatch_create(Dispatcher **out, Comm *ep, int L, int E, int D, int F, Moet
 
 void dispatch_free(Dispatcher *d) {
     if (!d) return;
+    const Ops *k = d->ops;
     for (int l = 0; l < d->L; l++) {
         DispLayer *ly = &d->layers[l];
         free(ly->send_counts);
         free(ly->recv_counts);
         free(ly->offsets);
         free(ly->perm);
-        free(ly->x);
-        free(ly->g);
-        free(ly->u);
-        free(ly->a);
+        free(ly->inv);
+        k->free(ly->perm_d);
+        k->free(ly->inv_d);
+        k->free(ly->x);
+        k->free(ly->g);
+        k->free(ly->u);
+        k->free(ly->a);
     }
     free(d->layers);
     free(d->cnt_send);
     free(d->cnt_recv);
     free(d->pos);
-    free(d->raw);
-    free(d->y);
-    free(d->d_y);
-    free(d->d_x);
-    free(d->d_g);
-    free(d->d_u);
-    free(d->d_a);
+    k->free(d->raw);
+    k->free(d->y);
+    k->free(d->d_y);
+    k->free(d->d_x);
+    k->free(d->d_g);
+    k->free(d->d_u);
+    k->free(d->d_a);
     free(d);
 }
 
-// dst[i] = src[perm[i]] (regroup) for rows of width w.
-static void regroup_(float *dst, const float *src, const int32_t *perm, int64_t rows, int w) {
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < rows; i++)
-        memcpy(dst + (size_t)i * w, src + (size_t)perm[i] * w, (size_t)w * sizeof(float));
+// dst[i] = src[idx[i]] for rows of width w: the backend's row gather (permute_forward). With
+// idx = perm it regroups received rows, with idx = perm^-1 it undoes that.
+static void gather_rows_(const Ops *k, float *dst, const float *src, const int32_t *idx,
+                         int64_t rows, int w) {
+    if (rows > 0) k->permute_forward(dst, src, idx, (int)rows, w);
 }
 
-// dst[perm[i]] = src[i] (the inverse).
-static void unregroup_(float *dst, const float *src, const int32_t *perm, int64_t rows, int w) {
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < rows; i++)
-        memcpy(dst + (size_t)perm[i] * w, src + (size_t)i * w, (size_t)w * sizeof(float));
+// The plan and saved rows of layer l (one set for all layers with one_set).
+static DispLayer *layer_(Dispatcher *d, int l) {
+    return &d->layers[d->one_set ? 0 : l];
 }
 
 static void rows_of_(Dispatcher *d, DispLayer *ly, DispatchRows *rows) {
@@ -147,7 +163,7 @@ static void rows_of_(Dispatcher *d, DispLayer *ly, DispatchRows *rows) {
 
 int dispatch_forward(Dispatcher *d, int l, const int32_t *counts, const float *xp,
                      DispatchRows *rows, MoetErr *err) {
-    DispLayer *ly = &d->layers[l];
+    DispLayer *ly = layer_(d, l);
     int ep = d->ep, El = d->El, D = d->D;
     // 1. counts: the plan's rows for rank j are its experts' rows, contiguous in plan order
     for (int e = 0; e < d->E; e++) d->cnt_send[e] = counts[e];
@@ -181,31 +197,36 @@ int dispatch_forward(Dispatcher *d, int l, const int32_t *counts, const float *x
         }
     }
     ly->offsets[El] = (int32_t)i;
+    for (int64_t r = 0; r < total; r++) ly->inv[ly->perm[r]] = (int32_t)r;
+    if (total > 0) {
+        d->ops->to_device(ly->perm_d, ly->perm, (size_t)total * sizeof(int32_t));
+        d->ops->to_device(ly->inv_d, ly->inv, (size_t)total * sizeof(int32_t));
+    }
     // 2. the rows
-    rc = comm_alltoallv(d->comm, xp, ly->send_counts, d->raw, ly->recv_counts,
-                        (size_t)D * sizeof(float), err);
+    rc = comm_buf_alltoallv(d->comm, xp, ly->send_counts, d->raw, ly->recv_counts,
+                            (size_t)D * sizeof(float), err);
     if (rc) return rc;
-    regroup_(ly->x, d->raw, ly->perm, total, D);
+    gather_rows_(d->ops, ly->x, d->raw, ly->perm_d, total, D);
     rows_of_(d, ly, rows);
     return MOET_OK;
 }
 
 int dispatch_combine(Dispatcher *d, int l, float *yp, MoetErr *err) {
-    DispLayer *ly = &d->layers[l];
-    unregroup_(d->raw, d->y, ly->perm, ly->rows, d->D);
-    return comm_alltoallv(d->comm, d->raw, ly->recv_counts, yp, ly->send_counts,
-                          (size_t)d->D * sizeof(float), err);
+    DispLayer *ly = layer_(d, l);
+    gather_rows_(d->ops, d->raw, d->y, ly->inv_d, ly->rows, d->D);
+    return comm_buf_alltoallv(d->comm, d->raw, ly->recv_counts, yp, ly->send_counts,
+                              (size_t)d->D * sizeof(float), err);
 }
 
 int dispatch_backward(Dispatcher *d, int l, const float *d_yp, DispatchRows *rows,
                       DispatchGrads *grads, MoetErr *err) {
-    DispLayer *ly = &d->layers[l];
+    DispLayer *ly = layer_(d, l);
     ensure_scratch_(d, ly->rows);
-    int rc = comm_alltoallv(d->comm, d_yp, ly->send_counts, d->raw, ly->recv_counts,
-                            (size_t)d->D * sizeof(float), err);
+    int rc = comm_buf_alltoallv(d->comm, d_yp, ly->send_counts, d->raw, ly->recv_counts,
+                                (size_t)d->D * sizeof(float), err);
     if (rc) return rc;
-    regroup_(d->d_y, d->raw, ly->perm, ly->rows, d->D);
-    memset(d->d_x, 0, (size_t)ly->rows * d->D * sizeof(float));
+    gather_rows_(d->ops, d->d_y, d->raw, ly->perm_d, ly->rows, d->D);
+    if (ly->rows > 0) d->ops->zero(d->d_x, (size_t)ly->rows * d->D * sizeof(float));
     rows_of_(d, ly, rows);
     grads->d_y = d->d_y;
     grads->d_x = d->d_x;
@@ -216,8 +237,19 @@ int dispatch_backward(Dispatcher *d, int l, const float *d_yp, DispatchRows *row
 }
 
 int dispatch_backward_return(Dispatcher *d, int l, float *d_xp, MoetErr *err) {
-    DispLayer *ly = &d->layers[l];
-    unregroup_(d->raw, d->d_x, ly->perm, ly->rows, d->D);
-    return comm_alltoallv(d->comm, d->raw, ly->recv_counts, d_xp, ly->send_counts,
-                          (size_t)d->D * sizeof(float), err);
+    DispLayer *ly = layer_(d, l);
+    gather_rows_(d->ops, d->raw, d->d_x, ly->inv_d, ly->rows, d->D);
+    return comm_buf_alltoallv(d->comm, d->raw, ly->recv_counts, d_xp, ly->send_counts,
+                              (size_t)d->D * sizeof(float), err);
+}
+
+int dispatch_backward_return_start(Dispatcher *d, int l, float *d_xp, MoetErr *err) {
+    DispLayer *ly = layer_(d, l);
+    gather_rows_(d->ops, d->raw, d->d_x, ly->inv_d, ly->rows, d->D);
+    return comm_buf_alltoallv_start(d->comm, d->raw, ly->recv_counts, d_xp, ly->send_counts,
+                                    (size_t)d->D * sizeof(float), err);
+}
+
+int dispatch_wait(Dispatcher *d, MoetErr *err) {
+    return comm_buf_wait(d->comm, err);
 }

@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/ops.h"
 #include "train/comm.h"
 #include "train/common.h"
 
@@ -38,11 +39,17 @@ typedef struct {
 } DispatchGrads;
 
 // ep: the EP group (its size divides E). L layers, E global experts, width D, expert width F.
-int dispatch_create(Dispatcher **out, Comm *ep, int L, int E, int D, int F, MoetErr *err);
+// The rows live in the memory of the backend ops (device memory on a GPU: the exchanges go
+// through comm_buf_alltoallv, the regrouping is the backend's row gather); the plan (counts,
+// offsets) is host memory. one_set: the layers share one set of saved rows (activation
+// recomputation reruns each layer's forward, and so its dispatch_forward, right before its
+// backward), so that the dispatcher holds one layer's rows instead of L.
+int dispatch_create(Dispatcher **out, Comm *ep, const Ops *ops, int L, int E, int D, int F,
+                    int one_set, MoetErr *err);
 void dispatch_free(Dispatcher *d);
 
-// Forward, layer l: counts (E) from moe_plan and xp (R,D) in plan order; exchanges the rows and
-// regroups them. Returns the rows the local experts process.
+// Forward, layer l: counts (E, HOST) from moe_plan and xp (R,D) in plan order; exchanges the
+// rows and regroups them. Returns the rows the local experts process.
 int dispatch_forward(Dispatcher *d, int l, const int32_t *counts, const float *xp,
                      DispatchRows *rows, MoetErr *err);
 // Combine, layer l: sends rows->y back; yp (R,D) receives this rank's rows in plan order.
@@ -55,3 +62,7 @@ int dispatch_backward(Dispatcher *d, int l, const float *d_yp, DispatchRows *row
                       DispatchGrads *grads, MoetErr *err);
 // Sends grads->d_x back to the token owners: d_xp (R,D) in plan order (overwritten).
 int dispatch_backward_return(Dispatcher *d, int l, float *d_xp, MoetErr *err);
+// The same, started: d_xp is complete after dispatch_wait (grads->d_x must stay untouched until
+// then; the expert weight gradients may be computed meanwhile).
+int dispatch_backward_return_start(Dispatcher *d, int l, float *d_xp, MoetErr *err);
+int dispatch_wait(Dispatcher *d, MoetErr *err);

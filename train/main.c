@@ -9,6 +9,7 @@
 #include "train/cli.h"
 #include "train/common.h"
 #include "train/config.h"
+#include "train/memplan.h"
 #include "train/model.h"
 #include "train/optim.h"
 #include "train/trainer.h"
@@ -69,12 +70,31 @@ static void bytes_(char *buf, size_t n, double b) {
 // moet info
 
 static const char *INFO_HELP =
-    "usage: moet info CONFIG [--set section.key=value]... [--world W]\n"
+    "usage: moet info CONFIG [--set section.key=value]... [--world W] [--ep E]\n"
     "\n"
     "Prints the resolved configuration, the parameter counts (total, active, by component),\n"
-    "the training FLOPs per token (6*N_active + 12*L*d_model*seq_len) and an estimate of the\n"
-    "memory each rank needs (fp32 parameters, gradients, AdamW state and activations of one\n"
-    "micro-batch) for a world of W ranks (default: [parallel] ep) with ep from the config.\n";
+    "the training FLOPs per token (6*N_active + 12*L*d_model*seq_len), the memory each rank\n"
+    "needs and the bytes each rank sends per optimizer step, for a world of W ranks (default:\n"
+    "[parallel] ep) with expert parallelism E (default: [parallel] ep; E divides W and\n"
+    "n_experts). Memory (train/memplan.h): fp32 parameters, gradients (and the accumulation\n"
+    "buffer when a rank takes several micro-batches per step), AdamW moments (sharded with\n"
+    "[parallel] zero = 1), the activations of one micro-batch ([train] recompute), the expert\n"
+    "dispatcher's rows (ep > 1, balanced routing), the CUDA attention scratch, and the host\n"
+    "staging of device buffers over MPI. Communication is counted as the trainer's \"comm a2a\n"
+    "X MB, allreduce Y MB\" counts it (MB = 1e6 bytes): all-to-all rows sent, the rows a rank\n"
+    "keeps for itself included; all-reduce buffer bytes contributed; ZeRO-1's all-gather of\n"
+    "the rank's parameter shard.\n";
+
+static void info_mem_line_(const char *name, double b, const char *note) {
+    char a[32];
+    bytes_(a, sizeof a, b);
+    printf("%-22s %10s%s%s\n", name, a, note[0] ? "  " : "", note);
+}
+
+// the trainer's unit for communication: MB = 1e6 bytes, and the exact count
+static void info_comm_line_(const char *name, double b, const char *note) {
+    printf("%-22s %12.1f MB  (%.0f bytes)%s%s\n", name, b / 1e6, b, note[0] ? "  " : "", note);
+}
 
 int cmd_info(int argc, char **argv, MoetErr *err) {
     if (want_help_(argc, argv)) {
@@ -82,13 +102,16 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
         return MOET_OK;
     }
     ConfigArgs ca = {0};
-    int world = 0, rc = MOET_OK;
+    int world = 0, ep = 0, rc = MOET_OK;
     for (int i = 1; i < argc; i++) {
         if (take_set_(&ca, argc, argv, &i, err, &rc)) {
             if (rc) return rc;
         } else if (strcmp(argv[i], "--world") == 0 && i + 1 < argc) {
             world = atoi(argv[++i]);
             if (world < 1) return moet_errf(err, MOET_EUSAGE, "--world must be >= 1");
+        } else if (strcmp(argv[i], "--ep") == 0 && i + 1 < argc) {
+            ep = atoi(argv[++i]);
+            if (ep < 1) return moet_errf(err, MOET_EUSAGE, "--ep must be >= 1");
         } else if (argv[i][0] == '-') {
             return moet_errf(err, MOET_EUSAGE, "info: unknown option %s (see moet info --help)",
                              argv[i]);
@@ -100,12 +123,26 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
         }
     }
     if (!ca.config) return moet_errf(err, MOET_EUSAGE, "info: missing CONFIG (see --help)");
+    // --ep E is --set parallel.ep=E, after the other overrides (validated with them)
+    char ep_set[48];
+    if (ep > 0) {
+        if (ca.n_sets == MAX_SETS)
+            return moet_errf(err, MOET_EUSAGE, "too many --set options (at most %d)", MAX_SETS);
+        snprintf(ep_set, sizeof ep_set, "parallel.ep=%d", ep);
+        ca.sets[ca.n_sets++] = ep_set;
+    }
     Config c;
     if ((rc = config_from_cli(&c, ca.config, ca.n_sets, ca.sets, err))) return rc;
     if (world == 0) world = c.ep;
     if (world % c.ep != 0)
         return moet_errf(err, MOET_EUSAGE, "--world %d is not a multiple of [parallel] ep %d",
                          world, c.ep);
+    if (c.global_batch % (c.micro_batch * world) != 0)
+        return moet_errf(err, MOET_EUSAGE,
+                         "--world %d: [train] global_batch = %d is not a multiple of micro_batch "
+                         "%d x %d ranks (the trainer would refuse)\n---> HINT: --set "
+                         "train.micro_batch=M or train.global_batch=G with G %% (M x %d) = 0",
+                         world, c.global_batch, c.micro_batch, world, world);
 
     int need = config_to_ini(&c, NULL, 0);
     char *ini = malloc((size_t)need + 1);
@@ -115,7 +152,7 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
 
     ParamCounts pc;
     model_param_counts(&c, &pc);
-    char a[32], b[32];
+    char a[32], b[32], note[192];
     printf("# parameters\n");
     printf("%-22s %14lld\n", "embedding", (long long)pc.embed);
     printf("%-22s %14lld\n", "attention", (long long)pc.attention);
@@ -141,31 +178,82 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
     printf("FLOPs per global batch:%14.4g  (%d sequences x %d tokens)\n",
            fpt * (double)c.global_batch * c.seq_len, c.global_batch, c.seq_len);
 
-    // memory per rank: expert tensors are split over ep ranks, the rest is replicated
-    double local_params = (double)(pc.total - pc.experts) + (double)pc.experts / c.ep;
-    double act = (double)model_activation_floats(&c, c.micro_batch, c.seq_len,
-                                                 c.n_experts / c.ep) * 4.0;
-    double pbytes = local_params * 4, gbytes = local_params * 4, obytes = local_params * 8;
-    printf("\n# memory per rank (world %d, ep %d, fp32, micro_batch %d x seq_len %d)\n", world,
-           c.ep, c.micro_batch, c.seq_len);
-    bytes_(a, sizeof a, pbytes);
-    printf("%-22s %s\n", "parameters", a);
-    bytes_(a, sizeof a, gbytes);
-    printf("%-22s %s\n", "gradients", a);
-    bytes_(a, sizeof a, obytes);
-    printf("%-22s %s\n", "AdamW state", a);
-    bytes_(a, sizeof a, act);
-    printf("%-22s %s\n", "activations", a);
-    double scratch = 0;
-    if (strcmp(c.device, "cuda") == 0) {
-        // the CUDA attention keeps one sequence's (H,T,T) scores and their gradient
-        scratch = 2.0 * c.n_heads * (double)c.seq_len * c.seq_len * 4.0;
-        bytes_(a, sizeof a, scratch);
-        printf("%-22s %s  (cuda: attention scores of one sequence, forward and backward)\n",
-               "scratch", a);
+    MemPlan mp;
+    memplan_predict(&c, world, &mp);
+    const int full = strcmp(c.recompute, "full") == 0;
+    printf("\n# memory per rank (world %d, ep %d, zero %d, recompute %s; fp32; micro_batch %d x "
+           "seq_len %d, %d micro-batch%s per step)\n",
+           world, c.ep, c.zero, c.recompute, c.micro_batch, c.seq_len, mp.accum,
+           mp.accum == 1 ? "" : "es");
+    human_(a, sizeof a, mp.local_params);
+    if (c.ep > 1)
+        snprintf(note, sizeof note, "%s floats: shared + %d of %d experts per layer", a,
+                 c.n_experts / c.ep, c.n_experts);
+    else
+        snprintf(note, sizeof note, "%s floats", a);
+    info_mem_line_("parameters", mp.params, note);
+    info_mem_line_("gradients", mp.grads,
+                   mp.accum > 1 ? "and the accumulation buffer (several micro-batches)" : "");
+    if (c.zero)
+        snprintf(note, sizeof note, "exp_avg + exp_avg_sq, zero 1: 1/%d of the shared, 1/%d "
+                 "of the local experts", world, mp.edp);
+    else
+        snprintf(note, sizeof note, "exp_avg + exp_avg_sq%s", world > 1 ? ", zero 0: full" : "");
+    info_mem_line_("AdamW state", mp.optim, note);
+    info_mem_line_("activations", mp.activations,
+                   full ? "recompute full: each layer's input + one layer's working set"
+                        : "recompute none: every layer's");
+    if (c.ep > 1) {
+        snprintf(note, sizeof note, "ep %d: received rows, 1.5 x %.0f + 16 (balanced routing)",
+                 c.ep, mp.routed_rows);
+        info_mem_line_("dispatch", mp.dispatch, note);
     }
-    bytes_(a, sizeof a, pbytes + gbytes + obytes + act + scratch);
-    printf("%-22s %s\n", "total", a);
+    if (mp.scratch > 0)
+        info_mem_line_("scratch", mp.scratch,
+                       "cuda: attention scores of one sequence, forward and backward");
+    info_mem_line_("total", mp.total, "");
+    if (mp.host_stage > 0)
+        info_mem_line_("host staging", mp.host_stage,
+                       "host memory: device buffers staged for MPI ([parallel] comm)");
+
+    printf("\n# communication per optimizer step per rank (world %d, ep %d; MB = 1e6 bytes, "
+           "counted as the trainer's \"comm\" log)\n", world, c.ep);
+    if (world == 1) {
+        printf("none (one rank)\n");
+    } else {
+        if (c.ep > 1 && c.n_experts > 0) {
+            info_comm_line_("all-to-all", mp.a2a_bytes, "");
+            printf("%-22s %d micro-batch%s x %d layers x (4 x %.0f rows x %.0f B + %d B counts)\n",
+                   "", mp.accum, mp.accum == 1 ? "" : "es", c.n_layers, mp.routed_rows,
+                   4.0 * c.d_model, 8 * c.n_experts);
+            if (full)
+                printf("%-22s + recompute full: the forward exchanges again, %d layers x (2 x "
+                       "%.0f rows + counts)\n", "", c.n_layers - 1, mp.routed_rows);
+            printf("%-22s (balanced routing; %.1f MB of it, the rows sent out, do not depend on "
+                   "it)\n", "", mp.a2a_exact_bytes / 1e6);
+        } else {
+            info_comm_line_("all-to-all", 0, "");
+        }
+        info_comm_line_("all-reduce", mp.allreduce_bytes, "");
+        if (c.ep == 1)
+            printf("%-22s fp32 gradients of every tensor over the %d ranks; + %.0f B of "
+                   "scalars\n", "", world, mp.allreduce_bytes - mp.allreduce_grad_bytes);
+        else if (mp.edp > 1)
+            printf("%-22s fp32 gradients: shared over the %d ranks, experts over the %d of their "
+                   "expert-DP group; + %.0f B of scalars\n", "", world, mp.edp,
+                   mp.allreduce_bytes - mp.allreduce_grad_bytes);
+        else
+            printf("%-22s fp32 gradients: shared over the %d ranks, experts not at all (ep = "
+                   "world); + %.0f B of scalars\n", "", world,
+                   mp.allreduce_bytes - mp.allreduce_grad_bytes);
+        if (c.zero) {
+            info_comm_line_("all-gather", mp.allgather_bytes, "");
+            printf("%-22s zero 1: this rank's updated parameter shard\n", "");
+        }
+    }
+    double fstep = fpt * (double)c.global_batch * c.seq_len / world;
+    printf("%-22s %12.4g FLOP  (%s)\n", "compute per rank", fstep,
+           full ? "model FLOPs; recompute full runs about 1/3 more" : "model FLOPs");
     return MOET_OK;
 }
 

@@ -116,6 +116,8 @@ double model_flops_per_token(const Config *c) {
 // ---------------------------------------------------------------------------------------
 // the activation arena: one pass that either counts (base == NULL) or carves.
 
+static int recompute_full_(const Config *c) { return strcmp(c->recompute, "full") == 0; }
+
 typedef struct {
     float *fbase;
     int32_t *ibase;
@@ -134,49 +136,71 @@ static int32_t *carve_i_(Carver *cv, size_t n) {
     return p;
 }
 
-// Lays out the arena of a model with the given sizes; with m == NULL only counts.
-static void layout_arena_(Model *m, Carver *cv, int L, int D, int H, int V, int E, int K, int F,
-                          int B, int T) {
+// Carves one layer's activations other than its input x (LayerActs). expert_rows 0: the routed
+// (R,F) expert activations g, u, a are not carved (expert parallelism: the dispatcher keeps its
+// own for the rows it receives).
+static void carve_layer_(Carver *cv, LayerActs *a, int D, int H, int E, int K, int F, int B,
+                         int T, int expert_rows) {
     size_t N = (size_t)B * T, R = E > 0 ? N * K : N;
-    LayerActs dummy;
+    a->ln1 = carve_f_(cv, N * D);
+    a->ln1_rstd = carve_f_(cv, N);
+    a->q = carve_f_(cv, N * D);
+    a->k = carve_f_(cv, N * D);
+    a->v = carve_f_(cv, N * D);
+    a->qr = carve_f_(cv, N * D);
+    a->kr = carve_f_(cv, N * D);
+    a->qn_rstd = carve_f_(cv, N);
+    a->kn_rstd = carve_f_(cv, N);
+    a->att = carve_f_(cv, N * D);
+    a->att_lse = carve_f_(cv, (size_t)B * H * T);
+    a->h = carve_f_(cv, N * D);
+    a->ln2 = carve_f_(cv, N * D);
+    a->ln2_rstd = carve_f_(cv, N);
+    if (E > 0) {
+        a->rlogits = carve_f_(cv, N * E);
+        a->rprobs = carve_f_(cv, N * E);
+        a->rlse = carve_f_(cv, N);
+        a->topk_w = carve_f_(cv, N * K);
+        a->topk_idx = carve_i_(cv, N * K);
+        a->counts = carve_i_(cv, E);
+        a->offsets = carve_i_(cv, E + 1);
+        a->row_token = carve_i_(cv, R);
+        a->assign_row = carve_i_(cv, N * K);
+        a->xp = carve_f_(cv, R * D);
+        a->yp = carve_f_(cv, R * D);
+    } else {
+        a->rlogits = a->rprobs = a->rlse = a->topk_w = NULL;
+        a->topk_idx = a->counts = a->offsets = a->row_token = a->assign_row = NULL;
+        a->xp = a->yp = NULL;
+    }
+    a->g = expert_rows ? carve_f_(cv, R * F) : NULL;
+    a->u = expert_rows ? carve_f_(cv, R * F) : NULL;
+    a->a = expert_rows ? carve_f_(cv, R * F) : NULL;
+    a->mlp_out = carve_f_(cv, N * D);
+}
+
+// Lays out the arena of a model with the given sizes; with m == NULL only counts.
+// recompute 0: every layer keeps all of its activations. recompute 1: every layer keeps only
+// its input x; the rest of LayerActs of every layer points into ONE working set, which forward
+// fills for each layer in turn and backward refills by rerunning the layer's forward.
+// El < E (expert parallelism): no routed (R,F) expert activations nor their gradients.
+static void layout_arena_(Model *m, Carver *cv, int L, int D, int H, int V, int E, int K, int F,
+                          int El, int B, int T, int recompute) {
+    size_t N = (size_t)B * T, R = E > 0 ? N * K : N;
+    int expert_rows = E == 0 || El == E;
+    LayerActs dummy, ws;
     for (int l = 0; l < L; l++) {
         LayerActs *a = m ? &m->acts[l] : &dummy;
         a->x = carve_f_(cv, N * D);
-        a->ln1 = carve_f_(cv, N * D);
-        a->ln1_rstd = carve_f_(cv, N);
-        a->q = carve_f_(cv, N * D);
-        a->k = carve_f_(cv, N * D);
-        a->v = carve_f_(cv, N * D);
-        a->qr = carve_f_(cv, N * D);
-        a->kr = carve_f_(cv, N * D);
-        a->qn_rstd = carve_f_(cv, N);
-        a->kn_rstd = carve_f_(cv, N);
-        a->att = carve_f_(cv, N * D);
-        a->att_lse = carve_f_(cv, (size_t)B * H * T);
-        a->h = carve_f_(cv, N * D);
-        a->ln2 = carve_f_(cv, N * D);
-        a->ln2_rstd = carve_f_(cv, N);
-        if (E > 0) {
-            a->rlogits = carve_f_(cv, N * E);
-            a->rprobs = carve_f_(cv, N * E);
-            a->rlse = carve_f_(cv, N);
-            a->topk_w = carve_f_(cv, N * K);
-            a->topk_idx = carve_i_(cv, N * K);
-            a->counts = carve_i_(cv, E);
-            a->offsets = carve_i_(cv, E + 1);
-            a->row_token = carve_i_(cv, R);
-            a->assign_row = carve_i_(cv, N * K);
-            a->xp = carve_f_(cv, R * D);
-            a->yp = carve_f_(cv, R * D);
-        } else {
-            a->rlogits = a->rprobs = a->rlse = a->topk_w = NULL;
-            a->topk_idx = a->counts = a->offsets = a->row_token = a->assign_row = NULL;
-            a->xp = a->yp = NULL;
+        if (!recompute) carve_layer_(cv, a, D, H, E, K, F, B, T, expert_rows);
+    }
+    if (recompute) {
+        carve_layer_(cv, &ws, D, H, E, K, F, B, T, expert_rows);
+        for (int l = 0; m && l < L; l++) {
+            float *x = m->acts[l].x;
+            m->acts[l] = ws;
+            m->acts[l].x = x;
         }
-        a->g = carve_f_(cv, R * F);
-        a->u = carve_f_(cv, R * F);
-        a->a = carve_f_(cv, R * F);
-        a->mlp_out = carve_f_(cv, N * D);
     }
     float *x_final = carve_f_(cv, N * D);
     float *lnf = carve_f_(cv, N * D);
@@ -190,7 +214,9 @@ static void layout_arena_(Model *m, Carver *cv, int L, int D, int H, int V, int 
     for (int i = 0; i < 8; i++) d[i] = carve_f_(cv, N * D);
     float *d_xp = E > 0 ? carve_f_(cv, R * D) : NULL;
     float *d_yp = E > 0 ? carve_f_(cv, R * D) : NULL;
-    float *d_g = carve_f_(cv, R * F), *d_u = carve_f_(cv, R * F), *d_a = carve_f_(cv, R * F);
+    float *d_g = expert_rows ? carve_f_(cv, R * F) : NULL;
+    float *d_u = expert_rows ? carve_f_(cv, R * F) : NULL;
+    float *d_a = expert_rows ? carve_f_(cv, R * F) : NULL;
     float *d_rlogits = E > 0 ? carve_f_(cv, N * E) : NULL;
     float *d_topk_w = E > 0 ? carve_f_(cv, N * K) : NULL;
     float *d_prob_bias = E > 0 ? carve_f_(cv, E) : NULL;
@@ -221,11 +247,11 @@ static void layout_arena_(Model *m, Carver *cv, int L, int D, int H, int V, int 
 }
 
 size_t model_activation_floats(const Config *c, int B, int T, int n_local_experts) {
-    (void)n_local_experts;  // with ep the received rows vary; N*K on average
+    // (with ep the dispatcher's received rows vary per step, N*K on average: not counted here)
     Carver cv = {0};
     int E = c->n_experts, F = E > 0 ? c->expert_d_ff : c->d_ff;
     layout_arena_(NULL, &cv, c->n_layers, c->d_model, c->n_heads, c->padded_vocab, E, c->top_k,
-                  F, B, T);
+                  F, n_local_experts, B, T, recompute_full_(c));
     return cv.nf + cv.ni;  // int32 and float are both 4 bytes
 }
 
@@ -233,13 +259,14 @@ int model_set_batch(Model *m, int B, int T, MoetErr *err) {
     if (T > m->cfg.max_seq_len)
         return moet_errf(err, MOET_EUSAGE, "sequence length %d exceeds [model] max_seq_len %d", T,
                          m->cfg.max_seq_len);
-    if (m->B == B && m->T == T) return MOET_OK;
+    if (m->B == B && m->T == T && m->arena_recompute == m->recompute) return MOET_OK;
     m->ops->free(m->arena);
     m->ops->free(m->iarena);
     free(m->tokens_h);
     free(m->targets_h);
     Carver cv = {0};
-    layout_arena_(NULL, &cv, m->L, m->D, m->H, m->V, m->E, m->K, m->F, B, T);
+    layout_arena_(NULL, &cv, m->L, m->D, m->H, m->V, m->E, m->K, m->F, m->n_local_experts, B, T,
+                  m->recompute);
     m->arena_floats = cv.nf;
     m->iarena_ints = cv.ni;
     m->arena = m->ops->alloc(cv.nf * sizeof(float));
@@ -247,7 +274,9 @@ int model_set_batch(Model *m, int B, int T, MoetErr *err) {
     m->tokens_h = moet_calloc((size_t)B * T * sizeof(int32_t));
     m->targets_h = moet_calloc((size_t)B * T * sizeof(int32_t));
     Carver carve = {.fbase = m->arena, .ibase = m->iarena};
-    layout_arena_(m, &carve, m->L, m->D, m->H, m->V, m->E, m->K, m->F, B, T);
+    layout_arena_(m, &carve, m->L, m->D, m->H, m->V, m->E, m->K, m->F, m->n_local_experts, B, T,
+                  m->recompute);
+    m->arena_recompute = m->recompute;
     m->B = B;
     m->T = T;
     return MOET_OK;
@@ -330,6 +359,7 @@ int model_create_ops(Model *m, const Config *c, const Ops *ops, int ep_rank, int
     m->E = c->n_experts;
     m->K = c->n_experts > 0 ? c->top_k : 0;
     m->F = c->n_experts > 0 ? c->expert_d_ff : c->d_ff;
+    m->recompute = recompute_full_(c);
     int rc = model_tensor_table(c, ep_rank, ep_size, &m->tensors, &m->n_tensors, &m->n_params, err);
     if (rc) return rc;
     m->n_local_experts = m->E / ep_size;
@@ -367,18 +397,13 @@ int model_set_comm(Model *m, Comm *ep, MoetErr *err) {
         return MOET_OK;
     }
     int n = comm_size(ep), r = comm_rank(ep);
-    if (m->ops->on_device)
-        return moet_errf(err, MOET_EUSAGE,
-                         "expert parallelism (ep %d) runs on the CPU backend only for now: the "
-                         "GPU dispatcher comes with the NCCL transport; set [parallel] ep = 1 "
-                         "or [train] device = cpu", n);
     if (m->E <= 0)
         return moet_errf(err, MOET_EUSAGE, "expert parallelism (ep %d) needs a MoE model", n);
     if (m->E % n != 0 || m->n_local_experts != m->E / n || m->expert_lo != r * (m->E / n))
         return moet_errf(err, MOET_EUSAGE,
                          "EP group (rank %d of %d) does not match the model's experts [%d, %d) "
                          "of %d", r, n, m->expert_lo, m->expert_lo + m->n_local_experts, m->E);
-    int rc = dispatch_create(&m->disp, ep, m->L, m->E, m->D, m->F, err);
+    int rc = dispatch_create(&m->disp, ep, m->ops, m->L, m->E, m->D, m->F, m->recompute, err);
     if (rc) return rc;
     m->ep_comm = ep;
     return MOET_OK;
@@ -473,10 +498,41 @@ void model_init_weights(Model *m, uint64_t seed) {
 // ---------------------------------------------------------------------------------------
 // forward
 
-void model_forward(Model *m, const int32_t *tokens) {
-    int B = m->B, T = m->T, D = m->D, H = m->H, Dh = m->Dh, V = m->V;
+// One layer without its final residual add: reads a->x, fills the layer's activations up to
+// a->mlp_out (N,D) (the output is a->h + a->mlp_out) and, for MoE, *ll and the layer's
+// m->expert_tokens, counts_h and offsets_h (set, not accumulated: a rerun leaves them as they
+// were). Backward reruns it under recompute = full: it must stay a pure function of x and the
+// parameters.
+static void layer_forward_(Model *m, int l, MoeLayerLoss *ll) {
+    int B = m->B, T = m->T, D = m->D, H = m->H, Dh = m->Dh;
     int N = B * T;
     float eps = m->cfg.norm_eps, theta = m->cfg.rope_theta;
+    const Ops *k = m->ops;
+    LayerActs *a = &m->acts[l];
+    LayerParams *p = &m->p.layers[l];
+    // attention block: h = x + o_proj(attn(rope(q_norm(q)), rope(k_norm(k)), v))
+    k->rmsnorm_forward(a->ln1, a->ln1_rstd, a->x, p->ln1, N, D, eps);
+    k->matmul_forward(a->q, a->ln1, p->wq, N, D, D);
+    k->matmul_forward(a->k, a->ln1, p->wk, N, D, D);
+    k->matmul_forward(a->v, a->ln1, p->wv, N, D, D);
+    k->rmsnorm_forward(a->qr, a->qn_rstd, a->q, p->q_norm, N, D, eps);
+    k->rmsnorm_forward(a->kr, a->kn_rstd, a->k, p->k_norm, N, D, eps);
+    k->rope_forward(a->qr, a->qr, B, T, H, Dh, theta);
+    k->rope_forward(a->kr, a->kr, B, T, H, Dh, theta);
+    k->attention_forward(a->att, a->att_lse, a->qr, a->kr, a->v, B, T, H, Dh);
+    k->matmul_forward(a->h, a->att, p->wo, N, D, D);
+    k->add_forward(a->h, a->h, a->x, (size_t)N * D);
+    // MLP block: out = h + moe(ln2(h))
+    k->rmsnorm_forward(a->ln2, a->ln2_rstd, a->h, p->ln2, N, D, eps);
+    ll->lb = ll->z = 0.0;
+    if (m->E > 0) moe_forward(m, l, ll);
+    else mlp_forward(m, l);
+}
+
+void model_forward(Model *m, const int32_t *tokens) {
+    int B = m->B, T = m->T, D = m->D, V = m->V;
+    int N = B * T;
+    float eps = m->cfg.norm_eps;
     const Ops *k = m->ops;
 
     memcpy(m->tokens_h, tokens, (size_t)N * sizeof(int32_t));
@@ -494,30 +550,13 @@ void model_forward(Model *m, const int32_t *tokens) {
     double lb = 0.0, z = 0.0;
     for (int l = 0; l < m->L; l++) {
         LayerActs *a = &m->acts[l];
-        LayerParams *p = &m->p.layers[l];
-        // attention block: h = x + o_proj(attn(rope(q_norm(q)), rope(k_norm(k)), v))
-        k->rmsnorm_forward(a->ln1, a->ln1_rstd, a->x, p->ln1, N, D, eps);
-        k->matmul_forward(a->q, a->ln1, p->wq, N, D, D);
-        k->matmul_forward(a->k, a->ln1, p->wk, N, D, D);
-        k->matmul_forward(a->v, a->ln1, p->wv, N, D, D);
-        k->rmsnorm_forward(a->qr, a->qn_rstd, a->q, p->q_norm, N, D, eps);
-        k->rmsnorm_forward(a->kr, a->kn_rstd, a->k, p->k_norm, N, D, eps);
-        k->rope_forward(a->qr, a->qr, B, T, H, Dh, theta);
-        k->rope_forward(a->kr, a->kr, B, T, H, Dh, theta);
-        k->attention_forward(a->att, a->att_lse, a->qr, a->kr, a->v, B, T, H, Dh);
-        k->matmul_forward(a->h, a->att, p->wo, N, D, D);
-        k->add_forward(a->h, a->h, a->x, (size_t)N * D);
-        // MLP block: out = h + moe(ln2(h))
-        k->rmsnorm_forward(a->ln2, a->ln2_rstd, a->h, p->ln2, N, D, eps);
+        MoeLayerLoss ll;
+        layer_forward_(m, l, &ll);
         if (m->E > 0) {
-            MoeLayerLoss ll;
-            moe_forward(m, l, &ll);
             m->layer_lb[l] = ll.lb;
             m->layer_z[l] = ll.z;
             lb += ll.lb;
             z += ll.z;
-        } else {
-            mlp_forward(m, l);
         }
         float *out = l + 1 < m->L ? m->acts[l + 1].x : m->x_final;
         k->add_forward(out, a->h, a->mlp_out, (size_t)N * D);
@@ -550,6 +589,7 @@ void model_backward(Model *m) {
     k->matmul_backward(m->d_ln, m->g.lm_head, m->logits, m->lnf, m->p.lm_head, N, D, V);
     k->zero_fill(m->d_res, ND);
     k->rmsnorm_backward(m->d_res, m->g.norm, m->d_ln, m->x_final, m->p.norm, m->lnf_rstd, N, D);
+    if (m->grad_hook) m->grad_hook(m->grad_hook_ctx, m->L);
 
     // loss = ce + lb_coef * (1/L) sum_l lb_l + z_coef * (1/L) sum_l z_l
     double lb_scale = m->cfg.lb_coef / m->L, z_scale = m->cfg.z_coef / m->L;
@@ -557,6 +597,12 @@ void model_backward(Model *m) {
         LayerActs *a = &m->acts[l];
         LayerParams *p = &m->p.layers[l];
         LayerParams *gp = &m->g.layers[l];
+        // recompute = full: refill the working set with this layer's activations (the last
+        // layer's are still there from forward). Its losses were counted by forward.
+        if (m->arena_recompute && l < m->L - 1) {
+            MoeLayerLoss rerun;
+            layer_forward_(m, l, &rerun);
+        }
         // MLP block; d_res is d out = d h (residual) + the path through the MLP
         k->zero_fill(m->d_ln, ND);
         if (m->E > 0) moe_backward(m, l, m->d_res, m->d_ln, lb_scale, z_scale);
@@ -584,6 +630,8 @@ void model_backward(Model *m) {
         k->matmul_backward(m->d_ln, gp->wk, m->d_k, a->ln1, p->wk, N, D, D);
         k->matmul_backward(m->d_ln, gp->wv, m->d_v, a->ln1, p->wv, N, D, D);
         k->rmsnorm_backward(m->d_res, gp->ln1, m->d_ln, a->x, p->ln1, a->ln1_rstd, N, D);
+        if (m->grad_hook) m->grad_hook(m->grad_hook_ctx, l);
     }
     k->embedding_backward(m->g.embed, m->d_res, m->tokens_h, N, D);
+    if (m->grad_hook) m->grad_hook(m->grad_hook_ctx, -1);
 }

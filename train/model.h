@@ -47,7 +47,11 @@ typedef struct {
 } ParamPointers;
 
 // Saved activations of one layer (pointers into the arena). Shapes with N = B*T tokens and
-// R = N*K routed rows (dense: R = N, no routing).
+// R = N*K routed rows (dense: R = N, no routing). With [train] recompute = full only x is the
+// layer's own: every other pointer of every layer is the same working set, which holds the
+// activations of the layer that ran last (forward: each layer in turn, ending with the last;
+// backward: each layer is rerun right before its backward). g, u, a are NULL under expert
+// parallelism (n_local_experts < E): the dispatcher keeps the rows its experts receive.
 typedef struct {
     float *x;                    // (N,D) layer input (residual stream)
     float *ln1, *ln1_rstd;       // (N,D), (N)
@@ -92,6 +96,9 @@ typedef struct {
     ParamPointers p, g;          // views of params and grads
 
     // activation arena, sized for (B,T) by model_set_batch
+    int recompute;               // 1: [train] recompute = full (from cfg; set it before
+                                 // model_set_batch, which lays out the arena for it)
+    int arena_recompute;         // the setting the arena was laid out for
     int B, T;
     float *arena;
     int32_t *iarena;
@@ -105,7 +112,7 @@ typedef struct {
     // backward scratch
     float *d_res, *d_ln, *d_q, *d_k, *d_v, *d_qr, *d_kr, *d_att; // (N,D)
     float *d_xp, *d_yp;          // (R,D)
-    float *d_g, *d_u, *d_a;      // (R,F)
+    float *d_g, *d_u, *d_a;      // (R,F); NULL under expert parallelism
     float *d_rlogits;            // (N,E)
     float *d_topk_w;             // (N,K)
     float *d_prob_bias;          // (E) load-balancing gradient per expert probability
@@ -113,6 +120,13 @@ typedef struct {
     int32_t *tokens_h, *targets_h;   // (N)
     int32_t *counts_h, *offsets_h;   // (L,E), (L,E+1): the dispatch plan's row counts and
                                      // their prefix sums
+
+    // gradient hook (may be NULL): model_backward calls grad_hook(grad_hook_ctx, part) as soon
+    // as a part's gradients are final for this backward: part = L for the final norm and
+    // lm_head, then l = L-1 .. 0 for layer l's tensors, then -1 for the embedding. The trainer
+    // starts the all-reduce of the gradient buckets there (overlapping the rest of backward).
+    void (*grad_hook)(void *ctx, int part);
+    void *grad_hook_ctx;
 
     // results of the last forward
     int logits_are_grads;        // 1 after backward overwrote logits with dlogits
@@ -138,7 +152,10 @@ int model_tensor_table(const Config *cfg, int ep_rank, int ep_size, ParamTensor 
 void model_param_counts(const Config *cfg, ParamCounts *pc);
 // Training FLOPs per token, §10: 6*N_active + 12*L*D*seq_len.
 double model_flops_per_token(const Config *cfg);
-// Floats the activation arena (plus backward scratch) needs for a micro-batch of (B,T).
+// Floats (and int32s) the activation arena plus backward scratch needs for a micro-batch of
+// (B,T): what model_set_batch allocates for cfg's [train] recompute with n_local_experts of the
+// experts on this rank (fewer than n_experts: expert parallelism, whose dispatcher buffers the
+// received rows apart and is not counted here).
 size_t model_activation_floats(const Config *cfg, int B, int T, int n_local_experts);
 
 // Allocates the parameter and gradient buffers (zeroed) on the CPU backend.
@@ -173,7 +190,7 @@ void model_free(Model *m);
 // (seed, tensor name, global element index): identical weights for any rank count or ep, and
 // on any backend (drawn on the host, then uploaded).
 void model_init_weights(Model *m, uint64_t seed);
-// Sizes the activation arena for micro-batches of B sequences of T tokens.
+// Sizes the activation arena for micro-batches of B sequences of T tokens (and m->recompute).
 int model_set_batch(Model *m, int B, int T, MoetErr *err);
 
 // Forward pass over tokens (B,T). Targets are the tokens shifted by one (position t predicts
@@ -181,7 +198,9 @@ int model_set_batch(Model *m, int B, int T, MoetErr *err);
 // logits in m->logits.
 void model_forward(Model *m, const int32_t *tokens);
 // Backward pass of the last forward: ACCUMULATES d(loss)/d(theta) into m->grads.
-// Overwrites m->logits with dlogits.
+// Overwrites m->logits with dlogits. With recompute = full it reruns each layer's forward but
+// the last (bit-identical results, including their collectives under expert parallelism) before
+// that layer's backward; losses and expert_tokens stay as forward left them.
 void model_backward(Model *m);
 void model_zero_grad(Model *m);
 

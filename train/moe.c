@@ -3,7 +3,6 @@
 
 #include <string.h>
 
-#include "kernels/kernels.h"
 #include "train/dispatch.h"
 
 // ---------------------------------------------------------------------------------------
@@ -55,14 +54,15 @@ static void moe_forward_ep_(Model *m, int l) {
     LayerActs *a = &m->acts[l];
     LayerParams *p = &m->p.layers[l];
     int D = m->D, F = m->F, El = m->n_local_experts;
+    const Ops *k = m->ops;
     MoetErr err;
     DispatchRows rw;
-    // (the dispatcher works in host memory: model_set_comm refuses expert parallelism on a GPU)
-    ep_check_(dispatch_forward(m->disp, l, a->counts, a->xp, &rw, &err), &err);
-    grouped_matmul_forward(rw.g, rw.x, p->w_gate, rw.offsets, El, D, F);
-    grouped_matmul_forward(rw.u, rw.x, p->w_up, rw.offsets, El, D, F);
-    swiglu_forward(rw.a, rw.g, rw.u, (size_t)rw.rows * F);
-    grouped_matmul_forward(rw.y, rw.a, p->w_down, rw.offsets, El, F, D);
+    ep_check_(dispatch_forward(m->disp, l, m->counts_h + (size_t)l * m->E, a->xp, &rw, &err),
+              &err);
+    k->grouped_matmul_forward(rw.g, rw.x, p->w_gate, rw.offsets, El, D, F);
+    k->grouped_matmul_forward(rw.u, rw.x, p->w_up, rw.offsets, El, D, F);
+    if (rw.rows > 0) k->swiglu_forward(rw.a, rw.g, rw.u, (size_t)rw.rows * F);
+    k->grouped_matmul_forward(rw.y, rw.a, p->w_down, rw.offsets, El, F, D);
     ep_check_(dispatch_combine(m->disp, l, a->yp, &err), &err);
 }
 
@@ -87,24 +87,43 @@ void moe_forward(Model *m, int l, MoeLayerLoss *loss) {
 
 // Backward of the experts under expert parallelism: m->d_yp (R,D) goes to the expert owners,
 // the local expert weight gradients accumulate from every source rank's rows, and the input
-// gradients come back into m->d_xp (R,D).
+// gradients come back into m->d_xp (R,D). With [parallel] a2a_overlap the input gradients
+// (dgrad) are computed first and start their way back while the weight gradients (wgrad) are
+// computed: the same GEMMs (each output written by the same call), so the same bits.
 static void moe_backward_ep_(Model *m, int l) {
     LayerParams *p = &m->p.layers[l];
     LayerParams *gp = &m->g.layers[l];
     int D = m->D, F = m->F, El = m->n_local_experts;
+    const Ops *k = m->ops;
+    const int overlap = m->cfg.a2a_overlap;
     MoetErr err;
     DispatchRows rw;
     DispatchGrads dg;
     ep_check_(dispatch_backward(m->disp, l, m->d_yp, &rw, &dg, &err), &err);
     size_t RF = (size_t)rw.rows * F;
-    zero_fill(dg.d_a, RF);
-    grouped_matmul_backward(dg.d_a, gp->w_down, dg.d_y, rw.a, p->w_down, rw.offsets, El, F, D);
-    zero_fill(dg.d_g, RF);
-    zero_fill(dg.d_u, RF);
-    swiglu_backward(dg.d_g, dg.d_u, dg.d_a, rw.g, rw.u, RF);
-    grouped_matmul_backward(dg.d_x, gp->w_gate, dg.d_g, rw.x, p->w_gate, rw.offsets, El, D, F);
-    grouped_matmul_backward(dg.d_x, gp->w_up, dg.d_u, rw.x, p->w_up, rw.offsets, El, D, F);
-    ep_check_(dispatch_backward_return(m->disp, l, m->d_xp, &err), &err);
+    if (RF > 0) {
+        k->zero_fill(dg.d_a, RF);
+        k->zero_fill(dg.d_g, RF);
+        k->zero_fill(dg.d_u, RF);
+    }
+    // dgrad
+    k->grouped_matmul_backward(dg.d_a, overlap ? NULL : gp->w_down, dg.d_y, rw.a, p->w_down,
+                               rw.offsets, El, F, D);
+    if (RF > 0) k->swiglu_backward(dg.d_g, dg.d_u, dg.d_a, rw.g, rw.u, RF);
+    k->grouped_matmul_backward(dg.d_x, overlap ? NULL : gp->w_gate, dg.d_g, rw.x, p->w_gate,
+                               rw.offsets, El, D, F);
+    k->grouped_matmul_backward(dg.d_x, overlap ? NULL : gp->w_up, dg.d_u, rw.x, p->w_up,
+                               rw.offsets, El, D, F);
+    if (!overlap) {
+        ep_check_(dispatch_backward_return(m->disp, l, m->d_xp, &err), &err);
+        return;
+    }
+    ep_check_(dispatch_backward_return_start(m->disp, l, m->d_xp, &err), &err);
+    // wgrad, while the input gradients travel
+    k->grouped_matmul_backward(NULL, gp->w_down, dg.d_y, rw.a, p->w_down, rw.offsets, El, F, D);
+    k->grouped_matmul_backward(NULL, gp->w_gate, dg.d_g, rw.x, p->w_gate, rw.offsets, El, D, F);
+    k->grouped_matmul_backward(NULL, gp->w_up, dg.d_u, rw.x, p->w_up, rw.offsets, El, D, F);
+    ep_check_(dispatch_wait(m->disp, &err), &err);
 }
 
 void moe_backward(Model *m, int l, const float *d_out, float *d_ln2, double lb_scale,

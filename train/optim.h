@@ -5,25 +5,64 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "train/comm.h"
 #include "train/config.h"
 #include "train/model.h"
 
+// ZeRO-1 (optim_create_sharded): the parameters of a group of ranks that hold the same tensors
+// (the world for the shared tensors, the expert-DP group for this rank's experts), laid end to
+// end in table order, are cut into one contiguous part per rank of the group; a rank keeps the
+// AdamW moments of its part only, updates its part, and the group all-gathers the parameters.
+typedef struct {
+    Comm *comm;          // world (shared tensors) or expert-DP group (expert tensors)
+    size_t size;         // floats of the group's tensors
+    size_t *counts;      // (group size) floats of each rank's part
+    size_t lo;           // this rank's part: [lo, lo + counts[rank]) of the group's floats
+    size_t base;         // the group's tensors are params[base, base + size) when contiguous
+    int contiguous;
+} OptimShard;
+
+// The part of one tensor this rank updates.
+typedef struct {
+    size_t param_off;    // into params / grads
+    size_t mom_off;      // into exp_avg / exp_avg_sq
+    size_t flat_off;     // into its group's floats
+    size_t n;
+    int decay, group;
+} OptimSeg;
+
 typedef struct {
     const Ops *ops;    // the model's backend
-    size_t n;          // floats, = m->n_params
+    size_t n;          // moment floats: m->n_params, or this rank's parts (ZeRO-1)
     float *exp_avg;    // (n) first moment (backend memory)
     float *exp_avg_sq; // (n) second moment (backend memory)
     // host copies for checkpoints (= exp_avg, exp_avg_sq on the CPU): optim_download before a
-    // save, optim_upload after a load
+    // save, optim_upload after a load. ZeRO-1: NULL; see optim_gather_host / optim_scatter_host.
     float *exp_avg_h, *exp_avg_sq_h;
     int64_t t;         // AdamW steps taken (bias correction); the next update uses t + 1
+    // ZeRO-1 (sharded = 1)
+    int sharded;
+    OptimShard shard[2]; // [0] shared tensors over the world, [1] expert tensors over the EDP
+    OptimSeg *segs;
+    int n_segs;
 } Optim;
 
 // Allocates zeroed moments for m on m's backend (t = 0).
 void optim_create(Optim *o, const Model *m);
+// The same with ZeRO-1 over the ranks of par (see OptimShard). Every rank calls it.
+void optim_create_sharded(Optim *o, const Model *m, Parallel *par);
 void optim_free(Optim *o);
 void optim_download(Optim *o);
 void optim_upload(Optim *o);
+// ZeRO-1 checkpoints hold the full moments: optim_gather_host all-gathers them into host
+// arrays laid out like m->params (n_params floats each, allocated by the caller); every rank
+// of the groups calls it. optim_scatter_host takes this rank's parts from such arrays.
+int optim_gather_host(Optim *o, const Model *m, float *exp_avg_h, float *exp_avg_sq_h,
+                      MoetErr *err);
+void optim_scatter_host(Optim *o, const float *exp_avg_h, const float *exp_avg_sq_h);
+// ZeRO-1, after optim_step: every rank gets the parameters the others updated (all-gather over
+// each group; m->grads serves as scratch, so call it after the gradients are used).
+int optim_gather_params(Optim *o, Model *m, MoetErr *err);
 
 // The learning rate of optimizer step `step` (1-based: the first update is step 1). With
 // lr = c->lr, W = warmup_steps, S = max_steps, lo = min_lr:
@@ -55,7 +94,8 @@ int optim_grad_norm_ep(const Model *m, Comm *ep, double *norm, const ParamTensor
 // else 1.
 float optim_clip_scale(double norm, float clip);
 
-// One AdamW step (t += 1) with learning rate lr over every tensor; the gradient is multiplied
+// One AdamW step (t += 1) with learning rate lr over every tensor (ZeRO-1: over this rank's
+// parts; then optim_gather_params); the gradient is multiplied
 // by grad_scale first (clipping). Weight decay c->weight_decay applies to the tensors whose
 // table flag `decay` is set: every matrix, embeddings and lm_head included (as OLMoE, which
 // decays its embeddings), but not the RMSNorm weights (q_norm, k_norm, layer norms).

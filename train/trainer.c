@@ -10,10 +10,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "data/loader.h"
 #include "kernels/kernels.h"
 #include "train/ckpt.h"
+#include "train/gradsync.h"
+#include "train/memplan.h"
 #include "train/model.h"
 #include "train/optim.h"
 
@@ -152,10 +155,38 @@ static int save_(const SaveCtx *s, int64_t step, int64_t tokens_seen, double lr,
     const int mo = s->c->model_only;
     // the file is written from host memory (no-ops on the CPU backend)
     model_download_params(s->m);
-    if (!mo) optim_download(s->opt);
-    return ckpt_save_par(&so, s->m, mo ? NULL : s->opt->exp_avg_h,
-                         mo ? NULL : s->opt->exp_avg_sq_h, &st, s->ini, s->par, path, path_size,
-                         err);
+    float *ea = s->opt->exp_avg_h, *eas = s->opt->exp_avg_sq_h;
+    if (!mo && s->opt->sharded) {
+        // ZeRO-1: the file holds the full moments, gathered from the ranks' parts
+        ea = moet_malloc(s->m->n_params * sizeof(float));
+        eas = moet_malloc(s->m->n_params * sizeof(float));
+        int rc = optim_gather_host(s->opt, s->m, ea, eas, err);
+        if (rc) {
+            free(ea);
+            free(eas);
+            return rc;
+        }
+    } else if (!mo) {
+        optim_download(s->opt);
+    }
+    int rc = ckpt_save_par(&so, s->m, mo ? NULL : ea, mo ? NULL : eas, &st, s->ini, s->par, path,
+                           path_size, err);
+    if (s->opt->sharded && !mo) {
+        free(ea);
+        free(eas);
+    }
+    return rc;
+}
+
+// A test hook: MOET_DEBUG_STALL="R:S" makes rank R stop responding at the start of step S (as
+// a hung process would), to test that the other ranks' watchdog ends the job.
+static void debug_stall_(int rank, int64_t step) {
+    const char *s = getenv("MOET_DEBUG_STALL");
+    int r;
+    long long at;
+    if (!s || sscanf(s, "%d:%lld", &r, &at) != 2 || r != rank || at != step) return;
+    fprintf(stderr, "rank %d: MOET_DEBUG_STALL: stalling at step %lld\n", rank, at);
+    for (;;) pause();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -192,7 +223,7 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     int rc = 0, have_model = 0, sig_installed = 0;
     struct sigaction old_term, old_usr1;
     char path[1100], mpath[2100], binfo[512];
-    float *stage = NULL; // host copy of the gradients for the MPI all-reduce on a GPU
+    GradSync *gs = NULL; // the gradient sum over the ranks (world > 1)
 
     int ini_len = config_to_ini(c, NULL, 0);
     ini = moet_malloc((size_t)ini_len + 1);
@@ -201,11 +232,17 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     const Ops *ops;
     if ((rc = model_open_backend(c, model_local_rank(), &ops, binfo, sizeof binfo, err)))
         goto done;
+    // gradients and expert rows move between the backend's buffers (GPU memory on a GPU)
+    if ((rc = comm_use_backend(par, ops, c->comm, c->timeout_s, err))) goto done;
     if ((rc = model_create_ops(&m, c, ops, ep > 1 ? par->ep_rank : 0, ep, err))) goto done;
     have_model = 1;
     if (ep > 1 && (rc = model_set_comm(&m, par->ep, err))) goto done;
     if ((rc = model_set_batch(&m, B, T, err))) goto done;
-    optim_create(&opt, &m);
+    if (c->zero && world > 1) optim_create_sharded(&opt, &m, par);
+    else optim_create(&opt, &m);
+    if (world > 1 &&
+        (rc = gradsync_create(&gs, &m, par, (size_t)c->bucket_mb << 20, err)))
+        goto done;
 
     // data
     LoaderConfig lc = {.glob = c->train,
@@ -240,8 +277,18 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     if (o->resume) {
         if ((rc = ckpt_resolve(o->resume, c->ckpt_dir, path, sizeof path, err))) goto done;
         TrainState st;
-        if ((rc = ckpt_load(path, &m, opt.exp_avg_h, opt.exp_avg_sq_h, &st, err))) goto done;
-        optim_upload(&opt);
+        if (opt.sharded) { // the file's full moments, of which this rank keeps its parts
+            float *ea = moet_malloc(m.n_params * sizeof(float));
+            float *eas = moet_malloc(m.n_params * sizeof(float));
+            rc = ckpt_load(path, &m, ea, eas, &st, err);
+            if (!rc) optim_scatter_host(&opt, ea, eas);
+            free(ea);
+            free(eas);
+            if (rc) goto done;
+        } else {
+            if ((rc = ckpt_load(path, &m, opt.exp_avg_h, opt.exp_avg_sq_h, &st, err))) goto done;
+            optim_upload(&opt);
+        }
         if ((rc = loader_set_pos(tl, &st.data, 0, err))) goto done;
         step = st.step;
         tokens_seen = st.tokens_seen;
@@ -277,7 +324,6 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
 
     tokens = moet_malloc((size_t)B * T * sizeof(int32_t));
     if (accum > 1) gacc = ops->alloc(m.n_params * sizeof(float));
-    if (world > 1 && ops->on_device) stage = moet_malloc(m.n_params * sizeof(float));
     const int LE = m.E > 0 ? m.L * m.E : 0;
     if (LE) load = moet_calloc((size_t)LE * sizeof(int64_t));
     // the job's peak: each rank measures its own cores; MFU compares the job's tokens/s with
@@ -291,6 +337,19 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
            "step (%lld tokens), steps %lld..%lld of %d; %s; %s peak %.1f GFLOP/s\n",
            m.n_params, B, T, accum, (long long)tok_step, (long long)step + 1, (long long)end,
            c->max_steps, binfo, gpu ? "bf16" : "sgemm", peak);
+    if (world > 1) {
+        int nb;
+        size_t mx;
+        gradsync_plan(gs, &nb, &mx);
+        printf("data parallel: %d ranks, ep %d; gradients over %s in %d buckets (largest %.1f "
+               "MB)%s%s\n", world, ep, comm_buf_transport(par->world), nb, mx * 4.0 / 1e6,
+               ep > 1 ? ", expert rows over " : "", ep > 1 ? comm_buf_transport(par->ep) : "");
+        if (opt.sharded)
+            printf("ZeRO-1: this rank keeps the AdamW moments of %zu of %zu parameters\n", opt.n,
+                   m.n_params);
+    }
+    MemPlan plan;
+    memplan_predict(c, world, &plan);
     fflush(stdout);
 
     SaveCtx sc = {c, &m, &opt, tl, ini, par};
@@ -321,6 +380,7 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     double lr = 0;
     while (step < end) {
         step++;
+        debug_stall_(rank, step);
         double t0 = moet_time();
         comm_stats_reset();
         model_zero_grad(&m);
@@ -330,12 +390,16 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             if ((rc = loader_next(tl, tokens, err))) goto done;
             model_forward(&m, tokens);
             if (accum > 1) model_zero_grad(&m);
+            // the last micro-batch's backward starts the all-reduce of each finished bucket
+            const int sync = gs && a == accum - 1;
+            if (sync) gradsync_arm(gs, accum > 1 ? gacc : m.grads);
             model_backward(&m);
+            if (sync && (rc = gradsync_finish(gs, err))) goto done;
             // Sum the micro-batch gradients one whole micro-batch at a time, g0 + g1 + ...,
             // the order the rank-order all-reduce uses: world W with accumulation 1 then gives
             // the bits of world 1 with accumulation W. (Backward accumulating straight into
             // one buffer would interleave the sums inside sgemm and differ in the last bits.)
-            if (accum > 1) {
+            if (accum > 1 && !sync) {
                 if (a == 0) ops->copy(gacc, m.grads, m.n_params * sizeof(float));
                 else ops->add_forward(gacc, gacc, m.grads, m.n_params);
             }
@@ -346,28 +410,9 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             for (int i = 0; i < LE; i++) load[i] += m.expert_tokens[i];
         }
         if (world > 1) {
-            // data parallel: sum the gradients, losses and expert loads over the ranks, in
-            // rank order (bit-identical to one rank accumulating the same micro-batches)
-            // (expert parallel: the non-expert tensors over the world, the expert tensors,
-            // which hold the gradients of this rank's experts for every token of its EP group,
-            // over the EDP group; per tensor in table order, the same calls on every rank)
-            float *gsum = accum > 1 ? gacc : m.grads;
-            if (ep == 1 && stage) {
-                // gradients on a GPU, all-reduce over MPI: staged through host memory
-                ops->to_host(stage, gsum, m.n_params * sizeof(float));
-                if ((rc = comm_allreduce_sum_f32(par->world, stage, m.n_params, err))) goto done;
-                ops->to_device(gsum, stage, m.n_params * sizeof(float));
-            } else if (ep == 1) {
-                if ((rc = comm_allreduce_sum_f32(par->world, gsum, m.n_params, err))) goto done;
-            } else {
-                for (int i = 0; i < m.n_tensors; i++) {
-                    const ParamTensor *t = &m.tensors[i];
-                    Comm *g = t->is_expert ? par->edp : par->world;
-                    if (t->is_expert && comm_size(g) == 1) continue;
-                    if ((rc = comm_allreduce_sum_f32(g, gsum + t->offset, t->numel, err)))
-                        goto done;
-                }
-            }
+            // data parallel: the gradients were summed over the ranks by gradsync (rank order:
+            // bit-identical to one rank accumulating the same micro-batches; expert tensors
+            // over the expert-DP group); now the losses and expert loads
             double sums[4] = {loss, ce, lb, z};
             if ((rc = comm_allreduce_sum_f64(par->world, sums, 4, err))) goto done;
             loss = sums[0], ce = sums[1], lb = sums[2], z = sums[3];
@@ -422,6 +467,7 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
         }
         lr = optim_lr(c, step);
         optim_step(&opt, &m, c, (float)lr, optim_clip_scale(gnorm, c->grad_clip));
+        if (opt.sharded && (rc = optim_gather_params(&opt, &m, err))) goto done;
         tokens_seen += tok_step;
         ops->sync(); // GPU ops are asynchronous: the step ends when the update has run
         const double dt = moet_time() - t0;
@@ -447,15 +493,21 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             // communication of this step on this rank: bytes sent and time inside collectives
             CommStats cs;
             comm_stats(&cs);
-            char cbuf[128] = "";
+            char cbuf[192] = "";
             if (world > 1)
                 snprintf(cbuf, sizeof cbuf, " | comm a2a %.1f MB %.0f ms, allreduce %.1f MB %.0f ms",
                          cs.alltoall_bytes / 1e6, cs.alltoall_s * 1e3, cs.allreduce_bytes / 1e6,
                          cs.allreduce_s * 1e3);
+            if (world > 1 && cs.allgather_bytes > 0) {
+                size_t l = strlen(cbuf);
+                snprintf(cbuf + l, sizeof cbuf - l, ", allgather %.1f MB %.0f ms",
+                         cs.allgather_bytes / 1e6, cs.allgather_s * 1e3);
+            }
             printf("step %*lld/%d | loss %.4f ce %.4f lb %.4f z %.3f | lr %.1e | gnorm %.3f | "
                    "%.0f tok/s | MFU %.1f%%%s%s | ETA %s\n",
                    width, (long long)step, c->max_steps, loss, ce, lb, z, lr, gnorm, tok_s,
                    100 * mfu, lbuf, cbuf, eta);
+
             fflush(stdout);
             fprintf(mf, "{\"step\":%lld,\"tokens\":%lld", (long long)step, (long long)tokens_seen);
             json_num_(mf, "loss", loss);
@@ -471,10 +523,23 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
                 json_num_(mf, "alltoall_s", cs.alltoall_s);
                 json_num_(mf, "allreduce_bytes", cs.allreduce_bytes);
                 json_num_(mf, "allreduce_s", cs.allreduce_s);
+                if (cs.allgather_bytes > 0) {
+                    json_num_(mf, "allgather_bytes", cs.allgather_bytes);
+                    json_num_(mf, "allgather_s", cs.allgather_s);
+                }
             }
             if (LE) json_num_(mf, "load_max_mean", lmm);
             fprintf(mf, "}\n");
             fflush(mf);
+        }
+
+        if (step == first + 1 && ops->on_device) { // the memory a step takes, vs moet info
+            size_t in_use, mem_peak;
+            ops->mem_stats(&in_use, &mem_peak);
+            char mline[160];
+            memplan_format_peak(mline, sizeof mline, (double)mem_peak, &plan);
+            printf("%s\n", mline);
+            fflush(stdout);
         }
 
         if (eval_on && (step % c->eval_every == 0 || step == end)) {
@@ -541,7 +606,7 @@ done:
     if (tl) loader_close(tl);
     free(tokens);
     if (gacc) m.ops->free(gacc);
-    free(stage);
+    gradsync_free(gs);
     free(load);
     free(ini);
     optim_free(&opt);

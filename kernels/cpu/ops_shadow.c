@@ -35,18 +35,34 @@ static void *un_(const void *p) {
 #define F_(p) ((float *)un_(p))
 #define I_(p) ((int32_t *)un_(p))
 
+// Bytes handed out by alloc and not yet freed, and their peak, as the CUDA backend counts them
+// (kernels/cuda/device.cu): the requested sizes (256 for a request of 0). Each block carries its
+// size in a header in front of what alloc returns, so free knows what to subtract. (Backend
+// memory is allocated from the main thread, as on the GPU: no locking.)
+enum { SH_HEADER_ = 64 }; // keeps the 64-byte alignment of the returned block
+static size_t sh_in_use_, sh_peak_;
+
 static void *sh_alloc_(size_t bytes) {
     void *p = NULL;
-    size_t n = (bytes + 63) / 64 * 64;
-    if (posix_memalign(&p, 64, n ? n : 64) != 0) {
+    size_t counted = bytes ? bytes : 256;
+    size_t n = (counted + 63) / 64 * 64;
+    if (posix_memalign(&p, 64, SH_HEADER_ + n) != 0) {
         fprintf(stderr, "moet: fatal: out of memory allocating %zu bytes\n", bytes);
         exit(1);
     }
-    memset(p, 0, n ? n : 64);
-    return tag_(p);
+    memset(p, 0, SH_HEADER_ + n);
+    memcpy(p, &counted, sizeof counted);
+    sh_in_use_ += counted;
+    if (sh_in_use_ > sh_peak_) sh_peak_ = sh_in_use_;
+    return tag_((char *)p + SH_HEADER_);
 }
 static void sh_free_(void *p) {
-    free(un_(p));
+    if (!p) return;
+    char *block = (char *)un_(p) - SH_HEADER_;
+    size_t counted;
+    memcpy(&counted, block, sizeof counted);
+    sh_in_use_ -= counted;
+    free(block);
 }
 static void sh_zero_(void *p, size_t bytes) {
     if (bytes) memset(un_(p), 0, bytes);
@@ -62,8 +78,8 @@ static void sh_copy_(void *dst, const void *src, size_t bytes) {
 }
 static void sh_sync_(void) {}
 static void sh_mem_stats_(size_t *in_use, size_t *peak) {
-    if (in_use) *in_use = 0;
-    if (peak) *peak = 0;
+    if (in_use) *in_use = sh_in_use_;
+    if (peak) *peak = sh_peak_;
 }
 
 static void sh_embedding_forward_(float *out, const int32_t *tokens, const float *wte, int N,

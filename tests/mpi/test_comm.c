@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/ops.h"
 #include "tests/testutil.h"
 #include "train/comm.h"
 
@@ -289,6 +290,119 @@ static void test_stats(void) {
     CU_ASSERT_EQUAL(s.allreduce_bytes + s.alltoall_bytes + s.other_bytes, 0.0);
 }
 
+// ---- backend memory: comm_buf_* on the host (cpu) and on device pointers (cpu-shadow: the
+// CPU behind pointers the host must not touch, so the MPI transport has to stage them) ----
+
+static float *dev_from_(const Ops *k, const float *h, size_t n) {
+    float *d = k->alloc((n ? n : 1) * sizeof(float));
+    if (n) k->to_device(d, h, n * sizeof(float));
+    return d;
+}
+
+// The sums, all-to-all-v and all-gather of group c through the backend k, against the host
+// collectives on the same data (sums: bit for bit).
+static void check_buf_(const Ops *k, Comm *c) {
+    MoetErr err;
+    int P = comm_size(c), r = comm_rank(c);
+    // all-reduce, blocking and started + waited, vs the host all-reduce
+    size_t n = 1001;
+    float *h = malloc(n * sizeof *h), *want = malloc(n * sizeof *want);
+    float *got = malloc(n * sizeof *got);
+    for (size_t i = 0; i < n; i++) h[i] = want[i] = 0.1f * (float)(r + 1) + 1e-4f * (float)i;
+    CU_ASSERT_EQUAL_FATAL(comm_allreduce_sum_f32(c, want, n, &err), 0);
+    float *d = dev_from_(k, h, n);
+    CU_ASSERT_EQUAL_FATAL(comm_buf_allreduce_sum_f32(c, d, n, &err), 0);
+    k->to_host(got, d, n * sizeof(float));
+    CU_ASSERT_EQUAL(memcmp(got, want, n * sizeof(float)), 0);
+    k->to_device(d, h, n * sizeof(float));
+    CU_ASSERT_EQUAL_FATAL(comm_buf_allreduce_start_f32(c, d, 500, &err), 0);
+    CU_ASSERT_EQUAL_FATAL(comm_buf_allreduce_start_f32(c, d + 500, n - 500, &err), 0);
+    CU_ASSERT_EQUAL_FATAL(comm_buf_wait(c, &err), 0);
+    k->to_host(got, d, n * sizeof(float));
+    CU_ASSERT_EQUAL(memcmp(got, want, n * sizeof(float)), 0);
+    k->free(d);
+    // all-gather of uneven parts (rank 1's is empty)
+    size_t *counts = malloc((size_t)P * sizeof *counts), total = 0, mine = 0;
+    for (int j = 0; j < P; j++) {
+        counts[j] = j == 1 ? 0 : (size_t)(3 + 2 * j);
+        if (j == r) mine = total;
+        total += counts[j];
+    }
+    float *g = calloc(total + 1, sizeof *g);
+    for (size_t i = 0; i < counts[r]; i++) g[mine + i] = (float)(100 * r) + (float)i;
+    d = dev_from_(k, g, total);
+    CU_ASSERT_EQUAL_FATAL(comm_buf_allgatherv_f32(c, d, counts, &err), 0);
+    k->to_host(g, d, total * sizeof(float));
+    size_t bad = 0;
+    for (int j = 0, o = 0; j < P; o += (int)counts[j], j++)
+        for (size_t i = 0; i < counts[j]; i++) bad += g[o + i] != (float)(100 * j) + (float)i;
+    CU_ASSERT_EQUAL(bad, 0);
+    k->free(d);
+    // all-to-all-v of uneven rows (rows_ / cell_ above)
+    int64_t *sc = malloc((size_t)P * sizeof *sc), *rc = malloc((size_t)P * sizeof *rc);
+    int64_t ns = 0, nr = 0;
+    for (int j = 0; j < P; j++) ns += sc[j] = rows_(r, j), nr += rc[j] = rows_(j, r);
+    float *send = calloc(((size_t)ns + 1) * 3, sizeof *send);
+    float *recv = calloc(((size_t)nr + 1) * 3, sizeof *recv);
+    for (int j = 0, row = 0; j < P; j++)
+        for (int64_t q = 0; q < sc[j]; q++, row++)
+            for (int col = 0; col < 3; col++) send[row * 3 + col] = cell_(r, j, q, col);
+    float *ds = dev_from_(k, send, (size_t)ns * 3), *dr = dev_from_(k, recv, (size_t)nr * 3);
+    CU_ASSERT_EQUAL_FATAL(comm_buf_alltoallv(c, ds, sc, dr, rc, 3 * sizeof(float), &err), 0);
+    if (nr) k->to_host(recv, dr, (size_t)nr * 3 * sizeof(float));
+    bad = 0;
+    for (int j = 0, row = 0; j < P; j++)
+        for (int64_t q = 0; q < rc[j]; q++, row++)
+            for (int col = 0; col < 3; col++) bad += recv[row * 3 + col] != cell_(j, r, q, col);
+    CU_ASSERT_EQUAL(bad, 0);
+    // the same, started and waited for (the MoE backward's overlap)
+    if (nr) k->zero(dr, (size_t)nr * 3 * sizeof(float));
+    CU_ASSERT_EQUAL_FATAL(comm_buf_alltoallv_start(c, ds, sc, dr, rc, 3 * sizeof(float), &err), 0);
+    CU_ASSERT_EQUAL_FATAL(comm_buf_wait(c, &err), 0);
+    memset(recv, 0, ((size_t)nr + 1) * 3 * sizeof *recv);
+    if (nr) k->to_host(recv, dr, (size_t)nr * 3 * sizeof(float));
+    bad = 0;
+    for (int j = 0, row = 0; j < P; j++)
+        for (int64_t q = 0; q < rc[j]; q++, row++)
+            for (int col = 0; col < 3; col++) bad += recv[row * 3 + col] != cell_(j, r, q, col);
+    CU_ASSERT_EQUAL(bad, 0);
+    k->free(ds);
+    k->free(dr);
+    free(send);
+    free(recv);
+    free(sc);
+    free(rc);
+    free(g);
+    free(counts);
+    free(h);
+    free(want);
+    free(got);
+}
+
+static void test_buf(void) {
+    MoetErr err;
+    const Ops *backends[2] = {ops_cpu(), ops_cpu_shadow()};
+    int eps[3], n_ep = ep_choices(eps);
+    for (int b = 0; b < 2; b++) {
+        const Ops *k = backends[b];
+        CU_ASSERT_EQUAL_FATAL(comm_use_backend(&g_p, k, b ? "auto" : "mpi", 0, &err), 0);
+        // the host transport for host memory; device memory (cpu-shadow) staged over MPI
+        const char *want = g_p.world_size == 1 ? "stub" : b ? "mpi-staged" : "mpi";
+        CU_ASSERT_STRING_EQUAL(comm_buf_transport(g_p.world), want);
+        check_buf_(k, g_p.world);
+        for (int e = 0; e < n_ep; e++) {
+            set_ep(eps[e]);
+            check_buf_(k, g_p.ep);
+            check_buf_(k, g_p.edp);
+        }
+        set_ep(1);
+    }
+    // NCCL needs the cuda backend: a clear refusal on the CPU
+    CU_ASSERT_EQUAL(comm_use_backend(&g_p, ops_cpu(), "nccl", 0, &err), MOET_EUSAGE);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.msg, "comm = nccl needs [train] device = cuda"));
+    CU_ASSERT_EQUAL(comm_use_backend(&g_p, ops_cpu(), "mpi", 0, &err), 0);
+}
+
 int main(int argc, char **argv) {
     MoetErr err;
     if (comm_init(&argc, &argv, 1, &g_p, &err) != 0) {
@@ -308,6 +422,7 @@ int main(int argc, char **argv) {
         {"alltoallv", test_alltoallv},
         {"bcast_barrier", test_bcast_barrier},
         {"stats", test_stats},
+        {"buf", test_buf},
     };
     int failed = tu_run("comm", tests, (int)(sizeof tests / sizeof *tests));
     if (failed && g_p.rank != 0) fprintf(stderr, "rank %d: test_comm failed\n", g_p.rank);

@@ -254,7 +254,8 @@ static void test_dispatch_layout(void) {
         CU_ASSERT_FATAL(all_ok_(comm_set_ep(&g_par, ep, &err) == 0));
         int r = g_par.ep_rank, El = E_TEST / ep, lo = r * El;
         Dispatcher *d = NULL;
-        CU_ASSERT_FATAL(all_ok_(dispatch_create(&d, g_par.ep, 2, E_TEST, D, F, &err) == 0));
+        CU_ASSERT_FATAL(
+            all_ok_(dispatch_create(&d, g_par.ep, ops_cpu(), 2, E_TEST, D, F, 0, &err) == 0));
         int32_t counts[E_TEST];
         int R = 0;
         for (int e = 0; e < E_TEST; e++) R += counts[e] = syn_count_(r, ep, e, El);

@@ -200,6 +200,8 @@ const char *cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidMemcpyDirection: return "cudaErrorInvalidMemcpyDirection";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    case cudaErrorNotReady: return "cudaErrorNotReady";
     default: return "cudaError(emu)";
     }
 }
@@ -364,6 +366,83 @@ cudaError_t cudaMemset(void *d, int v, size_t n) {
     return cudaSuccess;
 }
 cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t) { return cudaMemset(d, v, n); }
+
+// ---------------------------------------------------------------------------------------
+// Streams and events. Every call completes before it returns, so a stream never has pending
+// work and an event is complete once recorded, unless emu_stall_streams(1) models a hung
+// collective (emu_nccl.cpp): events recorded then never complete. Handles are checked.
+struct CUstream_st {
+    unsigned flags;
+};
+struct CUevent_st {
+    bool stalled;
+};
+static std::map<const void *, int> streams_, events_; // live handles
+
+int emu_stream_ok(cudaStream_t s) {
+    return s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread || streams_.count(s);
+}
+static bool stalled_;
+void emu_stall_streams(int stalled) { stalled_ = stalled != 0; }
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags) {
+    if (!s) return set_err_(cudaErrorInvalidValue);
+    *s = new CUstream_st{flags};
+    streams_[*s] = 1;
+    return cudaSuccess;
+}
+cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    if (!streams_.erase(s)) return set_err_(cudaErrorInvalidResourceHandle);
+    delete s;
+    return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+    return emu_stream_ok(s) ? cudaSuccess : set_err_(cudaErrorInvalidResourceHandle);
+}
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) {
+    if (!e) return set_err_(cudaErrorInvalidValue);
+    *e = new CUevent_st{false};
+    events_[*e] = 1;
+    return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+    if (!events_.erase(e)) return set_err_(cudaErrorInvalidResourceHandle);
+    delete e;
+    return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+    if (!events_.count(e) || !emu_stream_ok(s)) return set_err_(cudaErrorInvalidResourceHandle);
+    e->stalled = stalled_;
+    return cudaSuccess;
+}
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
+    if (!events_.count(e) || !emu_stream_ok(s)) return set_err_(cudaErrorInvalidResourceHandle);
+    return cudaSuccess;
+}
+cudaError_t cudaEventQuery(cudaEvent_t e) {
+    if (!events_.count(e)) return set_err_(cudaErrorInvalidResourceHandle);
+    return e->stalled ? cudaErrorNotReady : cudaSuccess; // not an error: not sticky
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    if (!events_.count(e)) return set_err_(cudaErrorInvalidResourceHandle);
+    if (e->stalled) emu_fatal_("cudaEventSynchronize on an event that never completes (a hung "
+                               "collective): the real program would hang here");
+    return cudaSuccess;
+}
+
+// The device access window and range check for emu_nccl.cpp.
+const char *emu_dev_open(const char *api) {
+    const char *prev = cur_api_;
+    opts_();
+    cur_api_ = api;
+    if (dev_open_depth_++ == 0) protect_all_(PROT_READ | PROT_WRITE);
+    return prev;
+}
+void emu_dev_close(const char *prev_api) {
+    if (--dev_open_depth_ == 0) protect_all_(PROT_NONE);
+    cur_api_ = prev_api;
+}
+int emu_dev_range_ok(const void *p, size_t n) { return dev_range_ok_(p, n); }
 
 // per-kernel attributes: the dynamic shared memory opt-in, and the static shared memory seen
 static std::map<const void *, int> func_dyn_smem_;

@@ -20,72 +20,8 @@
 #include <type_traits>
 #include <utility>
 
-// ---------------------------------------------------------------------------------------
-// Errors and enums
-typedef int cudaError_t;
-enum {
-    cudaSuccess = 0,
-    cudaErrorInvalidValue = 1,
-    cudaErrorMemoryAllocation = 2,
-    cudaErrorInitializationError = 3,
-    cudaErrorInvalidConfiguration = 9,
-    cudaErrorInvalidDevicePointer = 17,
-    cudaErrorInvalidMemcpyDirection = 21,
-    cudaErrorInsufficientDriver = 35,
-    cudaErrorNoDevice = 100,
-    cudaErrorInvalidDevice = 101,
-    cudaErrorInvalidDeviceFunction = 98,
-    cudaErrorNoKernelImageForDevice = 209,
-    cudaErrorLaunchOutOfResources = 701,
-};
-enum cudaMemcpyKind {
-    cudaMemcpyHostToHost = 0,
-    cudaMemcpyHostToDevice = 1,
-    cudaMemcpyDeviceToHost = 2,
-    cudaMemcpyDeviceToDevice = 3,
-    cudaMemcpyDefault = 4
-};
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-typedef struct CUstream_st *cudaStream_t;
+#include "cuda_runtime_api.h" // the types and the runtime calls (C linkage)
 
-struct cudaDeviceProp {
-    char name[256];
-    size_t totalGlobalMem;
-    size_t sharedMemPerBlock;
-    int major, minor;
-    int multiProcessorCount;
-    int warpSize;
-    int maxThreadsPerBlock;
-};
-struct cudaFuncAttributes {
-    size_t sharedSizeBytes;
-    int maxThreadsPerBlock;
-    int maxDynamicSharedSizeBytes;
-};
-
-// ---------------------------------------------------------------------------------------
-// Runtime API (emu_runtime.cpp)
-const char *cudaGetErrorName(cudaError_t e);
-const char *cudaGetErrorString(cudaError_t e);
-cudaError_t cudaGetLastError(void);
-cudaError_t cudaPeekAtLastError(void);
-cudaError_t cudaDeviceSynchronize(void);
-cudaError_t cudaGetDeviceCount(int *n);
-cudaError_t cudaSetDevice(int d);
-cudaError_t cudaGetDevice(int *d);
-cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d);
-cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d);
-cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b);
-cudaError_t cudaDriverGetVersion(int *v);
-cudaError_t cudaRuntimeGetVersion(int *v);
-cudaError_t cudaMalloc(void **p, size_t n);
-cudaError_t cudaFree(void *p);
-cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k);
-cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k,
-                            cudaStream_t st = 0);
-cudaError_t cudaMemset(void *d, int v, size_t n);
-cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t st = 0);
 cudaError_t emu_func_get_attributes(cudaFuncAttributes *a, const void *f);
 cudaError_t emu_func_set_attribute(const void *f, cudaFuncAttribute a, int v);
 template <class F> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *a, F *f) {

@@ -1,0 +1,130 @@
+// memplan: memory and communication per rank, predicted from the config (see memplan.h). Every
+// number restates what the trainer allocates and sends; the comments name the code it follows.
+#include "train/memplan.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "train/model.h"
+
+// ceil(a / b) of whole numbers held in doubles (exact below 2^53)
+static double ceil_div_(double a, double b) {
+    long long x = (long long)a, y = (long long)b;
+    return (double)((x + y - 1) / y);
+}
+
+void memplan_predict(const Config *c, int world, MemPlan *mp) {
+    memset(mp, 0, sizeof *mp);
+    const int ep = c->ep > 0 ? c->ep : 1;
+    if (world < ep) world = ep;
+    const int B = c->micro_batch, T = c->seq_len, L = c->n_layers, D = c->d_model;
+    const int E = c->n_experts > 0 ? c->n_experts : 0;
+    const int K = E > 0 ? c->top_k : 0, F = E > 0 ? c->expert_d_ff : c->d_ff;
+    const int recompute = strcmp(c->recompute, "full") == 0;
+    const int on_device = strcmp(c->device, "cuda") == 0 || strcmp(c->device, "cpu-shadow") == 0;
+    // comm_use_backend: auto is NCCL on cuda (one rank per GPU), MPI elsewhere
+    const int mpi = strcmp(c->comm, "mpi") == 0 ||
+                    (strcmp(c->comm, "auto") == 0 && strcmp(c->device, "cuda") != 0);
+    int accum = c->global_batch / (B * world);
+    if (accum < 1) accum = 1;
+    mp->accum = accum;
+    mp->edp = world / ep;
+
+    // parameters: the shared tensors on every rank, the experts split over the EP group; the
+    // buffers hold model_tensor_table's layout (every tensor padded to 16 floats)
+    double n = 0, p_shared = 0, p_expert = 0; // floats: buffer, shared and expert elements
+    double big_shared = 0, big_expert = 0;    // the largest tensor of each (elements)
+    ParamTensor *t = NULL;
+    int nt = 0;
+    size_t n_params = 0;
+    MoetErr err;
+    if (model_tensor_table(c, 0, ep, &t, &nt, &n_params, &err) == MOET_OK) {
+        n = (double)n_params;
+        for (int i = 0; i < nt; i++) {
+            double *sum = t[i].is_expert ? &p_expert : &p_shared;
+            double *big = t[i].is_expert ? &big_expert : &big_shared;
+            *sum += (double)t[i].numel;
+            if ((double)t[i].numel > *big) *big = (double)t[i].numel;
+        }
+        free(t);
+    } else { // ep does not divide the experts (config_validate refuses it): unpadded counts
+        ParamCounts pc;
+        model_param_counts(c, &pc);
+        p_shared = big_shared = (double)(pc.total - pc.experts);
+        p_expert = big_expert = (double)pc.experts / ep;
+        n = p_shared + p_expert;
+    }
+    mp->local_params = n;
+    mp->params = n * 4;
+    // model_create_ops: params + grads; trainer_run: gacc (n floats) when accum > 1
+    mp->grads = n * 4 * (accum > 1 ? 2 : 1);
+    // AdamW exp_avg + exp_avg_sq. ZeRO-1 (optim_create_sharded): the shared tensors' elements
+    // end to end, cut into world parts, and this rank's experts' elements into edp parts (rank
+    // 0 holds the ceil of each; the last rank may hold less)
+    if (c->zero)
+        mp->optim = 8 * (ceil_div_(p_shared, world) + ceil_div_(p_expert, mp->edp));
+    else
+        mp->optim = 8 * n;
+    mp->activations = (double)model_activation_floats(c, B, T, E > 0 ? E / ep : 0) * 4;
+
+    // dispatcher (ep > 1): per layer the received rows' x (rows,D) and g,u,a (rows,F) are kept
+    // for backward, with the layer's row permutation and its inverse (2 int32 per row); with
+    // recompute = full one layer's set serves all (the rerun forward refills it); raw, y, d_y,
+    // d_x (rows,D) and d_g, d_u, d_a (rows,F) are scratch shared by the layers. Balanced
+    // routing receives R rows; the buffers grow to rows + rows/2 + 16.
+    const double R = (double)B * T * K;
+    mp->routed_rows = R;
+    if (ep > 1 && E > 0) {
+        double cap = R + (double)((long long)R / 2) + 16;
+        double held = strcmp(c->recompute, "full") == 0 ? 1 : L;
+        mp->dispatch = 4 * cap * (held * (D + 3.0 * F + 2) + 4.0 * D + 3.0 * F);
+    }
+    // the CUDA attention keeps one sequence's (H,T,T) scores and their gradient
+    if (strcmp(c->device, "cuda") == 0) mp->scratch = 2.0 * c->n_heads * (double)T * T * 4;
+    mp->total = mp->params + mp->grads + mp->optim + mp->activations + mp->dispatch + mp->scratch;
+
+    if (world == 1) return; // one rank: no collectives, no staging
+    // host staging of device buffers over MPI (comm.c's stage_, one buffer per group, as large
+    // as the largest call): the world's and the EDP group's gradient all-reduces go per span of
+    // a bucket (gradsync.c: closed once bucket_mb is reached, so at most bucket_mb + its last
+    // tensor), ZeRO-1 all-gathers the group's whole parameters; the EP group sends R rows out
+    // and receives R back (balanced)
+    if (on_device && mpi) {
+        const double bucket = (double)c->bucket_mb * (1 << 20) / 4;
+        double w = p_shared < bucket + big_shared ? p_shared : bucket + big_shared;
+        double e = p_expert < bucket + big_expert ? p_expert : bucket + big_expert;
+        if (c->zero) w = p_shared, e = p_expert;
+        mp->host_stage = 4 * (w + (mp->edp > 1 ? e : 0)) + (ep > 1 ? 2 * R * D * 4 : 0);
+    }
+    // all-to-all (moe.c / dispatch.c, per layer and micro-batch): forward dispatch sends this
+    // rank's R rows and the E counts (comm_alltoall_i64: E/ep to each of ep ranks, 8 bytes);
+    // combine sends back the rows received; backward sends R rows of d_y out and the received
+    // rows of d_x back. recompute = full reruns the forward of layers 0..L-2 in backward,
+    // exchanges included.
+    if (ep > 1 && E > 0) {
+        const double fwd = L + (recompute ? L - 1 : 0);
+        const double row = (double)D * 4;
+        mp->a2a_exact_bytes = accum * (fwd * (R * row + E * 8.0) + L * R * row);
+        mp->a2a_bytes = mp->a2a_exact_bytes + accum * (fwd + L) * R * row;
+    }
+    // all-reduce (trainer_run, gradsync.c): the gradients, per tensor (padding excluded): the
+    // shared tensors over the world, the expert tensors over the EDP group when it has more
+    // than one rank (ep 1: the world); then scalars as doubles (trainer_run): loss/ce/lb/z (4),
+    // the expert loads (L*E), the expert part of the squared gradient norm (ep > 1,
+    // optim_grad_norm_ep) and the non-finite flag (1).
+    mp->allreduce_grad_bytes = 4 * (p_shared + (mp->edp > 1 ? p_expert : 0));
+    mp->allreduce_bytes =
+        mp->allreduce_grad_bytes + 8.0 * (4 + (double)L * E + (ep > 1 ? 1 : 0) + 1);
+    // ZeRO-1: each rank contributes its updated shard to the parameter all-gather
+    // (comm_buf_allgatherv_f32 counts counts[rank] floats)
+    if (c->zero)
+        mp->allgather_bytes =
+            4 * (ceil_div_(p_shared, world) + (mp->edp > 1 ? ceil_div_(p_expert, mp->edp) : 0));
+}
+
+int memplan_format_peak(char *buf, size_t n, double peak_bytes, const MemPlan *mp) {
+    const double mib = 1024.0 * 1024.0;
+    return snprintf(buf, n, "memory: peak backend %.1f MiB per rank (predicted %.1f MiB)",
+                    peak_bytes / mib, mp->total / mib);
+}
