@@ -13,7 +13,7 @@ BUILD=build-cuda-sm$ARCH
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMOET_CUDA=ON \
       -DCMAKE_CUDA_ARCHITECTURES="$ARCH" >/dev/null
 cmake --build "$BUILD" -j "$(nproc)" --target moet cuda_test_cuda_kernels cuda_test_cuda_gemm \
-      cuda_test_cuda_moe_ops cuda_test_cuda_train
+      cuda_test_cuda_moe_ops cuda_test_cuda_train cuda_test_nccl_comm
 rm -rf "$OUT"
 mkdir -p "$OUT/bin" "$OUT/lib"
 cp "$BUILD/moet" "$BUILD"/cuda_test_* "$OUT/bin/"

@@ -4,7 +4,9 @@
 #      CPU, resume (cuda_test_*);
 #   2. compute-sanitizer memcheck on the kernel tests;
 #   3. tiny-moe trained 20 steps with `moet train` on cuda and on cpu: the two loss curves;
-#   4. `moet bench configs/bench-gpu-olmoe.ini`: tokens/s, MFU, peak memory.
+#   4. `moet bench configs/bench-gpu-olmoe.ini`: tokens/s, MFU, peak memory;
+#   5. the NCCL transport (cuda_test_nccl_comm, 1 rank; 2 ranks where mpirun and 2 GPUs exist)
+#      and multi-rank training on GPUs (tests/cli/train_gpu.sh: MPI vs NCCL, ZeRO-1, ep 2).
 #   bash launch/gpu-check.sh [BUNDLE] [LOGDIR]
 # BUNDLE is a folder from launch/gpu-bundle.sh (bin/, lib/), its .tar.gz, or a build folder; LOGDIR receives
 # one log per check (default gpu-logs). Every check runs even when an earlier one fails; the
@@ -58,5 +60,10 @@ done
 paste <(grep -o '"step":[0-9]*,"tokens":[0-9]*,"loss":[^,]*' "$LOG/tiny-cuda/metrics.jsonl") \
       <(grep -o '"loss":[^,]*' "$LOG/tiny-cpu/metrics.jsonl") > "$LOG/tiny-losses.txt" || true
 check bench_gpu_olmoe "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 5 --warmup 2
+check nccl_comm_np1 "$BIN/cuda_test_nccl_comm"
+if command -v mpirun >/dev/null; then
+  check nccl_comm_np2 mpirun --allow-run-as-root --oversubscribe -np 2 "$BIN/cuda_test_nccl_comm"
+fi
+check train_gpu bash tests/cli/train_gpu.sh "$BIN/moet"
 echo "failed checks: $fail (logs in $LOG)"
 exit $fail

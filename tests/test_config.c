@@ -113,10 +113,10 @@ static void test_olmoe_values(void) {
     CU_ASSERT_EQUAL(c.weight_decay, 0.1f);
     CU_ASSERT_EQUAL(c.grad_clip, 1.0f);
     CU_ASSERT_EQUAL(c.global_batch, 1024);
-    CU_ASSERT_EQUAL(c.micro_batch, 4);
+    CU_ASSERT_EQUAL(c.micro_batch, 1);
     CU_ASSERT_EQUAL(c.eos_id, 50279);
     CU_ASSERT_EQUAL(c.ep, 8);
-    CU_ASSERT_STRING_EQUAL(c.comm, "nccl");
+    CU_ASSERT_STRING_EQUAL(c.comm, "auto");
     CU_ASSERT_STRING_EQUAL(c.device, "cuda");
 
     CU_ASSERT_EQUAL_FATAL(config_from_cli(&c, "configs/tiny-moe.ini", 0, NULL, &err), 0);
@@ -483,6 +483,8 @@ static const BadCase BAD[] = {
     {"keep_last 0", {"checkpoint.keep_last=0"}, {"[checkpoint] keep_last = 0: must be >= 1"}, 0},
     {"device", {"train.device=gpu"}, {"[train] device = gpu: must be one of cpu|cuda"}, 0},
     {"comm", {"parallel.comm=gloo"}, {"[parallel] comm = gloo: must be one of auto|mpi|nccl"}, 0},
+    {"nccl on cpu", {"parallel.comm=nccl"}, {"[parallel] comm = nccl needs [train] device = cuda"},
+     -1},
     {"schedule", {"optim.schedule=step"}, {"[optim] schedule = step", "cosine|linear|constant"}, 0},
     {"empty dir", {"checkpoint.dir="}, {"[checkpoint] dir", "must not be empty"}, 0},
     {"'#' comment after a value",

@@ -513,7 +513,8 @@ static void comm_free_(Comm *c) {
 // ---- groups ----
 
 static void use_ops_(Comm *c, const Ops *ops);
-static double g_timeout_s; // the watchdog's limit (0: none)
+static double g_timeout_s;   // the watchdog's limit (0: none)
+static volatile int g_aborting; // comm_abort_msg runs: the watchdog keeps quiet
 
 static int check_ep_(int ep, int world, MoetErr *err) {
     if (ep < 1) return moet_errf(err, MOET_EUSAGE, "[parallel] ep = %d must be >= 1", ep);
@@ -624,6 +625,7 @@ void comm_finalize(Parallel *p) {
 }
 
 void comm_abort_msg(Parallel *p, int code, const char *reason) {
+    g_aborting = 1;
     int rank = p && p->world ? p->rank : 0;
 #if MOET_MPI
     int inited = 0, finalized = 0;
@@ -662,16 +664,24 @@ int comm_size(const Comm *c) {
 static volatile double g_watch_t0;         // start of the running collective, 0: none
 static const char *volatile g_watch_what;  // its name
 static Comm *volatile g_watch_comm;        // its group
+static volatile double g_phase_t0;         // start of the watched phase (comm_watch_phase_*)
+static const char *volatile g_phase_what;
+static Comm *volatile g_phase_comm;
 static int g_watchdog_started;
 
 static void *watchdog_(void *arg) {
     (void)arg;
     for (;;) {
         sleep(1);
-        double t0 = g_watch_t0;
-        if (t0 <= 0 || g_timeout_s <= 0 || moet_time() - t0 <= g_timeout_s) continue;
+        double t0 = g_watch_t0, now = moet_time();
         Comm *c = g_watch_comm;
         const char *what = g_watch_what;
+        if (t0 <= 0) { // no collective running: a late phase (blocked elsewhere)?
+            t0 = g_phase_t0;
+            c = g_phase_comm;
+            what = g_phase_what;
+        }
+        if (g_aborting || t0 <= 0 || g_timeout_s <= 0 || now - t0 <= g_timeout_s) continue;
         fflush(stdout);
         fprintf(stderr,
                 "rank %d: %s on the %s (%d ranks) has not finished after %.0f s: another rank is "
@@ -696,6 +706,16 @@ void comm_watch_end(void) {
     g_watch_t0 = 0;
 }
 
+void comm_watch_phase_begin(Comm *c, const char *what) {
+    g_phase_comm = c;
+    g_phase_what = what;
+    g_phase_t0 = moet_time();
+}
+
+void comm_watch_phase_end(void) {
+    g_phase_t0 = 0;
+}
+
 static void watchdog_start_(double timeout_s) {
     g_timeout_s = timeout_s;
     if (timeout_s <= 0 || g_watchdog_started) return;
@@ -710,95 +730,92 @@ static void watchdog_start_(double timeout_s) {
 
 // ---- the public collectives: dispatch to the transport and count ----
 
-int comm_allreduce_sum_f32(Comm *c, float *buf, size_t n, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "all-reduce (sum)");
-    int rc = c->t->allreduce_sum_f32(c, buf, n, err);
+// The bookkeeping around every public collective: the watchdog's mark, then the statistics.
+static double enter_(Comm *c, const char *what) {
+    comm_watch_begin(c, what);
+    return moet_time();
+}
+
+static void leave_(double t0, double *bytes_stat, double bytes, double *time_stat) {
     comm_watch_end();
-    g_stats.allreduce_bytes += (double)n * sizeof *buf;
-    g_stats.allreduce_s += moet_time() - t0;
+    *bytes_stat += bytes;
+    *time_stat += moet_time() - t0;
+}
+
+// Rows an all-to-all-v sends (the ones a rank keeps for itself included).
+static double rows_(const Comm *c, const int64_t *send_counts) {
+    double rows = 0;
+    for (int j = 0; j < c->size; j++) rows += (double)send_counts[j];
+    return rows;
+}
+
+int comm_allreduce_sum_f32(Comm *c, float *buf, size_t n, MoetErr *err) {
+    double t0 = enter_(c, "all-reduce (sum)");
+    int rc = c->t->allreduce_sum_f32(c, buf, n, err);
+    leave_(t0, &g_stats.allreduce_bytes, (double)n * sizeof *buf, &g_stats.allreduce_s);
     return rc;
 }
 
 int comm_allreduce_sum_f64(Comm *c, double *buf, size_t n, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "all-reduce (sum)");
+    double t0 = enter_(c, "all-reduce (sum)");
     int rc = c->t->allreduce_sum_f64(c, buf, n, err);
-    comm_watch_end();
-    g_stats.allreduce_bytes += (double)n * sizeof *buf;
-    g_stats.allreduce_s += moet_time() - t0;
+    leave_(t0, &g_stats.allreduce_bytes, (double)n * sizeof *buf, &g_stats.allreduce_s);
     return rc;
 }
 
 int comm_allreduce_max_f64(Comm *c, double *buf, size_t n, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "all-reduce (max)");
+    double t0 = enter_(c, "all-reduce (max)");
     int rc = c->t->allreduce_max_f64(c, buf, n, err);
-    comm_watch_end();
-    g_stats.allreduce_bytes += (double)n * sizeof *buf;
-    g_stats.allreduce_s += moet_time() - t0;
+    leave_(t0, &g_stats.allreduce_bytes, (double)n * sizeof *buf, &g_stats.allreduce_s);
     return rc;
 }
 
 // Bytes "sent" by an all-to-all count every block of the send buffer, the one a rank keeps
 // for itself included, so the numbers do not depend on the group size.
 int comm_alltoall_i64(Comm *c, const int64_t *send, int64_t *recv, int count, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "all-to-all");
+    double t0 = enter_(c, "all-to-all");
     int rc = c->t->alltoall_i64(c, send, recv, count, err);
-    comm_watch_end();
-    g_stats.alltoall_bytes += (double)count * c->size * sizeof *send;
-    g_stats.alltoall_s += moet_time() - t0;
+    leave_(t0, &g_stats.alltoall_bytes, (double)count * c->size * sizeof *send, &g_stats.alltoall_s);
     return rc;
 }
 
 int comm_alltoallv(Comm *c, const void *send, const int64_t *send_counts, void *recv,
                    const int64_t *recv_counts, size_t elem_size, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "all-to-all-v");
+    double t0 = enter_(c, "all-to-all-v");
     int rc = c->t->alltoallv(c, send, send_counts, recv, recv_counts, elem_size, err);
-    comm_watch_end();
-    double rows = 0;
-    for (int j = 0; j < c->size; j++) rows += (double)send_counts[j];
-    g_stats.alltoall_bytes += rows * (double)elem_size;
-    g_stats.alltoall_s += moet_time() - t0;
+    leave_(t0, &g_stats.alltoall_bytes, rows_(c, send_counts) * (double)elem_size,
+           &g_stats.alltoall_s);
     return rc;
 }
 
 // Every rank counts the broadcast payload (the root sends it, the others take part).
 int comm_bcast(Comm *c, void *buf, size_t bytes, int root, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "broadcast");
+    double t0 = enter_(c, "broadcast");
     int rc = c->t->bcast(c, buf, bytes, root, err);
-    comm_watch_end();
-    g_stats.other_bytes += (double)bytes;
-    g_stats.other_s += moet_time() - t0;
+    leave_(t0, &g_stats.other_bytes, (double)bytes, &g_stats.other_s);
     return rc;
 }
 
 int comm_barrier(Comm *c, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "barrier");
+    double t0 = enter_(c, "barrier");
     int rc = c->t->barrier(c, err);
-    comm_watch_end();
-    g_stats.other_s += moet_time() - t0;
+    leave_(t0, &g_stats.other_bytes, 0, &g_stats.other_s);
     return rc;
 }
 
 int comm_allgatherv_f32(Comm *c, float *buf, const size_t *counts, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "all-gather");
+    double t0 = enter_(c, "all-gather");
     int rc = c->t->allgatherv_f32(c, buf, counts, err);
-    comm_watch_end();
-    g_stats.allgather_bytes += (double)counts[c->rank] * sizeof *buf;
-    g_stats.allgather_s += moet_time() - t0;
+    leave_(t0, &g_stats.allgather_bytes, (double)counts[c->rank] * sizeof *buf, &g_stats.allgather_s);
     return rc;
 }
 
 // ---- backend memory ----
 
-// Sets ops and the backend transport on one group (NCCL comes after, from comm_nccl_setup).
+// Sets ops and the backend transport on one group (NCCL comes after, from comm_nccl_setup;
+// a group that had NCCL from an earlier call gives it back first).
 static void use_ops_(Comm *c, const Ops *ops) {
+    if (c->nccl && c->bt && c->bt->release) c->bt->release(c);
     c->ops = ops;
     c->bt = ops && ops->on_device ? &staged_buf_transport : &host_buf_transport;
 }
@@ -831,72 +848,54 @@ const char *comm_buf_transport(const Comm *c) {
 }
 
 int comm_buf_allreduce_sum_f32(Comm *c, float *buf, size_t n, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "all-reduce (sum)");
+    double t0 = enter_(c, "all-reduce (sum)");
     int rc = c->bt->allreduce_sum_f32(c, buf, n, 0, err);
-    comm_watch_end();
-    g_stats.allreduce_bytes += (double)n * sizeof *buf;
-    g_stats.allreduce_s += moet_time() - t0;
+    leave_(t0, &g_stats.allreduce_bytes, (double)n * sizeof *buf, &g_stats.allreduce_s);
     return rc;
 }
 
 int comm_buf_allreduce_start_f32(Comm *c, float *buf, size_t n, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "all-reduce (sum)");
+    double t0 = enter_(c, "all-reduce (sum)");
     int rc = c->bt->allreduce_sum_f32(c, buf, n, 1, err);
-    comm_watch_end();
-    g_stats.allreduce_bytes += (double)n * sizeof *buf;
-    g_stats.allreduce_s += moet_time() - t0;
+    leave_(t0, &g_stats.allreduce_bytes, (double)n * sizeof *buf, &g_stats.allreduce_s);
     return rc;
 }
 
 // The wait counts as all-to-all time after comm_buf_alltoallv_start, else as all-reduce time.
 int comm_buf_wait(Comm *c, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, c->a2a_started ? "all-to-all-v (wait)" : "all-reduce (wait)");
+    double t0 = enter_(c, c->a2a_started ? "all-to-all-v (wait)" : "all-reduce (wait)");
     int rc = c->bt->wait(c, err);
-    comm_watch_end();
-    *(c->a2a_started ? &g_stats.alltoall_s : &g_stats.allreduce_s) += moet_time() - t0;
+    if (c->a2a_started) leave_(t0, &g_stats.alltoall_bytes, 0, &g_stats.alltoall_s);
+    else leave_(t0, &g_stats.allreduce_bytes, 0, &g_stats.allreduce_s);
     c->a2a_started = 0;
     return rc;
 }
 
 int comm_buf_alltoallv_start(Comm *c, const void *send, const int64_t *send_counts, void *recv,
                              const int64_t *recv_counts, size_t elem_size, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "all-to-all-v (start)");
+    double t0 = enter_(c, "all-to-all-v (start)");
     c->a2a_started = 1;
     int rc = c->bt->alltoallv_start
                  ? c->bt->alltoallv_start(c, send, send_counts, recv, recv_counts, elem_size, err)
                  : c->bt->alltoallv(c, send, send_counts, recv, recv_counts, elem_size, err);
-    comm_watch_end();
-    double rows = 0;
-    for (int j = 0; j < c->size; j++) rows += (double)send_counts[j];
-    g_stats.alltoall_bytes += rows * (double)elem_size;
-    g_stats.alltoall_s += moet_time() - t0;
+    leave_(t0, &g_stats.alltoall_bytes, rows_(c, send_counts) * (double)elem_size,
+           &g_stats.alltoall_s);
     return rc;
 }
 
 int comm_buf_alltoallv(Comm *c, const void *send, const int64_t *send_counts, void *recv,
                        const int64_t *recv_counts, size_t elem_size, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "all-to-all-v");
+    double t0 = enter_(c, "all-to-all-v");
     int rc = c->bt->alltoallv(c, send, send_counts, recv, recv_counts, elem_size, err);
-    comm_watch_end();
-    double rows = 0;
-    for (int j = 0; j < c->size; j++) rows += (double)send_counts[j];
-    g_stats.alltoall_bytes += rows * (double)elem_size;
-    g_stats.alltoall_s += moet_time() - t0;
+    leave_(t0, &g_stats.alltoall_bytes, rows_(c, send_counts) * (double)elem_size,
+           &g_stats.alltoall_s);
     return rc;
 }
 
 // All-gather bytes: the part this rank contributes (what it sends), like an all-reduce's.
 int comm_buf_allgatherv_f32(Comm *c, float *buf, const size_t *counts, MoetErr *err) {
-    double t0 = moet_time();
-    comm_watch_begin(c, "all-gather");
+    double t0 = enter_(c, "all-gather");
     int rc = c->bt->allgatherv_f32(c, buf, counts, err);
-    comm_watch_end();
-    g_stats.allgather_bytes += (double)counts[c->rank] * sizeof *buf;
-    g_stats.allgather_s += moet_time() - t0;
+    leave_(t0, &g_stats.allgather_bytes, (double)counts[c->rank] * sizeof *buf, &g_stats.allgather_s);
     return rc;
 }

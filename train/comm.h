@@ -101,6 +101,13 @@ int comm_buf_alltoallv_start(Comm *c, const void *send, const int64_t *send_coun
                              const int64_t *recv_counts, size_t elem_size, MoetErr *err);
 int comm_buf_wait(Comm *c, MoetErr *err);
 
+// A watched phase (the trainer's forward + backward of a micro-batch on a GPU, where a hung
+// NCCL exchange would block the host in a later device-to-host copy rather than in a
+// collective): unfinished after the timeout of comm_use_backend, it aborts the job like a late
+// collective, naming what.
+void comm_watch_phase_begin(Comm *c, const char *what);
+void comm_watch_phase_end(void);
+
 // The statistics of the whole process (all groups).
 void comm_stats(CommStats *s);
 void comm_stats_reset(void);

@@ -854,6 +854,11 @@ int config_validate(Config *c, const char *origin, MoetErr *err) {
                          "%s: [train] precision = bf16 needs device = cuda: the CPU backend "
                          "computes in fp32 (set precision = auto or fp32)",
                          o);
+    if (strcmp(c->device, "cuda") != 0 && strcmp(c->comm, "nccl") == 0)
+        return moet_errf(err, MOET_EUSAGE,
+                         "%s: [parallel] comm = nccl needs [train] device = cuda (NCCL moves GPU "
+                         "memory): set comm = auto or mpi",
+                         o);
     if (c->eos_id >= c->vocab_size)
         return moet_errf(err, MOET_EUSAGE,
                          "%s: [data] eos_id = %d must be < [model] vocab_size "

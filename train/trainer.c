@@ -1,5 +1,5 @@
-// trainer: the training loop (see trainer.h). One rank for now; the places where a multi-rank
-// run all-reduces are marked "(multi-rank)".
+// trainer: the training loop (see trainer.h): data and expert parallelism over the ranks of
+// Parallel, gradient buckets (gradsync), ZeRO-1 (optim), checkpoints, signals, the watchdogs.
 #include "train/trainer.h"
 
 #include <cblas.h>
@@ -179,13 +179,17 @@ static int save_(const SaveCtx *s, int64_t step, int64_t tokens_seen, double lr,
 }
 
 // A test hook: MOET_DEBUG_STALL="R:S" makes rank R stop responding at the start of step S (as
-// a hung process would), to test that the other ranks' watchdog ends the job.
-static void debug_stall_(int rank, int64_t step) {
+// a hung process would), "R:S:backward" between its forward and backward of step S (inside the
+// watched phase, outside any collective), to test that the watchdogs end the job.
+static void debug_stall_(int rank, int64_t step, const char *where) {
     const char *s = getenv("MOET_DEBUG_STALL");
     int r;
     long long at;
-    if (!s || sscanf(s, "%d:%lld", &r, &at) != 2 || r != rank || at != step) return;
-    fprintf(stderr, "rank %d: MOET_DEBUG_STALL: stalling at step %lld\n", rank, at);
+    char w[16] = "start";
+    if (!s || sscanf(s, "%d:%lld:%15s", &r, &at, w) < 2 || r != rank || at != step ||
+        strcmp(w, where) != 0)
+        return;
+    fprintf(stderr, "rank %d: MOET_DEBUG_STALL: stalling at step %lld (%s)\n", rank, at, where);
     for (;;) pause();
 }
 
@@ -380,7 +384,7 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     double lr = 0;
     while (step < end) {
         step++;
-        debug_stall_(rank, step);
+        debug_stall_(rank, step, "start");
         double t0 = moet_time();
         comm_stats_reset();
         model_zero_grad(&m);
@@ -388,13 +392,16 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
         double loss = 0, ce = 0, lb = 0, z = 0;
         for (int a = 0; a < accum; a++) {
             if ((rc = loader_next(tl, tokens, err))) goto done;
+            if (world > 1) comm_watch_phase_begin(par->world, "forward + backward of a micro-batch");
             model_forward(&m, tokens);
+            debug_stall_(rank, step, "backward");
             if (accum > 1) model_zero_grad(&m);
             // the last micro-batch's backward starts the all-reduce of each finished bucket
             const int sync = gs && a == accum - 1;
             if (sync) gradsync_arm(gs, accum > 1 ? gacc : m.grads);
             model_backward(&m);
             if (sync && (rc = gradsync_finish(gs, err))) goto done;
+            if (world > 1) comm_watch_phase_end();
             // Sum the micro-batch gradients one whole micro-batch at a time, g0 + g1 + ...,
             // the order the rank-order all-reduce uses: world W with accumulation 1 then gives
             // the bits of world 1 with accumulation W. (Backward accumulating straight into

@@ -22,6 +22,9 @@ typedef struct {
 // accumulation W bit for bit; other splits agree to rounding); rank 0 prints, writes metrics.jsonl and the checkpoints.
 // With ep > 1 the experts are split over each EP group (model_set_comm), expert gradients are
 // summed over the expert-DP group, and checkpoints are written collectively (ckpt_save_par).
+// The gradient sums start in buckets during the last micro-batch's backward (gradsync), over
+// [parallel] comm (NCCL or MPI); [parallel] zero = 1 shards the AdamW moments (optim); a
+// collective or a micro-batch unfinished after [parallel] timeout_s ends the job (comm).
 // Returns 0 when max_steps (or stop_at) is reached
 // or after a signal-triggered checkpoint, MOET_EFAIL on a non-finite loss or gradient (no
 // checkpoint is written then), a failed checkpoint write or a data error, MOET_EUSAGE for bad

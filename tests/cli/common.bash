@@ -7,6 +7,9 @@
 #   ok NAME / bad NAME WHY   count a passed / failed check (bad shows the end of $tmp/err)
 #   tokenize_sample          the bundled sample's train and valid documents into
 #                            $tmp/train and $tmp/valid (exits 1 when that fails)
+#   losses RUN               the "loss" fields of $tmp/RUN/metrics.jsonl, as written (%.17g)
+#   same NAME A B [LINES]    ok NAME when run B logged exactly run A's losses (the last LINES
+#                            of A's when given), else bad NAME with the first differences
 #   finish                   prints the counts; its status is the script's
 set -u
 CLI_NAME=$1
@@ -48,6 +51,20 @@ tokenize_sample() {
             exit 1
         }
     done
+}
+
+losses() { grep -o '"step":[0-9]*,"tokens":[0-9]*,"loss":[^,]*' "$tmp/$1/metrics.jsonl"; }
+
+same() {
+    local want
+    if [[ -n ${4:-} ]]; then want=$(losses "$2" | tail -n "$4"); else want=$(losses "$2"); fi
+    if [[ $(losses "$3" | wc -l) -eq 0 ]]; then
+        bad "$1" "no losses logged by $3"
+    elif [[ $want != "$(losses "$3")" ]]; then
+        bad "$1" "$(diff <(echo "$want") <(losses "$3") | head -4)"
+    else
+        ok "$1"
+    fi
 }
 
 finish() {

@@ -21,6 +21,8 @@ if [[ $gpus -eq 0 ]]; then
     echo "train_gpu: skipped (no GPU visible)"
     exit 77
 fi
+have_mpirun=1
+command -v mpirun >/dev/null || have_mpirun=0
 tokenize_sample
 # a short slice of the sample keeps the emulated runs short
 mkdir -p "$tmp/small" && cp "$tmp"/train/*.npy "$tmp/small/"
@@ -40,14 +42,6 @@ run() {
         --set train.max_steps=4 --set checkpoint.every=1000 --set "checkpoint.dir=$tmp/$name" \
         "$@" >"$tmp/$name.out" 2>"$tmp/err" || rc=$?
 }
-losses() { grep -o '"step":[0-9]*,"tokens":[0-9]*,"loss":[^,]*' "$tmp/$1/metrics.jsonl"; }
-same() { # NAME A B: B's losses equal A's, bit for bit
-    if [[ $(losses "$3" | wc -l) -ne 4 ]]; then bad "$1" "expected 4 logged steps from $3"
-    elif [[ "$(losses "$2")" != "$(losses "$3")" ]]; then
-        bad "$1" "$(diff <(losses "$2") <(losses "$3") | head -4)"
-    else ok "$1"
-    fi
-}
 close() { # NAME A B RTOL: B's losses equal A's to a relative RTOL
     local w
     if [[ $(losses "$3" | wc -l) -ne 4 ]]; then bad "$1" "expected 4 logged steps from $3"; return; fi
@@ -61,8 +55,10 @@ close() { # NAME A B RTOL: B's losses equal A's to a relative RTOL
 
 run 1 one --set parallel.comm=mpi
 r1=$rc
-run 2 two --set parallel.comm=mpi
-if [[ $r1 -ne 0 || $rc -ne 0 ]]; then
+[[ $have_mpirun -eq 1 ]] && run 2 two --set parallel.comm=mpi
+if [[ $have_mpirun -eq 0 ]]; then
+    echo "skip a, c, d: no mpirun on this machine (the one-rank checks run)"
+elif [[ $r1 -ne 0 || $rc -ne 0 ]]; then
     bad "a: np 1 / np 2 on cuda over MPI" "exit $r1 / $rc"
 else
     same "a: mpirun -np 2 on cuda, comm = mpi (staged) logs the losses of -np 1 x accumulation 2 bit for bit" one two
@@ -73,12 +69,16 @@ if [[ $rc -ne 0 ]]; then bad "b: one rank with comm = nccl" "exit $rc"
 else same "b: a one-rank NCCL run logs the losses of the one-rank MPI run bit for bit" one onenccl
 fi
 
-run 2 zero --set parallel.comm=mpi --set parallel.zero=1
-if [[ $rc -ne 0 ]]; then bad "c: ZeRO-1 on 2 ranks" "exit $rc"
-else same "c: ZeRO-1 on 2 ranks (cuda) logs the losses of zero 0 bit for bit" two zero
+if [[ $have_mpirun -eq 1 ]]; then
+    run 2 zero --set parallel.comm=mpi --set parallel.zero=1
+    if [[ $rc -ne 0 ]]; then bad "c: ZeRO-1 on 2 ranks" "exit $rc"
+    else same "c: ZeRO-1 on 2 ranks (cuda) logs the losses of zero 0 bit for bit" two zero
+    fi
 fi
 
-if [[ $gpus -lt 2 ]]; then
+if [[ $have_mpirun -eq 0 ]]; then
+    :
+elif [[ $gpus -lt 2 ]]; then
     echo "skip d: NCCL on 2 ranks needs a GPU per rank ($gpus visible)"
 else
     run 2 twonccl --set parallel.comm=nccl

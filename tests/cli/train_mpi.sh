@@ -26,8 +26,6 @@ run() {
         --set train.eval_every=0 --set "checkpoint.dir=$tmp/$name" "$@" \
         >"$tmp/$name.out" 2>"$tmp/err" || rc=$?
 }
-# losses RUN: the "loss" fields of RUN's metrics.jsonl, as written (%.17g)
-losses() { grep -o '"step":[0-9]*,"tokens":[0-9]*,"loss":[^,]*' "$tmp/$1/metrics.jsonl"; }
 
 # (a) world 2 x accumulation 1 == world 1 x accumulation 2, bit for bit
 run 1 w1 --set train.max_steps=6 --set checkpoint.every=3

@@ -8,8 +8,8 @@
 # (d) expert parallelism on device memory (cpu-shadow: the GPU code paths, device buffers staged
 #     through the host over MPI) logs the losses of ep 2 on cpu bit for bit, also with zero 1 and
 #     recompute full (one layer's dispatcher rows); a2a_overlap off changes no bit;
-# (e) a rank that stops responding (MOET_DEBUG_STALL) ends the job through the other rank's
-#     watchdog ([parallel] timeout_s), with a message naming the rank and the collective.
+# (e) a rank that stops responding (MOET_DEBUG_STALL: at a step start, or inside a step) ends the job through a
+#     watchdog ([parallel] timeout_s), with a message naming the rank and the collective or phase.
 # Usage, from the repository root (ctest does this): bash tests/cli/train_parallel.sh PATH/TO/moet
 source "$(dirname "$0")/common.bash" train_parallel "$@"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
@@ -28,20 +28,6 @@ run() {
         --set "data.train=$tmp/train/*.npy" --set train.eval_every=0 \
         --set train.max_steps=6 --set checkpoint.every=3 --set "checkpoint.dir=$tmp/$name" "$@" \
         >"$tmp/$name.out" 2>"$tmp/err" || rc=$?
-}
-# losses RUN: the "loss" fields of RUN's metrics.jsonl, as written (%.17g)
-losses() { grep -o '"step":[0-9]*,"tokens":[0-9]*,"loss":[^,]*' "$tmp/$1/metrics.jsonl"; }
-# same NAME A B [LINES]: A's losses equal B's (the last LINES of A when given)
-same() {
-    local want
-    if [[ -n ${4:-} ]]; then want=$(losses "$2" | tail -n "$4"); else want=$(losses "$2"); fi
-    if [[ $(losses "$3" | wc -l) -eq 0 ]]; then
-        bad "$1" "no losses logged by $3"
-    elif [[ $want != "$(losses "$3")" ]]; then
-        bad "$1" "$(diff <(echo "$want") <(losses "$3") | head -4)"
-    else
-        ok "$1"
-    fi
 }
 export MOET_DEBUG_STALL=
 
@@ -94,6 +80,13 @@ if [[ $r1 -ne 0 || $rc -ne 0 ]]; then
     bad "c: ep 2 on 4 ranks, zero 0 / 1" "exit $r1 / $rc"
 else
     same "c: ZeRO-1 with ep 2 on 4 ranks logs the losses of zero 0 bit for bit" e4z0 e4z1
+    # its checkpoint (moments gathered over the world and the expert-DP pairs) resumes without
+    mkdir -p "$tmp/e4r" && cp "$tmp/e4z1/step00000003.h5" "$tmp/e4r/"
+    ln -s step00000003.h5 "$tmp/e4r/latest.h5"
+    run 4 e4r --set parallel.ep=2 --set train.micro_batch=2 --resume latest
+    if [[ $rc -ne 0 ]]; then bad "c: resume the ep-2 ZeRO-1 checkpoint with zero 0" "exit $rc"
+    else same "c: the ep-2 ZeRO-1 step-3 checkpoint resumed with zero 0 continues bit for bit" e4z0 e4r 3
+    fi
 fi
 
 # (d) expert parallelism on device memory: cpu-shadow equals cpu (and the backward's all-to-all
@@ -122,15 +115,24 @@ else
     same "d: ep 2 on cpu-shadow with zero 1 and recompute full logs the same losses" ep2cpu ep2shzr
 fi
 
-# (e) a stalled rank: the other one's watchdog ends the job
-t0=$(date +%s)
-MOET_DEBUG_STALL=1:3 run 2 stall --set parallel.timeout_s=3
-dt=$(( $(date +%s) - t0 ))
-if [[ $rc -eq 0 || $rc -eq 124 ]]; then
-    bad "e: a stalled rank" "exit $rc after $dt s (expected a non-zero exit, not the timeout)"
-elif ! grep -q "rank 0: all-reduce (sum) on the world (2 ranks) has not finished after 3 s" "$tmp/err"; then
-    bad "e: a stalled rank" "no watchdog message naming rank 0"
-else
-    ok "e: rank 1 stalled at step 3: rank 0's watchdog ended the job after $dt s (exit $rc): $(grep -m1 'has not finished' "$tmp/err" | cut -c1-90)..."
-fi
+# (e) a stalled rank: a watchdog ends the job.
+# stalled NAME WHERE PATTERN: rank 1 stalls at step 3 (MOET_DEBUG_STALL=1:3:WHERE) with a 3 s
+# timeout; the job must end non-zero (not by the test's timeout) with a message matching PATTERN
+stalled() {
+    local t0=$(date +%s) dt
+    MOET_DEBUG_STALL=1:3:$2 run 2 "stall_$2" --set parallel.timeout_s=3
+    dt=$(( $(date +%s) - t0 ))
+    if [[ $rc -eq 0 || $rc -eq 124 ]]; then
+        bad "$1" "exit $rc after $dt s (expected a non-zero exit, not the timeout)"
+    elif ! grep -Eq "$3" "$tmp/err"; then
+        bad "$1" "no watchdog message matching: $3"
+    else
+        ok "$1: the job ended after $dt s (exit $rc): $(grep -m1 'has not finished' "$tmp/err" | cut -c1-80)..."
+    fi
+}
+stalled "e: rank 1 stalled at the start of step 3, rank 0's watchdog" start \
+    "rank 0: all-reduce \(sum\) on the world \(2 ranks\) has not finished after 3 s"
+# between forward and backward, outside any collective: rank 1's phase watch or rank 0's
+stalled "e: rank 1 stalled inside step 3" backward \
+    "rank 1: forward \+ backward of a micro-batch on the world \(2 ranks\) has not finished after 3 s|rank 0: all-reduce \(sum\) on the world \(2 ranks\) has not finished after 3 s"
 finish
