@@ -227,8 +227,9 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
                    "", mp.accum, mp.accum == 1 ? "" : "es", c.n_layers, mp.routed_rows,
                    4.0 * c.d_model, 8 * c.n_experts);
             if (full)
-                printf("%-22s + recompute full: the forward exchanges again, %d layers x (2 x "
-                       "%.0f rows + counts)\n", "", c.n_layers - 1, mp.routed_rows);
+                printf("%-22s + recompute full: the forward exchanges again, %d layer%s x (2 x "
+                       "%.0f rows + counts)\n", "", c.n_layers - 1, c.n_layers == 2 ? "" : "s",
+                       mp.routed_rows);
             printf("%-22s (balanced routing; %.1f MB of it, the rows sent out, do not depend on "
                    "it)\n", "", mp.a2a_exact_bytes / 1e6);
         } else {
