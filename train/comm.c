@@ -112,7 +112,8 @@ static int host_buf_alltoallv_start_(Comm *c, const void *send, const int64_t *s
                                      void *recv, const int64_t *recv_counts, size_t elem_size,
                                      MoetErr *err) {
 #if MOET_MPI
-    if (c->size > 1) return mpi_ialltoallv_(c, send, send_counts, recv, recv_counts, elem_size, err);
+    if (c->size > 1)
+        return mpi_ialltoallv_(c, send, send_counts, recv, recv_counts, elem_size, err);
 #endif
     return c->t->alltoallv(c, send, send_counts, recv, recv_counts, elem_size, err);
 }
@@ -775,7 +776,8 @@ int comm_allreduce_max_f64(Comm *c, double *buf, size_t n, MoetErr *err) {
 int comm_alltoall_i64(Comm *c, const int64_t *send, int64_t *recv, int count, MoetErr *err) {
     double t0 = enter_(c, "all-to-all");
     int rc = c->t->alltoall_i64(c, send, recv, count, err);
-    leave_(t0, &g_stats.alltoall_bytes, (double)count * c->size * sizeof *send, &g_stats.alltoall_s);
+    leave_(t0, &g_stats.alltoall_bytes, (double)count * c->size * sizeof *send,
+           &g_stats.alltoall_s);
     return rc;
 }
 
@@ -806,7 +808,8 @@ int comm_barrier(Comm *c, MoetErr *err) {
 int comm_allgatherv_f32(Comm *c, float *buf, const size_t *counts, MoetErr *err) {
     double t0 = enter_(c, "all-gather");
     int rc = c->t->allgatherv_f32(c, buf, counts, err);
-    leave_(t0, &g_stats.allgather_bytes, (double)counts[c->rank] * sizeof *buf, &g_stats.allgather_s);
+    leave_(t0, &g_stats.allgather_bytes, (double)counts[c->rank] * sizeof *buf,
+           &g_stats.allgather_s);
     return rc;
 }
 
@@ -828,9 +831,10 @@ int comm_use_backend(Parallel *p, const Ops *ops, const char *transport, double 
     use_ops_(p->edp, ops);
     int nccl = strcmp(transport, "nccl") == 0;
     if (strcmp(transport, "auto") == 0) {
-        // NCCL wants one GPU per rank; several ranks per GPU (tests) stay on MPI
+        // NCCL wants one GPU per rank; several ranks per GPU (tests) stay on MPI, and so does
+        // a world of one rank (nothing to move)
         int gpus = ops && strcmp(ops->name, "cuda") == 0 ? ops_cuda_device_count() : 0;
-        nccl = comm_nccl_available() && gpus > 0 && p->local_size <= gpus;
+        nccl = comm_nccl_available() && gpus > 0 && p->local_size <= gpus && p->world_size > 1;
     } else if (!nccl && strcmp(transport, "mpi") != 0) {
         return moet_errf(err, MOET_EUSAGE, "[parallel] comm = %s: must be auto, mpi or nccl",
                          transport);
@@ -896,6 +900,7 @@ int comm_buf_alltoallv(Comm *c, const void *send, const int64_t *send_counts, vo
 int comm_buf_allgatherv_f32(Comm *c, float *buf, const size_t *counts, MoetErr *err) {
     double t0 = enter_(c, "all-gather");
     int rc = c->bt->allgatherv_f32(c, buf, counts, err);
-    leave_(t0, &g_stats.allgather_bytes, (double)counts[c->rank] * sizeof *buf, &g_stats.allgather_s);
+    leave_(t0, &g_stats.allgather_bytes, (double)counts[c->rank] * sizeof *buf,
+           &g_stats.allgather_s);
     return rc;
 }

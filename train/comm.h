@@ -73,7 +73,8 @@ int comm_barrier(Comm *c, MoetErr *err);
 // Says where the data-plane buffers live (ops: the model's backend) and what moves them:
 // transport "mpi" (device buffers staged through host memory, so several ranks may share one
 // GPU), "nccl" (NCCL communicators; the cuda backend, one rank per GPU) or "auto" (nccl on the
-// cuda backend when this build has NCCL and the node has a GPU per rank, else mpi). Every rank
+// cuda backend when this build has NCCL, the world has several ranks and the node a GPU per
+// rank, else mpi). Every rank
 // calls it once, after comm_init. timeout_s > 0: a collective unfinished after that many
 // seconds aborts the job, naming the rank and the collective (the watchdog; 0: none).
 int comm_use_backend(Parallel *p, const struct Ops *ops, const char *transport, double timeout_s,

@@ -392,7 +392,8 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
         double loss = 0, ce = 0, lb = 0, z = 0;
         for (int a = 0; a < accum; a++) {
             if ((rc = loader_next(tl, tokens, err))) goto done;
-            if (world > 1) comm_watch_phase_begin(par->world, "forward + backward of a micro-batch");
+            if (world > 1)
+                comm_watch_phase_begin(par->world, "forward + backward of a micro-batch");
             model_forward(&m, tokens);
             debug_stall_(rank, step, "backward");
             if (accum > 1) model_zero_grad(&m);
@@ -502,7 +503,8 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             comm_stats(&cs);
             char cbuf[192] = "";
             if (world > 1)
-                snprintf(cbuf, sizeof cbuf, " | comm a2a %.1f MB %.0f ms, allreduce %.1f MB %.0f ms",
+                snprintf(cbuf, sizeof cbuf,
+                         " | comm a2a %.1f MB %.0f ms, allreduce %.1f MB %.0f ms",
                          cs.alltoall_bytes / 1e6, cs.alltoall_s * 1e3, cs.allreduce_bytes / 1e6,
                          cs.allreduce_s * 1e3);
             if (world > 1 && cs.allgather_bytes > 0) {
