@@ -9,3 +9,4 @@ int cmd_bench(int argc, char **argv, MoetErr *err);
 int cmd_tokenize(int argc, char **argv, MoetErr *err);   // train/cmd_tokenize.c
 int cmd_train(int argc, char **argv, MoetErr *err);      // train/cmd_train.c
 int cmd_inspect(int argc, char **argv, MoetErr *err);    // train/cmd_inspect.c
+int cmd_eval(int argc, char **argv, MoetErr *err);       // train/cmd_eval.c

@@ -407,6 +407,7 @@ static const Command COMMANDS[] = {
     {"tokenize", cmd_tokenize, "Dolma JSONL documents -> token shards (.npy + .csv.gz)"},
     {"train", cmd_train, "train: AdamW, schedule, clipping, accumulation, eval, checkpoints"},
     {"inspect", cmd_inspect, "step, tokens, config, tensors of a checkpoint; --verify checks checksums"},
+    {"eval", cmd_eval, "loss and perplexity of a checkpoint on token shards"},
 };
 #define N_COMMANDS ((int)(sizeof COMMANDS / sizeof COMMANDS[0]))
 

@@ -1,0 +1,142 @@
+// cmd_eval: `moet eval CKPT --data GLOB [--batches N] [--json] [--set k=v]...`: the loss and
+// perplexity of a checkpoint's model on a data set, read with the training loader in file
+// order, micro-batches of the checkpoint's micro_batch x seq_len (as the trainer's evaluation).
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "data/loader.h"
+#include "train/ckpt.h"
+#include "train/cli.h"
+#include "train/config.h"
+#include "train/model.h"
+
+#define MAX_SETS_ 64
+
+static const char *EVAL_HELP =
+    "usage: moet eval CKPT --data GLOB [--batches N] [--json] [--set section.key=value]...\n"
+    "\n"
+    "The mean cross-entropy (loss, nats per token) and perplexity of the model in CKPT (a file,\n"
+    "a run folder or its latest.h5) on the token shards GLOB (*.npy from `moet tokenize`), read\n"
+    "in file order in micro-batches of the checkpoint's micro_batch x seq_len: the same\n"
+    "numbers as the trainer's val_loss for the same data and batch count.\n"
+    "\n"
+    "  --data GLOB    token shards (comma-separated globs allowed)\n"
+    "  --batches N    micro-batches to evaluate (default: the whole data set, once)\n"
+    "  --json         one JSON object instead of the text line\n"
+    "  --set k=v      override a key of the checkpoint's config, e.g. --set train.device=cpu or\n"
+    "                 --set train.micro_batch=1 (repeatable)\n";
+
+int cmd_eval(int argc, char **argv, MoetErr *err) {
+    const char *spec = NULL, *data = NULL;
+    char *sets[MAX_SETS_];
+    int n_sets = 0, json = 0;
+    long long batches = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const int has_val = i + 1 < argc;
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            fputs(EVAL_HELP, stdout);
+            return MOET_OK;
+        } else if (strcmp(a, "--data") == 0 && has_val) {
+            data = argv[++i];
+        } else if (strcmp(a, "--batches") == 0 && has_val) {
+            char *endp;
+            batches = strtoll(argv[++i], &endp, 10);
+            if (*endp || batches < 1)
+                return moet_errf(err, MOET_EUSAGE, "eval: --batches needs a count >= 1, not %s",
+                                 argv[i]);
+        } else if (strcmp(a, "--json") == 0) {
+            json = 1;
+        } else if (strcmp(a, "--set") == 0 && has_val) {
+            if (n_sets == MAX_SETS_)
+                return moet_errf(err, MOET_EUSAGE, "eval: too many --set options");
+            sets[n_sets++] = argv[++i];
+        } else if (strcmp(a, "--data") == 0 || strcmp(a, "--batches") == 0 ||
+                   strcmp(a, "--set") == 0) {
+            return moet_errf(err, MOET_EUSAGE, "eval: %s needs a value (see moet eval --help)", a);
+        } else if (a[0] == '-') {
+            return moet_errf(err, MOET_EUSAGE, "eval: unknown option %s (see moet eval --help)", a);
+        } else if (!spec) {
+            spec = a;
+        } else {
+            return moet_errf(err, MOET_EUSAGE, "eval: one CKPT only (got %s and %s)", spec, a);
+        }
+    }
+    if (!spec) return moet_errf(err, MOET_EUSAGE, "eval: missing CKPT (see moet eval --help)");
+    if (!data)
+        return moet_errf(err, MOET_EUSAGE,
+                         "eval: missing --data GLOB (the token shards to evaluate on)");
+
+    // the checkpoint's configuration, with the overrides; one rank holds every expert
+    char path[1100];
+    int rc = ckpt_resolve(spec, ".", path, sizeof path, err);
+    if (rc) return rc;
+    char *ini = NULL;
+    if ((rc = ckpt_read_config_text(path, &ini, err))) return rc;
+    Config c;
+    config_defaults(&c);
+    rc = config_load_string(&c, ini, path, err);
+    free(ini);
+    for (int i = 0; !rc && i < n_sets; i++) rc = config_set(&c, sets[i], err);
+    if (rc) return rc;
+    c.ep = 1;
+    if ((rc = config_validate(&c, path, err))) return rc;
+
+    Model m;
+    memset(&m, 0, sizeof m);
+    Loader *L = NULL;
+    int32_t *tokens = NULL;
+    const Ops *ops;
+    char binfo[512];
+    int have_model = 0;
+    if ((rc = model_open_backend(&c, model_local_rank(), &ops, binfo, sizeof binfo, err)))
+        return rc;
+    if ((rc = model_create_ops(&m, &c, ops, 0, 1, err))) goto done;
+    have_model = 1;
+    if ((rc = model_set_batch(&m, c.micro_batch, c.seq_len, err))) goto done;
+    if ((rc = ckpt_load_model(path, &m, err))) goto done;
+    LoaderConfig lc = {.glob = data,
+                       .seq_len = c.seq_len,
+                       .vocab_size = c.vocab_size,
+                       .seed = c.seed,
+                       .shuffle = 0,
+                       .micro_batch = c.micro_batch,
+                       .global_batch = c.micro_batch,
+                       .rank = 0,
+                       .world = 1,
+                       .prefetch = 0};
+    if ((rc = loader_open(&L, &lc, err))) goto done;
+    const uint64_t per_epoch = loader_batches_per_epoch(L);
+    if (batches == 0) batches = (long long)per_epoch;
+    if ((uint64_t)batches > per_epoch)
+        fprintf(stderr,
+                "moet eval: note: %lld micro-batches > the %llu the data holds: it is "
+                "read again from the start\n",
+                batches, (unsigned long long)per_epoch);
+    tokens = moet_malloc((size_t)c.micro_batch * c.seq_len * sizeof(int32_t));
+    double sum = 0, t0 = moet_time();
+    for (long long b = 0; b < batches; b++) {
+        if ((rc = loader_next(L, tokens, err))) goto done;
+        model_forward(&m, tokens);
+        sum += m.ce;
+    }
+    const double loss = sum / (double)batches, dt = moet_time() - t0;
+    const double ntok = (double)batches * c.micro_batch * c.seq_len;
+    if (json) {
+        printf("{\"checkpoint\":\"%s\",\"data\":\"%s\",\"batches\":%lld,\"tokens\":%.0f,"
+               "\"loss\":%.17g,\"ppl\":%.17g}\n",
+               path, data, batches, ntok, loss, exp(loss));
+    } else {
+        printf("eval %s on %s: %lld micro-batches x %d x %d tokens (%s) | loss %.4f | ppl %.2f | "
+               "%.0f tok/s\n",
+               path, data, batches, c.micro_batch, c.seq_len, ops->name, loss, exp(loss),
+               ntok / (dt > 0 ? dt : 1e-9));
+    }
+done:
+    free(tokens);
+    if (L) loader_close(L);
+    if (have_model) model_free(&m);
+    return rc;
+}
