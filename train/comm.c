@@ -162,26 +162,6 @@ static size_t recv_off_(size_t send_bytes) {
     return (send_bytes + 63) / 64 * 64 + 64;
 }
 
-static int staged_alltoallv_(Comm *c, const void *send, const int64_t *send_counts, void *recv,
-                             const int64_t *recv_counts, size_t elem_size, MoetErr *err) {
-    int64_t ns = 0, nr = 0;
-    for (int j = 0; j < c->size; j++) ns += send_counts[j], nr += recv_counts[j];
-    if (c->size == 1) {
-        if (ns != nr)
-            return moet_errf(err, MOET_EFAIL,
-                             "all-to-all-v: one rank sends %lld rows to itself but expects %lld",
-                             (long long)ns, (long long)nr);
-        if (ns > 0 && send != recv) c->ops->copy(recv, send, (size_t)ns * elem_size);
-        return 0;
-    }
-    size_t sb = (size_t)ns * elem_size, rb = (size_t)nr * elem_size, ro = recv_off_(sb);
-    char *h = stage_(c, ro + rb);
-    if (sb) c->ops->to_host(h, send, sb);
-    int rc = c->t->alltoallv(c, h, send_counts, h + ro, recv_counts, elem_size, err);
-    if (!rc && rb) c->ops->to_device(recv, h + ro, rb);
-    return rc;
-}
-
 static int staged_allgatherv_(Comm *c, float *buf, const size_t *counts, MoetErr *err) {
     if (c->size == 1) return 0;
     size_t total = 0, mine = 0;
@@ -196,15 +176,22 @@ static int staged_allgatherv_(Comm *c, float *buf, const size_t *counts, MoetErr
     return rc;
 }
 
-// Started: the send rows staged now, the received ones copied to the device at the wait.
+// Started: the send rows staged now, the received ones copied to the device at the wait (a
+// group of one rank copies at once).
 static int staged_alltoallv_start_(Comm *c, const void *send, const int64_t *send_counts,
                                    void *recv, const int64_t *recv_counts, size_t elem_size,
                                    MoetErr *err) {
-    if (c->size == 1) return staged_alltoallv_(c, send, send_counts, recv, recv_counts, elem_size,
-                                               err);
-#if MOET_MPI
     int64_t ns = 0, nr = 0;
     for (int j = 0; j < c->size; j++) ns += send_counts[j], nr += recv_counts[j];
+    if (c->size == 1) {
+        if (ns != nr)
+            return moet_errf(err, MOET_EFAIL,
+                             "all-to-all-v: one rank sends %lld rows to itself but expects %lld",
+                             (long long)ns, (long long)nr);
+        if (ns > 0 && send != recv) c->ops->copy(recv, send, (size_t)ns * elem_size);
+        return 0;
+    }
+#if MOET_MPI
     size_t sb = (size_t)ns * elem_size, rb = (size_t)nr * elem_size, ro = recv_off_(sb);
     char *h = stage_(c, ro + rb);
     if (sb) c->ops->to_host(h, send, sb);
@@ -232,6 +219,12 @@ static int staged_wait_(Comm *c, MoetErr *err) {
     (void)err;
     return 0;
 #endif
+}
+
+static int staged_alltoallv_(Comm *c, const void *send, const int64_t *send_counts, void *recv,
+                             const int64_t *recv_counts, size_t elem_size, MoetErr *err) {
+    int rc = staged_alltoallv_start_(c, send, send_counts, recv, recv_counts, elem_size, err);
+    return rc ? rc : staged_wait_(c, err);
 }
 
 static const CommBufTransport staged_buf_transport = {
@@ -851,18 +844,19 @@ const char *comm_buf_transport(const Comm *c) {
     return c->bt->name;
 }
 
-int comm_buf_allreduce_sum_f32(Comm *c, float *buf, size_t n, MoetErr *err) {
+static int buf_allreduce_(Comm *c, float *buf, size_t n, int async, MoetErr *err) {
     double t0 = enter_(c, "all-reduce (sum)");
-    int rc = c->bt->allreduce_sum_f32(c, buf, n, 0, err);
+    int rc = c->bt->allreduce_sum_f32(c, buf, n, async, err);
     leave_(t0, &g_stats.allreduce_bytes, (double)n * sizeof *buf, &g_stats.allreduce_s);
     return rc;
 }
 
+int comm_buf_allreduce_sum_f32(Comm *c, float *buf, size_t n, MoetErr *err) {
+    return buf_allreduce_(c, buf, n, 0, err);
+}
+
 int comm_buf_allreduce_start_f32(Comm *c, float *buf, size_t n, MoetErr *err) {
-    double t0 = enter_(c, "all-reduce (sum)");
-    int rc = c->bt->allreduce_sum_f32(c, buf, n, 1, err);
-    leave_(t0, &g_stats.allreduce_bytes, (double)n * sizeof *buf, &g_stats.allreduce_s);
-    return rc;
+    return buf_allreduce_(c, buf, n, 1, err);
 }
 
 // The wait counts as all-to-all time after comm_buf_alltoallv_start, else as all-reduce time.
@@ -879,9 +873,7 @@ int comm_buf_alltoallv_start(Comm *c, const void *send, const int64_t *send_coun
                              const int64_t *recv_counts, size_t elem_size, MoetErr *err) {
     double t0 = enter_(c, "all-to-all-v (start)");
     c->a2a_started = 1;
-    int rc = c->bt->alltoallv_start
-                 ? c->bt->alltoallv_start(c, send, send_counts, recv, recv_counts, elem_size, err)
-                 : c->bt->alltoallv(c, send, send_counts, recv, recv_counts, elem_size, err);
+    int rc = c->bt->alltoallv_start(c, send, send_counts, recv, recv_counts, elem_size, err);
     leave_(t0, &g_stats.alltoall_bytes, rows_(c, send_counts) * (double)elem_size,
            &g_stats.alltoall_s);
     return rc;

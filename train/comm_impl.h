@@ -40,7 +40,7 @@ typedef struct {
     // waits for the started all-reduces and the started all-to-all-v
     int (*wait)(Comm *c, MoetErr *err);
     void (*release)(Comm *c); // frees the transport's state (c->nccl); may be NULL
-    // comm_buf_alltoallv_start; NULL: the blocking alltoallv serves (done on return)
+    // comm_buf_alltoallv_start (a transport without asynchrony may finish it on return)
     int (*alltoallv_start)(Comm *c, const void *send, const int64_t *send_counts, void *recv,
                            const int64_t *recv_counts, size_t elem_size, MoetErr *err);
 } CommBufTransport;

@@ -237,10 +237,8 @@ int dispatch_backward(Dispatcher *d, int l, const float *d_yp, DispatchRows *row
 }
 
 int dispatch_backward_return(Dispatcher *d, int l, float *d_xp, MoetErr *err) {
-    DispLayer *ly = layer_(d, l);
-    gather_rows_(d->ops, d->raw, d->d_x, ly->inv_d, ly->rows, d->D);
-    return comm_buf_alltoallv(d->comm, d->raw, ly->recv_counts, d_xp, ly->send_counts,
-                              (size_t)d->D * sizeof(float), err);
+    int rc = dispatch_backward_return_start(d, l, d_xp, err);
+    return rc ? rc : dispatch_wait(d, err);
 }
 
 int dispatch_backward_return_start(Dispatcher *d, int l, float *d_xp, MoetErr *err) {

@@ -24,7 +24,7 @@ struct GradSync {
     int *part_tensor_lo, *part_tensor_n; // per part (index part + 1): tensors, in ready order
     int *order;                          // tensor indices in ready order
     float *sum;
-    int armed, failed;
+    int failed;
     MoetErr err;
     Comm *world, *edp;
 };
@@ -154,7 +154,6 @@ void gradsync_arm(GradSync *g, float *sum) {
     g->sum = sum;
     g->next = 0;
     g->failed = 0;
-    g->armed = 1;
     g->m->grad_hook = on_part_;
     g->m->grad_hook_ctx = g;
 }
@@ -162,7 +161,6 @@ void gradsync_arm(GradSync *g, float *sum) {
 int gradsync_finish(GradSync *g, MoetErr *err) {
     g->m->grad_hook = NULL;
     g->m->grad_hook_ctx = NULL;
-    g->armed = 0;
     while (!g->failed && g->next < g->n_buckets) start_(g, &g->buckets[g->next++]);
     if (!g->failed && comm_buf_wait(g->world, &g->err)) g->failed = 1;
     if (!g->failed && g->edp != g->world && comm_size(g->edp) > 1 && comm_buf_wait(g->edp, &g->err))

@@ -87,9 +87,9 @@ void moe_forward(Model *m, int l, MoeLayerLoss *loss) {
 
 // Backward of the experts under expert parallelism: m->d_yp (R,D) goes to the expert owners,
 // the local expert weight gradients accumulate from every source rank's rows, and the input
-// gradients come back into m->d_xp (R,D). With [parallel] a2a_overlap the input gradients
-// (dgrad) are computed first and start their way back while the weight gradients (wgrad) are
-// computed: the same GEMMs (each output written by the same call), so the same bits.
+// gradients come back into m->d_xp (R,D). The input gradients (dgrad) are computed first and
+// start their way back; with [parallel] a2a_overlap the weight gradients (wgrad) are computed
+// while they travel, else after they have arrived: the same GEMM calls, so the same bits.
 static void moe_backward_ep_(Model *m, int l) {
     LayerParams *p = &m->p.layers[l];
     LayerParams *gp = &m->g.layers[l];
@@ -106,24 +106,18 @@ static void moe_backward_ep_(Model *m, int l) {
         k->zero_fill(dg.d_g, RF);
         k->zero_fill(dg.d_u, RF);
     }
-    // dgrad
-    k->grouped_matmul_backward(dg.d_a, overlap ? NULL : gp->w_down, dg.d_y, rw.a, p->w_down,
-                               rw.offsets, El, F, D);
+    // dgrad, and the input gradients start their way back
+    k->grouped_matmul_backward(dg.d_a, NULL, dg.d_y, rw.a, p->w_down, rw.offsets, El, F, D);
     if (RF > 0) k->swiglu_backward(dg.d_g, dg.d_u, dg.d_a, rw.g, rw.u, RF);
-    k->grouped_matmul_backward(dg.d_x, overlap ? NULL : gp->w_gate, dg.d_g, rw.x, p->w_gate,
-                               rw.offsets, El, D, F);
-    k->grouped_matmul_backward(dg.d_x, overlap ? NULL : gp->w_up, dg.d_u, rw.x, p->w_up,
-                               rw.offsets, El, D, F);
-    if (!overlap) {
-        ep_check_(dispatch_backward_return(m->disp, l, m->d_xp, &err), &err);
-        return;
-    }
+    k->grouped_matmul_backward(dg.d_x, NULL, dg.d_g, rw.x, p->w_gate, rw.offsets, El, D, F);
+    k->grouped_matmul_backward(dg.d_x, NULL, dg.d_u, rw.x, p->w_up, rw.offsets, El, D, F);
     ep_check_(dispatch_backward_return_start(m->disp, l, m->d_xp, &err), &err);
-    // wgrad, while the input gradients travel
+    if (!overlap) ep_check_(dispatch_wait(m->disp, &err), &err);
+    // wgrad (with the overlap: while the input gradients travel)
     k->grouped_matmul_backward(NULL, gp->w_down, dg.d_y, rw.a, p->w_down, rw.offsets, El, F, D);
     k->grouped_matmul_backward(NULL, gp->w_gate, dg.d_g, rw.x, p->w_gate, rw.offsets, El, D, F);
     k->grouped_matmul_backward(NULL, gp->w_up, dg.d_u, rw.x, p->w_up, rw.offsets, El, D, F);
-    ep_check_(dispatch_wait(m->disp, &err), &err);
+    if (overlap) ep_check_(dispatch_wait(m->disp, &err), &err);
 }
 
 void moe_backward(Model *m, int l, const float *d_out, float *d_ln2, double lb_scale,

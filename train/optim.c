@@ -77,6 +77,23 @@ void optim_create_sharded(Optim *o, const Model *m, Parallel *par) {
     o->exp_avg_sq = o->ops->alloc((mom ? mom : 1) * sizeof(float));
 }
 
+// The group's floats laid out like the parameters: each tensor of group g copied from its place
+// in flat (the tensors end to end, table order) to dst + its offset, with copy.
+static void unpack_group_(const Model *m, int g, float *dst, const float *flat,
+                          void (*copy)(void *dst, const void *src, size_t bytes)) {
+    size_t f = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        if (t->is_expert != g) continue;
+        copy(dst + t->offset, flat + f, t->numel * sizeof(float));
+        f += t->numel;
+    }
+}
+
+static void host_copy_(void *dst, const void *src, size_t bytes) {
+    memcpy(dst, src, bytes);
+}
+
 int optim_gather_params(Optim *o, Model *m, MoetErr *err) {
     const Ops *k = o->ops;
     for (int g = 0; g < 2; g++) {
@@ -96,13 +113,7 @@ int optim_gather_params(Optim *o, Model *m, MoetErr *err) {
         }
         int rc = comm_buf_allgatherv_f32(sh->comm, flat, sh->counts, err);
         if (rc) return rc;
-        size_t f = 0;
-        for (int i = 0; i < m->n_tensors; i++) {
-            const ParamTensor *t = &m->tensors[i];
-            if (t->is_expert != g) continue;
-            k->copy(m->params + t->offset, flat + f, t->numel * sizeof(float));
-            f += t->numel;
-        }
+        unpack_group_(m, g, m->params, flat, k->copy);
     }
     return 0;
 }
@@ -128,13 +139,7 @@ int optim_gather_host(Optim *o, const Model *m, float *exp_avg_h, float *exp_avg
                 free(flat);
                 return rc;
             }
-            size_t f = 0;
-            for (int i = 0; i < m->n_tensors; i++) {
-                const ParamTensor *t = &m->tensors[i];
-                if (t->is_expert != g) continue;
-                memcpy(dst[v] + t->offset, flat + f, t->numel * sizeof(float));
-                f += t->numel;
-            }
+            unpack_group_(m, g, dst[v], flat, host_copy_);
         }
         free(flat);
     }

@@ -352,8 +352,6 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             printf("ZeRO-1: this rank keeps the AdamW moments of %zu of %zu parameters\n", opt.n,
                    m.n_params);
     }
-    MemPlan plan;
-    memplan_predict(c, world, &plan);
     fflush(stdout);
 
     SaveCtx sc = {c, &m, &opt, tl, ini, par};
@@ -545,6 +543,8 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
         if (step == first + 1 && ops->on_device) { // the memory a step takes, vs moet info
             size_t in_use, mem_peak;
             ops->mem_stats(&in_use, &mem_peak);
+            MemPlan plan;
+            memplan_predict(c, world, &plan);
             char mline[160];
             memplan_format_peak(mline, sizeof mline, (double)mem_peak, &plan);
             printf("%s\n", mline);
