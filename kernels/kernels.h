@@ -43,6 +43,9 @@ void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp
 // backward accumulates, so dinp must not alias dout.
 void rope_forward(float *out, const float *inp, int B, int T, int H, int Dh, float theta);
 void rope_backward(float *dinp, const float *dout, int B, int T, int H, int Dh, float theta);
+// RoPE for generation: one sequence of T rows at positions pos0 .. pos0+T-1 (a prompt, or the
+// tokens after a KV cache of pos0). inp/out are (T,H,Dh); in place allowed.
+void rope_forward_at(float *out, const float *inp, int T, int H, int Dh, float theta, int pos0);
 
 // ---------------------------------------------------------------------------------------
 // Causal softmax attention, scale 1/sqrt(Dh), n_kv = n_heads.
@@ -53,6 +56,12 @@ void attention_forward(float *out, float *lse, const float *q, const float *k, c
 void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
                         const float *lse, const float *q, const float *k, const float *v, int B,
                         int T, int H, int Dh);
+// Attention of Tq new queries over a KV cache of one sequence (generation): the cache holds the
+// keys and values of positions 0 .. Tk-1, the queries are positions Tk-Tq .. Tk-1 (already in
+// the cache), and query i sees keys [0, Tk-Tq+i]. q, out are (Tq,H,Dh); k, v are (Tk,H,Dh).
+// Tq = Tk is the causal attention_forward of one sequence (without lse).
+void attention_forward_cached(float *out, const float *q, const float *k, const float *v, int Tq,
+                              int Tk, int H, int Dh);
 
 // ---------------------------------------------------------------------------------------
 // SwiGLU: out = silu(g) * u. out, g, u are (n)

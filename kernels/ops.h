@@ -48,6 +48,10 @@ typedef struct Ops {
                             const float *w, int N, int C, int OC);
     void (*rope_forward)(float *out, const float *inp, int B, int T, int H, int Dh, float theta);
     void (*rope_backward)(float *dinp, const float *dout, int B, int T, int H, int Dh, float theta);
+    void (*rope_forward_at)(float *out, const float *inp, int T, int H, int Dh, float theta,
+                            int pos0);
+    void (*attention_forward_cached)(float *out, const float *q, const float *k, const float *v,
+                                     int Tq, int Tk, int H, int Dh);
     void (*attention_forward)(float *out, float *lse, const float *q, const float *k,
                               const float *v, int B, int T, int H, int Dh);
     void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout, const float *out,

@@ -3,7 +3,8 @@
 # (data/sample/tokens/), then trains the tiny MoE model (configs/tiny-moe.ini) for a 300-step
 # schedule: the run stops after step 200 with a checkpoint, as a pre-empted job would, and
 # `--resume latest` finishes it. It prints the validation loss before training (step 0) and
-# after, and plots the curves (checkpoints/demo-tiny-moe/loss.png). About 3 minutes on 2 cores.
+# after, plots the curves (checkpoints/demo-tiny-moe/loss.png), and ends with a short text
+# sampled from the trained model (`moet generate`). About 3 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
@@ -46,4 +47,7 @@ echo "validation loss before training: $(val "$first")"
 echo "validation loss after training:  $(val "$last")"
 ls "$RUN"
 if command -v gnuplot >/dev/null; then bash launch/plot-metrics.sh "$RUN"; fi
+echo
+echo "== $MOET generate $RUN --prompt \"The Debian package\" --max-new-tokens 40 --seed 1"
+"$MOET" generate "$RUN" --prompt "The Debian package" --max-new-tokens 40 --seed 1
 echo "demo: $((SECONDS - t0)) s"

@@ -6,16 +6,20 @@
 #   3. tiny-moe trained 20 steps with `moet train` on cuda and on cpu: the two loss curves;
 #   4. `moet bench configs/bench-gpu-olmoe.ini`: tokens/s, MFU, peak memory;
 #   5. the NCCL transport (cuda_test_nccl_comm, 1 rank; 2 ranks where mpirun and 2 GPUs exist)
-#      and multi-rank training on GPUs (tests/cli/train_gpu.sh: MPI vs NCCL, ZeRO-1, ep 2).
+#      and multi-rank training on GPUs (tests/cli/train_gpu.sh: MPI vs NCCL, ZeRO-1, ep 2);
+#   6. generation: greedy text from the tiny-moe run on cuda with fp32 GEMMs = on the cpu
+#      (bf16 shown beside), and tokens/s of `moet generate` on the bench-gpu-olmoe shapes.
 #   bash launch/gpu-check.sh [BUNDLE] [LOGDIR]
 # BUNDLE is a folder from launch/gpu-bundle.sh (bin/, lib/), its .tar.gz, or a build folder; LOGDIR receives
-# one log per check (default gpu-logs). Every check runs even when an earlier one fails; the
+# one log per check (default gpu-logs); checkpoints go to CKDIR (default /tmp/moet-gpu-ck: not
+# into LOGDIR, which may be copied back). Every check runs even when an earlier one fails; the
 # exit status is the number of failed checks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${1:-gpu-bundle}
 LOG=${2:-gpu-logs}
-mkdir -p "$LOG"
+CK=${CKDIR:-/tmp/moet-gpu-ck}
+mkdir -p "$LOG" "$CK"
 if [[ $BUNDLE == *.tar.gz ]]; then # packed by gpu-bundle.sh: unpack next to it
   tar xzf "$BUNDLE" -C "$(dirname "$BUNDLE")"
   BUNDLE=${BUNDLE%.tar.gz}
@@ -41,11 +45,6 @@ check() { # name, command...
 for t in cuda_test_cuda_kernels cuda_test_cuda_gemm cuda_test_cuda_moe_ops cuda_test_cuda_train; do
   check "$t" "$BIN/$t"
 done
-if command -v compute-sanitizer >/dev/null; then
-  for t in cuda_test_cuda_kernels cuda_test_cuda_gemm cuda_test_cuda_moe_ops; do
-    check "memcheck_$t" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/$t"
-  done
-fi
 # tiny-moe on both devices from the sample documents
 for split in train valid; do
   ls data/sample/tokens/$split/*.npy >/dev/null 2>&1 ||
@@ -55,11 +54,34 @@ done
 for dev in cuda cpu; do
   check "train_tiny_$dev" "$BIN/moet" train --config configs/tiny-moe.ini \
     --set train.max_steps=20 --set train.eval_every=10 --set train.device=$dev \
-    --set checkpoint.dir="$LOG/tiny-$dev"
+    --set checkpoint.dir="$CK/tiny-$dev"
 done
-paste <(grep -o '"step":[0-9]*,"tokens":[0-9]*,"loss":[^,]*' "$LOG/tiny-cuda/metrics.jsonl") \
-      <(grep -o '"loss":[^,]*' "$LOG/tiny-cpu/metrics.jsonl") > "$LOG/tiny-losses.txt" || true
+paste <(grep -o '"step":[0-9]*,"tokens":[0-9]*,"loss":[^,]*' "$CK/tiny-cuda/metrics.jsonl") \
+      <(grep -o '"loss":[^,]*' "$CK/tiny-cpu/metrics.jsonl") > "$LOG/tiny-losses.txt" || true
+# generation from the cuda run's checkpoint: greedy ids on cuda (fp32 GEMMs) = on the cpu
+gen() { # name, --set ...
+  local name=$1; shift
+  check "$name" "$BIN/moet" generate "$CK/tiny-cuda" --prompt "The Debian package" \
+    --temperature 0 --max-new-tokens 40 --json "$@"
+}
+gen generate_cpu --set train.device=cpu
+gen generate_cuda_fp32 --set train.device=cuda --set train.precision=fp32
+gen generate_cuda_bf16 --set train.device=cuda
+ids() { grep -o '"ids":\[[^]]*\]' "$LOG/$1.log"; }
+check generate_cuda_fp32_eq_cpu test -n "$(ids generate_cpu)" -a "$(ids generate_cpu)" = "$(ids generate_cuda_fp32)"
+# tokens/s of generation on the bench-gpu-olmoe shapes (4 layers of OLMoE-1B-7B): one step
+# writes a model-only checkpoint, then 200 tokens are sampled from it
+check olmoe4_checkpoint "$BIN/moet" train --config configs/bench-gpu-olmoe.ini \
+  --set train.max_steps=1 --set train.micro_batch=1 --set train.global_batch=1 \
+  --set checkpoint.every=1 --set checkpoint.model_only=true --set checkpoint.dir="$CK/olmoe4"
+check generate_olmoe4 "$BIN/moet" generate "$CK/olmoe4" --prompt "The Debian package" \
+  --max-new-tokens 200 --seed 1
 check bench_gpu_olmoe "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 5 --warmup 2
+if command -v compute-sanitizer >/dev/null; then
+  for t in cuda_test_cuda_kernels cuda_test_cuda_gemm cuda_test_cuda_moe_ops; do
+    check "memcheck_$t" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/$t"
+  done
+fi
 check nccl_comm_np1 "$BIN/cuda_test_nccl_comm"
 if command -v mpirun >/dev/null; then
   check nccl_comm_np2 mpirun --allow-run-as-root --oversubscribe -np 2 "$BIN/cuda_test_nccl_comm"

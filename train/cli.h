@@ -10,3 +10,7 @@ int cmd_tokenize(int argc, char **argv, MoetErr *err);   // train/cmd_tokenize.c
 int cmd_train(int argc, char **argv, MoetErr *err);      // train/cmd_train.c
 int cmd_inspect(int argc, char **argv, MoetErr *err);    // train/cmd_inspect.c
 int cmd_eval(int argc, char **argv, MoetErr *err);       // train/cmd_eval.c
+int cmd_generate(int argc, char **argv, MoetErr *err);   // train/cmd_generate.c
+int cmd_upcycle(int argc, char **argv, MoetErr *err);    // train/cmd_upcycle.c
+int cmd_export_hf(int argc, char **argv, MoetErr *err);  // train/cmd_hf.c
+int cmd_import_hf(int argc, char **argv, MoetErr *err);  // train/cmd_hf.c

@@ -15,7 +15,8 @@
 #define MAX_SETS_ 64
 
 static const char *EVAL_HELP =
-    "usage: moet eval CKPT --data GLOB [--batches N] [--json] [--set section.key=value]...\n"
+    "usage: moet eval CKPT --data GLOB [--batches N] [--json] [--save-logits FILE]\n"
+    "                 [--set section.key=value]...\n"
     "\n"
     "The mean cross-entropy (loss, nats per token) and perplexity of the model in CKPT (a file,\n"
     "a run folder or its latest.h5) on the token shards GLOB (*.npy from `moet tokenize`), read\n"
@@ -25,11 +26,40 @@ static const char *EVAL_HELP =
     "  --data GLOB    token shards (comma-separated globs allowed)\n"
     "  --batches N    micro-batches to evaluate (default: the whole data set, once)\n"
     "  --json         one JSON object instead of the text line\n"
+    "  --save-logits FILE  the logits of the first micro-batch, float32 (micro_batch, seq_len,\n"
+    "                 padded vocab) in NumPy .npy format (np.load reads it)\n"
     "  --set k=v      override a key of the checkpoint's config, e.g. --set train.device=cpu or\n"
     "                 --set train.micro_batch=1 (repeatable)\n";
 
+// Writes m's logits (B,T,V) as a NumPy .npy file (format 1.0: magic, header length, a Python
+// dict literal padded to a multiple of 64 bytes, then the raw little-endian float32 data).
+static int save_logits_(const char *path, const Model *m, MoetErr *err) {
+    const size_t n = (size_t)m->B * m->T * m->V;
+    float *h = moet_malloc(n * sizeof(float));
+    m->ops->to_host(h, m->logits, n * sizeof(float));
+    char dict[128];
+    int len = snprintf(dict, sizeof dict,
+                       "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d, %d), }", m->B,
+                       m->T, m->V);
+    const int total = (10 + len + 1 + 63) / 64 * 64;  // magic 6 + version 2 + length 2
+    char head[192];
+    memcpy(head, "\x93NUMPY\x01\x00", 8);
+    head[8] = (char)((total - 10) & 0xff);
+    head[9] = (char)((total - 10) >> 8);
+    memcpy(head + 10, dict, (size_t)len);
+    memset(head + 10 + len, ' ', (size_t)(total - 10 - len - 1));
+    head[total - 1] = '\n';
+    FILE *f = fopen(path, "wb");
+    int ok = f && fwrite(head, 1, (size_t)total, f) == (size_t)total &&
+             fwrite(h, sizeof(float), n, f) == n;
+    if (f && fclose(f) != 0) ok = 0;
+    free(h);
+    if (!ok) return moet_errf(err, MOET_EFAIL, "eval: cannot write the logits to %s", path);
+    return MOET_OK;
+}
+
 int cmd_eval(int argc, char **argv, MoetErr *err) {
-    const char *spec = NULL, *data = NULL;
+    const char *spec = NULL, *data = NULL, *save_logits = NULL;
     char *sets[MAX_SETS_];
     int n_sets = 0, json = 0;
     long long batches = 0;
@@ -47,6 +77,8 @@ int cmd_eval(int argc, char **argv, MoetErr *err) {
             if (*endp || batches < 1)
                 return moet_errf(err, MOET_EUSAGE, "eval: --batches needs a count >= 1, not %s",
                                  argv[i]);
+        } else if (strcmp(a, "--save-logits") == 0 && has_val) {
+            save_logits = argv[++i];
         } else if (strcmp(a, "--json") == 0) {
             json = 1;
         } else if (strcmp(a, "--set") == 0 && has_val) {
@@ -54,7 +86,7 @@ int cmd_eval(int argc, char **argv, MoetErr *err) {
                 return moet_errf(err, MOET_EUSAGE, "eval: too many --set options");
             sets[n_sets++] = argv[++i];
         } else if (strcmp(a, "--data") == 0 || strcmp(a, "--batches") == 0 ||
-                   strcmp(a, "--set") == 0) {
+                   strcmp(a, "--set") == 0 || strcmp(a, "--save-logits") == 0) {
             return moet_errf(err, MOET_EUSAGE, "eval: %s needs a value (see moet eval --help)", a);
         } else if (a[0] == '-') {
             return moet_errf(err, MOET_EUSAGE, "eval: unknown option %s (see moet eval --help)", a);
@@ -93,7 +125,7 @@ int cmd_eval(int argc, char **argv, MoetErr *err) {
     int have_model = 0;
     if ((rc = model_open_backend(&c, model_local_rank(), &ops, binfo, sizeof binfo, err)))
         return rc;
-    if ((rc = model_create_ops(&m, &c, ops, 0, 1, err))) goto done;
+    if ((rc = model_create_inference(&m, &c, ops, err))) goto done;
     have_model = 1;
     if ((rc = model_set_batch(&m, c.micro_batch, c.seq_len, err))) goto done;
     if ((rc = ckpt_load_model(path, &m, err))) goto done;
@@ -121,6 +153,7 @@ int cmd_eval(int argc, char **argv, MoetErr *err) {
         if ((rc = loader_next(L, tokens, err))) goto done;
         model_forward(&m, tokens);
         sum += m.ce;
+        if (b == 0 && save_logits && (rc = save_logits_(save_logits, &m, err))) goto done;
     }
     const double loss = sum / (double)batches, dt = moet_time() - t0;
     const double ntok = (double)batches * c.micro_batch * c.seq_len;

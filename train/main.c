@@ -408,6 +408,10 @@ static const Command COMMANDS[] = {
     {"train", cmd_train, "train: AdamW, schedule, clipping, accumulation, eval, checkpoints"},
     {"inspect", cmd_inspect, "step, tokens, config, tensors of a checkpoint; --verify checks checksums"},
     {"eval", cmd_eval, "loss and perplexity of a checkpoint on token shards"},
+    {"generate", cmd_generate, "sample text from a checkpoint (KV cache; greedy at temperature 0)"},
+    {"upcycle", cmd_upcycle, "dense checkpoint -> MoE checkpoint (experts copied or sliced)"},
+    {"export-hf", cmd_export_hf, "checkpoint -> Hugging Face OlmoeForCausalLM folder"},
+    {"import-hf", cmd_import_hf, "Hugging Face OLMoE folder (safetensors) -> checkpoint"},
 };
 #define N_COMMANDS ((int)(sizeof COMMANDS / sizeof COMMANDS[0]))
 

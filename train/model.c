@@ -346,8 +346,20 @@ int model_create(Model *m, const Config *c, int ep_rank, int ep_size, MoetErr *e
     return model_create_ops(m, c, ops_cpu(), ep_rank, ep_size, err);
 }
 
+static int create_(Model *m, const Config *c, const Ops *ops, int ep_rank, int ep_size,
+                   int with_grads, MoetErr *err);
+
 int model_create_ops(Model *m, const Config *c, const Ops *ops, int ep_rank, int ep_size,
                      MoetErr *err) {
+    return create_(m, c, ops, ep_rank, ep_size, 1, err);
+}
+
+int model_create_inference(Model *m, const Config *c, const Ops *ops, MoetErr *err) {
+    return create_(m, c, ops, 0, 1, 0, err);
+}
+
+static int create_(Model *m, const Config *c, const Ops *ops, int ep_rank, int ep_size,
+                   int with_grads, MoetErr *err) {
     memset(m, 0, sizeof *m);
     m->cfg = *c;
     m->ops = ops;
@@ -365,7 +377,7 @@ int model_create_ops(Model *m, const Config *c, const Ops *ops, int ep_rank, int
     m->n_local_experts = m->E / ep_size;
     m->expert_lo = ep_rank * m->n_local_experts;
     m->params = ops->alloc(m->n_params * sizeof(float));
-    m->grads = ops->alloc(m->n_params * sizeof(float));
+    m->grads = with_grads ? ops->alloc(m->n_params * sizeof(float)) : NULL;
     m->params_h = ops->on_device ? moet_calloc(m->n_params * sizeof(float)) : m->params;
     if (m->E > 0) {
         m->counts_h = moet_calloc((size_t)m->L * m->E * sizeof(int32_t));
@@ -381,7 +393,7 @@ int model_create_ops(Model *m, const Config *c, const Ops *ops, int ep_rank, int
         !m->expert_tokens)
         moet_die("out of memory creating the model");
     bind_pointers_(m, m->params, &m->p);
-    bind_pointers_(m, m->grads, &m->g);
+    if (m->grads) bind_pointers_(m, m->grads, &m->g);
     return MOET_OK;
 }
 
@@ -502,8 +514,10 @@ void model_init_weights(Model *m, uint64_t seed) {
 // a->mlp_out (N,D) (the output is a->h + a->mlp_out) and, for MoE, *ll and the layer's
 // m->expert_tokens, counts_h and offsets_h (set, not accumulated: a rerun leaves them as they
 // were). Backward reruns it under recompute = full: it must stay a pure function of x and the
-// parameters.
-static void layer_forward_(Model *m, int l, MoeLayerLoss *ll) {
+// parameters. kv (generation; NULL in training): the T rows of the one sequence are positions
+// kv->len .. kv->len+T-1, their keys and values are appended to layer l's cache and the queries
+// attend over the whole cache.
+static void layer_forward_(Model *m, int l, MoeLayerLoss *ll, const KVCache *kv) {
     int B = m->B, T = m->T, D = m->D, H = m->H, Dh = m->Dh;
     int N = B * T;
     float eps = m->cfg.norm_eps, theta = m->cfg.rope_theta;
@@ -517,9 +531,17 @@ static void layer_forward_(Model *m, int l, MoeLayerLoss *ll) {
     k->matmul_forward(a->v, a->ln1, p->wv, N, D, D);
     k->rmsnorm_forward(a->qr, a->qn_rstd, a->q, p->q_norm, N, D, eps);
     k->rmsnorm_forward(a->kr, a->kn_rstd, a->k, p->k_norm, N, D, eps);
-    k->rope_forward(a->qr, a->qr, B, T, H, Dh, theta);
-    k->rope_forward(a->kr, a->kr, B, T, H, Dh, theta);
-    k->attention_forward(a->att, a->att_lse, a->qr, a->kr, a->v, B, T, H, Dh);
+    if (kv) {
+        float *kc = kv->k + (size_t)l * kv->cap * D, *vc = kv->v + (size_t)l * kv->cap * D;
+        k->rope_forward_at(a->qr, a->qr, T, H, Dh, theta, kv->len);
+        k->rope_forward_at(kc + (size_t)kv->len * D, a->kr, T, H, Dh, theta, kv->len);
+        k->copy(vc + (size_t)kv->len * D, a->v, (size_t)T * D * sizeof(float));
+        k->attention_forward_cached(a->att, a->qr, kc, vc, T, kv->len + T, H, Dh);
+    } else {
+        k->rope_forward(a->qr, a->qr, B, T, H, Dh, theta);
+        k->rope_forward(a->kr, a->kr, B, T, H, Dh, theta);
+        k->attention_forward(a->att, a->att_lse, a->qr, a->kr, a->v, B, T, H, Dh);
+    }
     k->matmul_forward(a->h, a->att, p->wo, N, D, D);
     k->add_forward(a->h, a->h, a->x, (size_t)N * D);
     // MLP block: out = h + moe(ln2(h))
@@ -551,7 +573,7 @@ void model_forward(Model *m, const int32_t *tokens) {
     for (int l = 0; l < m->L; l++) {
         LayerActs *a = &m->acts[l];
         MoeLayerLoss ll;
-        layer_forward_(m, l, &ll);
+        layer_forward_(m, l, &ll, NULL);
         if (m->E > 0) {
             m->layer_lb[l] = ll.lb;
             m->layer_z[l] = ll.z;
@@ -569,6 +591,58 @@ void model_forward(Model *m, const int32_t *tokens) {
     m->lb = m->E > 0 ? lb / m->L : 0.0;
     m->z = m->E > 0 ? z / m->L : 0.0;
     m->loss = m->ce + m->cfg.lb_coef * m->lb + m->cfg.z_coef * m->z;
+}
+
+// ---------------------------------------------------------------------------------------
+// generation: the forward of one sequence a few tokens at a time over a KV cache
+
+int model_kv_create(Model *m, KVCache *kv, int cap, MoetErr *err) {
+    memset(kv, 0, sizeof *kv);
+    if (cap < 1 || cap > m->cfg.max_seq_len)
+        return moet_errf(err, MOET_EUSAGE, "KV cache of %d positions: the model takes 1 to %d "
+                         "([model] max_seq_len)", cap, m->cfg.max_seq_len);
+    if (m->disp)
+        return moet_errf(err, MOET_EUSAGE, "generation runs on one rank holding every expert");
+    const size_t n = (size_t)m->L * cap * m->D;
+    kv->cap = cap;
+    kv->k = m->ops->alloc(n * sizeof(float));
+    kv->v = m->ops->alloc(n * sizeof(float));
+    return MOET_OK;
+}
+
+void model_kv_free(Model *m, KVCache *kv) {
+    m->ops->free(kv->k);
+    m->ops->free(kv->v);
+    memset(kv, 0, sizeof *kv);
+}
+
+void model_forward_cached(Model *m, KVCache *kv, const int32_t *tokens, int n) {
+    if (n < 1 || n > m->B * m->T || kv->len + n > kv->cap)
+        moet_die("model_forward_cached: %d tokens after %d cached (cache %d, arena %d rows)", n,
+                 kv->len, kv->cap, m->B * m->T);
+    const int B = m->B, T = m->T, D = m->D;
+    const Ops *k = m->ops;
+    // the arena was laid out for (B,T); one sequence of n rows uses the first n of each buffer
+    m->B = 1;
+    m->T = n;
+    memcpy(m->tokens_h, tokens, (size_t)n * sizeof(int32_t));
+    k->to_device(m->tokens, m->tokens_h, (size_t)n * sizeof(int32_t));
+    k->embedding_forward(m->acts[0].x, m->tokens, m->p.embed, n, D);
+    for (int l = 0; l < m->L; l++) {
+        LayerActs *a = &m->acts[l];
+        MoeLayerLoss ll;
+        layer_forward_(m, l, &ll, kv);
+        float *out = l + 1 < m->L ? m->acts[l + 1].x : m->x_final;
+        k->add_forward(out, a->h, a->mlp_out, (size_t)n * D);
+    }
+    kv->len += n;
+    // only the last position's next-token distribution is wanted
+    k->rmsnorm_forward(m->lnf, m->lnf_rstd, m->x_final + (size_t)(n - 1) * D, m->p.norm, 1, D,
+                       m->cfg.norm_eps);
+    k->matmul_forward(m->logits, m->lnf, m->p.lm_head, 1, D, m->V);
+    m->logits_are_grads = 0;
+    m->B = B;
+    m->T = T;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -601,7 +675,7 @@ void model_backward(Model *m) {
         // layer's are still there from forward). Its losses were counted by forward.
         if (m->arena_recompute && l < m->L - 1) {
             MoeLayerLoss rerun;
-            layer_forward_(m, l, &rerun);
+            layer_forward_(m, l, &rerun, NULL);
         }
         // MLP block; d_res is d out = d h (residual) + the path through the MLP
         k->zero_fill(m->d_ln, ND);

@@ -16,6 +16,13 @@ struct Dispatcher;
 #define MODEL_NAME_MAX 96
 #define MODEL_MAX_DIMS 3
 
+// Keys (after k_norm and RoPE) and values of the positions a sequence has so far, per layer,
+// for generation: k, v are (L, cap, D) backend memory; positions [0, len) are filled.
+typedef struct {
+    int cap, len;
+    float *k, *v;
+} KVCache;
+
 typedef struct {
     char name[MODEL_NAME_MAX];  // HF name, e.g. "model.layers.3.mlp.experts.up_proj.weight"
     int ndim;
@@ -176,6 +183,9 @@ double model_peak_gflops(const Ops *ops);
 // model_create on the backend `ops` (ops_cpu() or an opened ops_cuda()).
 int model_create_ops(Model *m, const Config *cfg, const Ops *ops, int ep_rank, int ep_size,
                      MoetErr *err);
+// model_create_ops for evaluation and generation: every expert, no gradient buffer (half the
+// memory; model_backward and model_zero_grad must not be called).
+int model_create_inference(Model *m, const Config *cfg, const Ops *ops, MoetErr *err);
 // Copies params_h to the backend's params, or back (no-ops on the CPU, where they are one
 // buffer). Init and checkpoint loads write params_h and upload; saves download first.
 void model_upload_params(Model *m);
@@ -203,5 +213,16 @@ void model_forward(Model *m, const int32_t *tokens);
 // that layer's backward; losses and expert_tokens stay as forward left them.
 void model_backward(Model *m);
 void model_zero_grad(Model *m);
+
+// Generation (one sequence; ep 1). model_kv_create allocates a cache of cap positions
+// (<= max_seq_len). model_forward_cached runs n new tokens at positions kv->len ..
+// kv->len+n-1 (the prompt at once, then one token at a time) through every layer, appends
+// their keys and values to the cache, and leaves the logits of the LAST of them in m->logits
+// (padded vocabulary V, backend memory). The arena must hold n tokens: model_set_batch(m, 1,
+// T >= n) (or any B*T >= n). Same ops as model_forward, so the logits equal model_forward's
+// at that position up to the summation order of attention.
+int model_kv_create(Model *m, KVCache *kv, int cap, MoetErr *err);
+void model_kv_free(Model *m, KVCache *kv);
+void model_forward_cached(Model *m, KVCache *kv, const int32_t *tokens, int n);
 
 const ParamTensor *model_find_tensor(const Model *m, const char *name);

@@ -143,3 +143,48 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout, cons
         free(p);
     }
 }
+
+// Generation: the same strips as attention_forward, over one sequence whose first Tk-Tq
+// positions are cached. Query block rows [q0, q0+bq) are positions off+q0 .. and see the keys
+// [0, off+q0+bq).
+// out, q are (Tq,H,Dh); k, v are (Tk,H,Dh)
+void attention_forward_cached(float *out, const float *q, const float *k, const float *v, int Tq,
+                              int Tk, int H, int Dh) {
+    const int ld = H * Dh;
+    const int off = Tk - Tq;
+    const float scale = 1.0f / sqrtf((float)Dh);
+    const int nqb = (Tq + ATTN_BQ - 1) / ATTN_BQ;
+    const int nwork = H * nqb;
+#pragma omp parallel if ((size_t)H * Tq * Tk * Dh >= ATTN_PAR_MIN)
+    {
+        float *s = scratch_alloc_(Tk);
+#pragma omp for schedule(dynamic, 1)
+        for (int w = 0; w < nwork; w++) {
+            const int qb = nqb - 1 - w / H, h = w % H;
+            const int q0 = qb * ATTN_BQ;
+            const int bq = q0 + ATTN_BQ < Tq ? ATTN_BQ : Tq - q0;
+            const int kend = off + q0 + bq;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, bq, kend, Dh, scale,
+                        q + (size_t)q0 * ld + (size_t)h * Dh, ld, k + (size_t)h * Dh, ld, 0.0f, s,
+                        kend);
+            for (int i = 0; i < bq; i++) {
+                float *row = s + (size_t)i * kend;
+                const int nk = off + q0 + i + 1;
+                float m = row[0];
+                for (int j = 1; j < nk; j++) m = row[j] > m ? row[j] : m;
+                double sum = 0.0;
+                for (int j = 0; j < nk; j++) {
+                    const float e = expf(row[j] - m);
+                    row[j] = e;
+                    sum += e;
+                }
+                const float inv = (float)(1.0 / sum);
+                for (int j = 0; j < nk; j++) row[j] *= inv;
+                for (int j = nk; j < kend; j++) row[j] = 0.0f;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, bq, Dh, kend, 1.0f, s, kend,
+                        v + (size_t)h * Dh, ld, 0.0f, out + (size_t)q0 * ld + (size_t)h * Dh, ld);
+        }
+        free(s);
+    }
+}

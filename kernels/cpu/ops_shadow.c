@@ -113,6 +113,14 @@ static void sh_rope_backward_(float *dinp, const float *dout, int B, int T, int 
                               float theta) {
     rope_backward(F_(dinp), F_(dout), B, T, H, Dh, theta);
 }
+static void sh_rope_forward_at_(float *out, const float *inp, int T, int H, int Dh, float theta,
+                                int pos0) {
+    rope_forward_at(F_(out), F_(inp), T, H, Dh, theta, pos0);
+}
+static void sh_attention_forward_cached_(float *out, const float *q, const float *k,
+                                         const float *v, int Tq, int Tk, int H, int Dh) {
+    attention_forward_cached(F_(out), F_(q), F_(k), F_(v), Tq, Tk, H, Dh);
+}
 static void sh_attention_forward_(float *out, float *lse, const float *q, const float *k,
                                   const float *v, int B, int T, int H, int Dh) {
     attention_forward(F_(out), F_(lse), F_(q), F_(k), F_(v), B, T, H, Dh);
@@ -219,6 +227,8 @@ static const Ops shadow_ops_ = {
     .matmul_backward = sh_matmul_backward_,
     .rope_forward = sh_rope_forward_,
     .rope_backward = sh_rope_backward_,
+    .rope_forward_at = sh_rope_forward_at_,
+    .attention_forward_cached = sh_attention_forward_cached_,
     .attention_forward = sh_attention_forward_,
     .attention_backward = sh_attention_backward_,
     .swiglu_forward = sh_swiglu_forward_,

@@ -12,16 +12,16 @@
 // Rotates every (b, t, h) row of src by +angle (dir = 1, forward) or -angle (dir = -1, the
 // transpose, backward). dst = R src when acc = 0, dst += R src when acc = 1. Both elements of
 // a pair are read before either is written, so dst may alias src when acc = 0.
-// dst, src are (B,T,H,Dh)
+// Row t is at position pos0 + t. dst, src are (B,T,H,Dh)
 static void rope_apply_(float *dst, const float *src, int B, int T, int H, int Dh, float theta,
-                        float dir, int acc) {
+                        float dir, int acc, int pos0) {
     const int half = Dh / 2;
     const size_t ld = (size_t)H * Dh;
 #pragma omp parallel for schedule(static) if ((size_t)B * T * H * Dh >= PAR_MIN)
     for (int t = 0; t < T; t++) {
         for (int i = 0; i < half; i++) {
             const double inv_freq = pow((double)theta, -2.0 * i / Dh);
-            const double ang = (double)t * inv_freq;
+            const double ang = (double)(pos0 + t) * inv_freq;
             const float c = (float)cos(ang), s = dir * (float)sin(ang);
             for (int b = 0; b < B; b++) {
                 for (int h = 0; h < H; h++) {
@@ -43,12 +43,16 @@ static void rope_apply_(float *dst, const float *src, int B, int T, int H, int D
 
 // out, inp are (B,T,H,Dh) and may be the same buffer
 void rope_forward(float *out, const float *inp, int B, int T, int H, int Dh, float theta) {
-    rope_apply_(out, inp, B, T, H, Dh, theta, 1.0f, 0);
+    rope_apply_(out, inp, B, T, H, Dh, theta, 1.0f, 0, 0);
+}
+
+void rope_forward_at(float *out, const float *inp, int T, int H, int Dh, float theta, int pos0) {
+    rope_apply_(out, inp, 1, T, H, Dh, theta, 1.0f, 0, pos0);
 }
 
 // The rotation is orthogonal: dinp += R^T dout = R(-angle) dout.
 // dinp, dout are (B,T,H,Dh); dinp must not alias dout (it accumulates)
 void rope_backward(float *dinp, const float *dout, int B, int T, int H, int Dh, float theta) {
     if (!dinp) return;
-    rope_apply_(dinp, dout, B, T, H, Dh, theta, -1.0f, 1);
+    rope_apply_(dinp, dout, B, T, H, Dh, theta, -1.0f, 1, 0);
 }

@@ -41,17 +41,19 @@ size_t cuda_attention_scratch_bytes(int T, int H) {
 // ---------------------------------------------------------------------------------------
 // Forward
 
-// Causal softmax of one sequence's scores, in place: one block per row (h, t) of s (H*T rows
-// of length T). Query t sees keys [0, t]: p_j = exp(s_j - m) / sum over j <= t, with m the
-// row max (stability); keys j > t get exactly 0, so that O = P V over the full square adds
-// nothing from the future. lse = m + log(sum) is the log-sum-exp of the scaled scores, as on
-// the CPU. The sum is an fp32 tree over <= T terms in (0, 1]: relative error ~ log2(T) ulp.
-static __global__ void attention_softmax_kernel(float *s, float *lse, int T) {
+// Causal softmax of one sequence's scores, in place: one block per row (h, t) of s (H*Tq rows
+// of length Tk). Query t is position off + t, off = Tk - Tq (0 in training; the cached
+// positions in generation), and sees keys [0, off + t]: p_j = exp(s_j - m) / sum over those,
+// with m the row max (stability); later keys get exactly 0, so that O = P V over the full
+// rectangle adds nothing from the future. lse (NULL: not wanted) = m + log(sum) is the
+// log-sum-exp of the scaled scores, as on the CPU. The sum is an fp32 tree over <= Tk terms in
+// (0, 1]: relative error ~ log2(Tk) ulp.
+static __global__ void attention_softmax_kernel(float *s, float *lse, int Tq, int Tk) {
     __shared__ float red[32];
-    const int row = blockIdx.x; // h*T + t
-    const int t = row % T;
-    const int nk = t + 1;
-    float *sr = s + (size_t)row * T;
+    const int row = blockIdx.x; // h*Tq + t
+    const int t = row % Tq;
+    const int nk = Tk - Tq + t + 1;
+    float *sr = s + (size_t)row * Tk;
     float m = -INFINITY;
     for (int j = threadIdx.x; j < nk; j += blockDim.x) m = fmaxf(m, sr[j]);
     m = block_max_f32(m, red);
@@ -63,8 +65,8 @@ static __global__ void attention_softmax_kernel(float *s, float *lse, int T) {
     }
     sum = block_sum_f32(sum, red); // >= 1: the max term is exp(0)
     const float inv = 1.0f / sum;
-    for (int j = threadIdx.x; j < T; j += blockDim.x) sr[j] = j < nk ? sr[j] * inv : 0.0f;
-    if (threadIdx.x == 0) lse[row] = m + logf(sum);
+    for (int j = threadIdx.x; j < Tk; j += blockDim.x) sr[j] = j < nk ? sr[j] * inv : 0.0f;
+    if (lse && threadIdx.x == 0) lse[row] = m + logf(sum);
 }
 
 // Stops with a message when a caller passed no scratch (a bug in the caller).
@@ -100,7 +102,7 @@ void cuda_attention_forward(float *out, float *lse, const float *q, const float 
         const float *qb = q + base, *kb = k + base, *vb = v + base;
         scores_(s, qb, kb, T, H, Dh, scale);
         attention_softmax_kernel<<<(unsigned)(H * T), ATTN_ROW_THREADS>>>(
-            s, lse + (size_t)b * H * T, T);
+            s, lse + (size_t)b * H * T, T, T);
         CUDA_CHECK_LAUNCH();
         // Per head, column-major: O^T (Dh,T) = V^T (Dh,T) * P^T (T,T)
         // (V stored as V^T: op N; row-major P read column-major is P^T: op N); O^T with
@@ -185,4 +187,31 @@ void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                                       TT, 1.0f, dk + base, ld, Dh, H);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Generation: Tq queries (positions Tk-Tq ..) over the Tk cached keys and values of one
+// sequence, the forward's three steps on a (Tq,Tk) rectangle per head instead of (T,T).
+
+size_t cuda_attention_cached_scratch_bytes(int Tq, int Tk, int H) {
+    if (Tq <= 0 || Tk <= 0 || H <= 0) return 0;
+    return (size_t)H * (size_t)Tq * (size_t)Tk * sizeof(float);
+}
+
+// out, q are (Tq,H,Dh); k, v are (Tk,H,Dh); scratch is cuda_attention_cached_scratch_bytes
+void cuda_attention_forward_cached(float *out, const float *q, const float *k, const float *v,
+                                   int Tq, int Tk, int H, int Dh, void *scratch) {
+    if (Tq <= 0 || Tk < Tq || H <= 0 || Dh <= 0) return;
+    need_scratch_("cuda_attention_forward_cached", scratch);
+    const int ld = H * Dh;
+    const float scale = 1.0f / sqrtf((float)Dh);
+    float *s = (float *)scratch; // (H,Tq,Tk)
+    // per head, column-major: S^T (Tk,Tq) = scale * K (Tk,Dh) * Q^T (Dh,Tq)
+    gemm_f32_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, Dh, scale, k, ld, Dh, q, ld, Dh,
+                              0.0f, s, Tk, (long long)Tq * Tk, H);
+    attention_softmax_kernel<<<(unsigned)(H * Tq), ATTN_ROW_THREADS>>>(s, NULL, Tq, Tk);
+    CUDA_CHECK_LAUNCH();
+    // O^T (Dh,Tq) = V^T (Dh,Tk) * P^T (Tk,Tq)
+    gemm_f32_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_N, Dh, Tq, Tk, 1.0f, v, ld, Dh, s, Tk,
+                              (long long)Tq * Tk, 0.0f, out, ld, Dh, H);
 }

@@ -151,6 +151,11 @@ void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                              const float *lse, const float *q, const float *k, const float *v,
                              int B, int T, int H, int Dh, void *scratch);
 size_t cuda_attention_scratch_bytes(int T, int H);
+// Generation (kernels.h attention_forward_cached): Tq queries over Tk cached keys of one
+// sequence; scratch holds the (H,Tq,Tk) scores: cuda_attention_cached_scratch_bytes bytes.
+void cuda_attention_forward_cached(float *out, const float *q, const float *k, const float *v,
+                                   int Tq, int Tk, int H, int Dh, void *scratch);
+size_t cuda_attention_cached_scratch_bytes(int Tq, int Tk, int H);
 
 // ---------------------------------------------------------------------------------------
 // Embedding. Backward is deterministic without atomics: the host sorts the token positions by
@@ -165,6 +170,8 @@ size_t cuda_embedding_backward_scratch_bytes(int N);
 void cuda_rope_forward(float *out, const float *inp, int B, int T, int H, int Dh, float theta);
 void cuda_rope_backward(float *dinp, const float *dout, int B, int T, int H, int Dh,
                         float theta);
+void cuda_rope_forward_at(float *out, const float *inp, int T, int H, int Dh, float theta,
+                          int pos0);
 
 // ---------------------------------------------------------------------------------------
 // Router, dispatch plan, permute / unpermute: kernels.h semantics, device pointers.

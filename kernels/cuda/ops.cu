@@ -157,7 +157,7 @@ typedef struct {
     double inv_freq[ROPE_MAX_HALF]; // 2 KB of kernel parameters
 } RopeFreqs;
 
-// Rotates every (b, t, h) row of src by +angle (dir = 1, forward) or -angle (dir = -1, the
+// Rotates every (b, t, h) row of src (t at position pos0 + t) by +angle (dir = 1, forward) or -angle (dir = -1, the
 // transpose, backward); dst = R src (acc = 0) or dst += R src (acc = 1). One block per
 // position t: its threads first put cos and sin of the Dh/2 angles at t into shared memory,
 // then rotate every pair (b, h, i) at that t. Both elements of a pair are read by the thread
@@ -166,13 +166,13 @@ typedef struct {
 // (ISO C, no contraction) rounds each product, and so the results match it bit for bit.
 // dst, src are (B,T,H,Dh); dynamic shared memory is 2 * (Dh/2) floats
 static __global__ void rope_kernel(float *dst, const float *src, int B, int T, int H, int Dh,
-                                   RopeFreqs f, float dir, int acc) {
+                                   RopeFreqs f, float dir, int acc, int pos0) {
     extern __shared__ float cs[]; // cos at [0, half), dir * sin at [half, 2 half)
     const int t = blockIdx.x;
     const int half = Dh / 2;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         double s, c;
-        sincos((double)t * f.inv_freq[i], &s, &c);
+        sincos((double)(pos0 + t) * f.inv_freq[i], &s, &c);
         cs[i] = (float)c;
         cs[half + i] = dir * (float)s;
     }
@@ -199,7 +199,7 @@ static __global__ void rope_kernel(float *dst, const float *src, int B, int T, i
 }
 
 static void rope_apply_(const char *fn, float *dst, const float *src, int B, int T, int H, int Dh,
-                        float theta, float dir, int acc) {
+                        float theta, float dir, int acc, int pos0) {
     if (B <= 0 || T <= 0 || H <= 0 || Dh < 2) return;
     const int half = Dh / 2;
     if (half > ROPE_MAX_HALF) die_(fn, "the head dimension Dh is above 512 (ROPE_MAX_HALF)");
@@ -207,19 +207,25 @@ static void rope_apply_(const char *fn, float *dst, const float *src, int B, int
     memset(&f, 0, sizeof f);
     for (int i = 0; i < half; i++) f.inv_freq[i] = pow((double)theta, -2.0 * i / Dh);
     const size_t smem = 2 * (size_t)half * sizeof(float);
-    rope_kernel<<<(unsigned)T, ROPE_THREADS, smem>>>(dst, src, B, T, H, Dh, f, dir, acc);
+    rope_kernel<<<(unsigned)T, ROPE_THREADS, smem>>>(dst, src, B, T, H, Dh, f, dir, acc, pos0);
     CUDA_CHECK_LAUNCH();
 }
 
 // out, inp are (B,T,H,Dh) and may be the same buffer
 void cuda_rope_forward(float *out, const float *inp, int B, int T, int H, int Dh, float theta) {
-    rope_apply_("cuda_rope_forward", out, inp, B, T, H, Dh, theta, 1.0f, 0);
+    rope_apply_("cuda_rope_forward", out, inp, B, T, H, Dh, theta, 1.0f, 0, 0);
+}
+
+// one sequence, rows at positions pos0 .. pos0+T-1 (generation)
+void cuda_rope_forward_at(float *out, const float *inp, int T, int H, int Dh, float theta,
+                          int pos0) {
+    rope_apply_("cuda_rope_forward_at", out, inp, 1, T, H, Dh, theta, 1.0f, 0, pos0);
 }
 
 // dinp += R(-angle) dout; dinp must not alias dout
 void cuda_rope_backward(float *dinp, const float *dout, int B, int T, int H, int Dh, float theta) {
     if (!dinp) return;
-    rope_apply_("cuda_rope_backward", dinp, dout, B, T, H, Dh, theta, -1.0f, 1);
+    rope_apply_("cuda_rope_backward", dinp, dout, B, T, H, Dh, theta, -1.0f, 1, 0);
 }
 
 // ---------------------------------------------------------------------------------------

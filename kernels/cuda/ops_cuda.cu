@@ -53,6 +53,12 @@ static void attention_forward_(float *out, float *lse, const float *q, const flo
                            scratch_(cuda_attention_scratch_bytes(T, H)));
 }
 
+static void attention_forward_cached_(float *out, const float *q, const float *k,
+                                      const float *v, int Tq, int Tk, int H, int Dh) {
+    cuda_attention_forward_cached(out, q, k, v, Tq, Tk, H, Dh,
+                                  scratch_(cuda_attention_cached_scratch_bytes(Tq, Tk, H)));
+}
+
 static void attention_backward_(float *dq, float *dk, float *dv, const float *dout,
                                 const float *out, const float *lse, const float *q, const float *k,
                                 const float *v, int B, int T, int H, int Dh) {
@@ -123,6 +129,8 @@ static void fill_table_(Ops *o) {
     o->matmul_backward = cuda_matmul_backward;
     o->rope_forward = cuda_rope_forward;
     o->rope_backward = cuda_rope_backward;
+    o->rope_forward_at = cuda_rope_forward_at;
+    o->attention_forward_cached = attention_forward_cached_;
     o->attention_forward = attention_forward_;
     o->attention_backward = attention_backward_;
     o->swiglu_forward = cuda_swiglu_forward;

@@ -292,7 +292,40 @@ static void attention_case_(int B, int T, int H, int Dh, int grads, int bf16, ui
     free(want_dq), free(want_dk), free(want_dv);
 }
 
+// Generation: Tq queries over Tk cached keys against the CPU op, which itself must give the
+// last Tq rows of the causal attention over the whole sequence.
+static void attention_cached_case_(int Tq, int Tk, int H, int Dh, int bf16, uint64_t seed) {
+    const size_t nk = (size_t)Tk * H * Dh, nq = (size_t)Tq * H * Dh;
+    float *q = tcu_host_rand(nk, seed, 1.0f), *k = tcu_host_rand(nk, seed + 1, 1.0f);
+    float *v = tcu_host_rand(nk, seed + 2, 1.0f);
+    float *full = tcu_host_alloc(nk), *lse = tcu_host_alloc((size_t)H * Tk);
+    attention_forward(full, lse, q, k, v, 1, Tk, H, Dh);
+    float *out = tcu_host_alloc(nq);
+    const float *qlast = q + (nk - nq);
+    attention_forward_cached(out, qlast, k, v, Tq, Tk, H, Dh);
+    char name[128];
+    snprintf(name, sizeof name, "CPU attention_forward_cached Tq=%d Tk=%d = the full rows", Tq, Tk);
+    CU_ASSERT_TRUE(tu_allclose(name, out, full + (nk - nq), nq, 1e-6, 1e-5));
+
+    cuda_set_gemm_bf16(bf16);
+    float *d_q = tcu_dev_from(qlast, nq), *d_k = tcu_dev_from(k, nk), *d_v = tcu_dev_from(v, nk);
+    float *d_out = cuda_malloc(nq * sizeof(float));
+    void *scratch = cuda_malloc(cuda_attention_cached_scratch_bytes(Tq, Tk, H));
+    cuda_attention_forward_cached(d_out, d_q, d_k, d_v, Tq, Tk, H, Dh, scratch);
+    snprintf(name, sizeof name, "attention_forward_cached Tq=%d Tk=%d Dh=%d %s", Tq, Tk, Dh,
+             mode_name_(bf16));
+    CU_ASSERT_TRUE(check_(name, d_out, out, nq, attn_atol_(bf16, out, nq, 1.0), gemm_rtol_(bf16)));
+    cuda_free(d_q), cuda_free(d_k), cuda_free(d_v), cuda_free(d_out), cuda_free(scratch);
+    free(q), free(k), free(v), free(full), free(lse), free(out);
+}
+
 static void test_attention(void) {
+    for (int bf16 = 0; bf16 <= 1; bf16++) {
+        attention_cached_case_(1, 1, 3, 16, bf16, 3600);   // the first generated position
+        attention_cached_case_(1, 130, 3, 64, bf16, 3610); // one new token over a cache
+        attention_cached_case_(17, 17, 2, 16, bf16, 3620); // a prompt
+        attention_cached_case_(5, 70, 2, 32, bf16, 3630);  // a few tokens after a cache
+    }
     static const int Ts[] = {1, 17, 128}, Dhs[] = {16, 64};
     for (int bf16 = 0; bf16 <= 1; bf16++) {
         for (size_t i = 0; i < sizeof Ts / sizeof Ts[0]; i++)

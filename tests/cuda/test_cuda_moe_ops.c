@@ -162,7 +162,27 @@ static void rope_case_(int B, int T, int H, int Dh, float theta, uint64_t seed) 
     free(x), free(dout), free(dx0), free(out), free(want_dx);
 }
 
+// Generation: T rows at positions pos0 .. against the CPU op, and (on the CPU) against the rows
+// pos0 .. of rope_forward over the whole sequence, which must be the same rotation.
+static void rope_at_case_(int T, int H, int Dh, float theta, int pos0, uint64_t seed) {
+    const int Tall = pos0 + T;
+    const size_t n = (size_t)T * H * Dh, nall = (size_t)Tall * H * Dh;
+    float *xall = tcu_host_rand(nall, seed, 2.0f), *outall = tcu_host_alloc(nall);
+    rope_forward(outall, xall, 1, Tall, H, Dh, theta);
+    const float *x = xall + (nall - n);
+    float *out = tcu_host_alloc(n);
+    rope_forward_at(out, x, T, H, Dh, theta, pos0);
+    CU_ASSERT_TRUE(memcmp(out, outall + (nall - n), n * sizeof(float)) == 0);
+    float *d_x = tcu_dev_from(x, n), *d_out = cuda_malloc(n * sizeof(float));
+    cuda_rope_forward_at(d_out, d_x, T, H, Dh, theta, pos0);
+    CU_ASSERT_TRUE(tcu_check("rope_forward_at", d_out, out, n, RTOL_ROPE, ATOL_FRAC_ROPE));
+    cuda_free(d_x), cuda_free(d_out);
+    free(xall), free(outall), free(out);
+}
+
 static void test_rope(void) {
+    rope_at_case_(1, 3, 48, 10000.0f, 4000, 1150);
+    rope_at_case_(9, 2, 64, 500000.0f, 17, 1160);
     rope_case_(1, 1, 1, 2, 10000.0f, 1100);
     rope_case_(2, 37, 3, 48, 10000.0f, 1110);
     rope_case_(3, 5, 2, 6, 500000.0f, 1120);
