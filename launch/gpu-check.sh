@@ -10,10 +10,11 @@
 #   6. generation: greedy text from the tiny-moe run on cuda with fp32 GEMMs = on the cpu
 #      (bf16 shown beside), and tokens/s of `moet generate` on the bench-gpu-olmoe shapes.
 #   bash launch/gpu-check.sh [BUNDLE] [LOGDIR]
-# BUNDLE is a folder from launch/gpu-bundle.sh (bin/, lib/), its .tar.gz, or a build folder; LOGDIR receives
-# one log per check (default gpu-logs); checkpoints go to CKDIR (default /tmp/moet-gpu-ck: not
-# into LOGDIR, which may be copied back). Every check runs even when an earlier one fails; the
-# exit status is the number of failed checks.
+# BUNDLE is a folder from launch/gpu-bundle.sh (bin/, lib/), its .tar.gz, or a build folder;
+# LOGDIR receives one log per check (default gpu-logs; a check is stopped after CHECK_TIMEOUT
+# s, default 600); checkpoints go to CKDIR (default /tmp/moet-gpu-ck, not LOGDIR, which may be
+# copied back). Every check runs even when an earlier one fails; the exit status is the number
+# of failed checks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${1:-gpu-bundle}
@@ -33,7 +34,7 @@ fail=0
 check() { # name, command...
   local name=$1; shift
   local t0=$SECONDS
-  "$@" >"$LOG/$name.log" 2>&1
+  timeout "${CHECK_TIMEOUT:-600}" "$@" >"$LOG/$name.log" 2>&1
   local rc=$?
   if [[ $rc -eq 0 ]]; then r=ok
   elif [[ $rc -eq 77 ]]; then r="SKIPPED (no GPU)"; fail=$((fail + 1))
@@ -69,6 +70,19 @@ gen generate_cuda_fp32 --set train.device=cuda --set train.precision=fp32
 gen generate_cuda_bf16 --set train.device=cuda
 ids() { grep -o '"ids":\[[^]]*\]' "$LOG/$1.log"; }
 check generate_cuda_fp32_eq_cpu test -n "$(ids generate_cpu)" -a "$(ids generate_cpu)" = "$(ids generate_cuda_fp32)"
+# upcycling on the GPU: a dense model and its G = 2 upcycle (virtual-group routers: the slices
+# of a copy must tie exactly under bf16 GEMMs too) give the same eval loss on cuda
+check train_dense_cuda "$BIN/moet" train --config configs/tiny-dense.ini --set train.max_steps=20 \
+  --set train.eval_every=0 --set train.device=cuda --set checkpoint.dir="$CK/dense"
+check upcycle_g2 "$BIN/moet" upcycle --dense "$CK/dense" --config configs/tiny-moe.ini \
+  --set moe.norm_topk_prob=true --set moe.expert_d_ff=128 --granularity 2 --out "$CK/up2"
+for m in dense up2; do
+  check "eval_${m}_cuda" "$BIN/moet" eval "$CK/$m" --data 'data/sample/tokens/valid/*.npy' \
+    --batches 4 --json --set train.device=cuda
+done
+loss() { grep -o '"loss":[^,}]*' "$LOG/$1.log" | cut -d: -f2; }
+check upcycle_g2_eq_dense_cuda awk -v a="$(loss eval_dense_cuda)" -v b="$(loss eval_up2_cuda)" \
+  'BEGIN { d = a - b; if (d < 0) d = -d; print "dense", a, "upcycled", b, "diff", d; exit !(a != "" && d < 1e-3) }'
 # tokens/s of generation on the bench-gpu-olmoe shapes (4 layers of OLMoE-1B-7B): one step
 # writes a model-only checkpoint, then 200 tokens are sampled from it
 check olmoe4_checkpoint "$BIN/moet" train --config configs/bench-gpu-olmoe.ini \

@@ -23,7 +23,8 @@ static void tiny_config_(Config *c, int n_experts, int norm_topk) {
     const char *sets[] = {
         "model.d_model=32",  "model.n_layers=3",   "model.n_heads=4",  "model.vocab_size=100",
         "model.max_seq_len=24", "model.d_ff=48",   "model.init_std=0.2", "moe.expert_d_ff=24",
-        "moe.top_k=2",       "train.seq_len=19",   "train.micro_batch=1", "train.global_batch=1", "train.max_steps=1",
+        "moe.top_k=2",       "train.seq_len=19",   "train.micro_batch=1", "train.global_batch=1",
+        "train.max_steps=1",
         "data.eos_id=0",
     };
     for (size_t i = 0; i < sizeof sets / sizeof sets[0]; i++)

@@ -110,7 +110,8 @@ static int parse_args_(int argc, char **argv, GenArgs *g, int *help, MoetErr *er
     if (!g->spec)
         return moet_errf(err, MOET_EUSAGE, "generate: missing CKPT (see moet generate --help)");
     if (!g->prompt)
-        return moet_errf(err, MOET_EUSAGE, "generate: missing --prompt TEXT (the text to continue)");
+        return moet_errf(err, MOET_EUSAGE,
+                         "generate: missing --prompt TEXT (the text to continue)");
     return MOET_OK;
 }
 
@@ -138,23 +139,38 @@ static int cand_desc_(const void *a, const void *b) {
 // The next token from the logits of the first n ids (the tokenizer's vocabulary). Greedy:
 // the highest logit, the lowest id among equals. Else p = softmax(logits / temperature) in
 // double, cut to the nucleus (the most likely tokens whose mass reaches top_p), renormalised,
-// and drawn with one uniform number. cand is scratch for n entries.
+// and drawn with one uniform number. The nucleus is a prefix of the tokens sorted by p; only
+// the candidates above a threshold are sorted, the threshold lowered (by 2^-20 of the top p
+// each time) until their mass reaches top_p: exact, and a few hundred candidates instead of
+// the whole vocabulary for a trained model. cand and pv are scratch for n entries.
 static int sample_(const float *logits, int n, double temperature, double top_p, uint64_t *rng,
-                   Cand *cand) {
+                   Cand *cand, double *pv) {
     int best = 0;
     for (int i = 1; i < n; i++)
         if (logits[i] > logits[best]) best = i;
     if (temperature == 0.0) return best;
     double sum = 0.0;
     for (int i = 0; i < n; i++) {
-        cand[i].id = i;
-        cand[i].p = exp(((double)logits[i] - logits[best]) / temperature);
-        sum += cand[i].p;
+        pv[i] = exp(((double)logits[i] - logits[best]) / temperature);
+        sum += pv[i];
     }
-    qsort(cand, (size_t)n, sizeof *cand, cand_desc_);
+    int m = 0;
+    for (double thr = 0x1.0p-20;; thr *= 0x1.0p-20) {  // p of the best token = 1 (unnormalised)
+        double above = 0.0;
+        m = 0;
+        for (int i = 0; i < n; i++) {
+            if (pv[i] >= thr || thr < 1e-300) {
+                cand[m].id = i;
+                cand[m++].p = pv[i];
+                above += pv[i];
+            }
+        }
+        if (above >= top_p * sum || m == n) break;
+    }
+    qsort(cand, (size_t)m, sizeof *cand, cand_desc_);
     int keep = 0;
     double mass = 0.0;
-    while (keep < n && (keep == 0 || mass < top_p * sum)) mass += cand[keep++].p;
+    while (keep < m && (keep == 0 || mass < top_p * sum)) mass += cand[keep++].p;
     const double u = (double)(splitmix64_(rng) >> 11) * 0x1.0p-53 * mass;
     double c = 0.0;
     for (int i = 0; i < keep; i++) {
@@ -244,6 +260,7 @@ int cmd_generate(int argc, char **argv, MoetErr *err) {
     int32_t *ids = NULL;
     float *logits = NULL;
     Cand *cand = NULL;
+    double *pv = NULL;
     const Ops *ops;
     char binfo[512];
     if ((rc = tokenizer_load(&tok, tok_path, err))) return rc;
@@ -284,6 +301,7 @@ int cmd_generate(int argc, char **argv, MoetErr *err) {
     memcpy(ids, prompt.ids, (size_t)P * sizeof(int32_t));
     logits = moet_malloc((size_t)m.V * sizeof(float));
     cand = moet_malloc((size_t)vocab * sizeof(Cand));
+    pv = moet_malloc((size_t)vocab * sizeof(double));
     uint64_t rng = g.seed;
     size_t printed = 0;
     if (!g.json) stream_(tok, ids, (size_t)P, &printed);
@@ -294,7 +312,7 @@ int cmd_generate(int argc, char **argv, MoetErr *err) {
     const double t_prompt = moet_time() - t0;
     int n = P, stop_eos = 0;
     while (n < P + g.max_new && n < cap) {
-        const int next = sample_(logits, vocab, g.temperature, g.top_p, &rng, cand);
+        const int next = sample_(logits, vocab, g.temperature, g.top_p, &rng, cand, pv);
         if (next == eos) {
             stop_eos = 1;
             break;
@@ -322,6 +340,7 @@ int cmd_generate(int argc, char **argv, MoetErr *err) {
         free(text);
     } else {
         fputc('\n', stdout);
+        fflush(stdout);
         fprintf(stderr,
                 "moet generate: %d prompt tokens in %.3f s, %d new tokens in %.3f s (%.1f tok/s) "
                 "on %s; stopped at %s\n",
@@ -332,6 +351,7 @@ int cmd_generate(int argc, char **argv, MoetErr *err) {
     }
 done:
     free(cand);
+    free(pv);
     free(logits);
     free(ids);
     if (kv.k) model_kv_free(&m, &kv);

@@ -401,6 +401,32 @@ static int init_world_(Parallel *p, double timeout_s, MoetErr *err) {
                    err);
 }
 
+// A non-blocking ncclCommSplit leaves the child's handle NULL until the split's job is done
+// (NCCL writes it from its own thread, whatever the parent reports meanwhile): waits for it,
+// watching the parent for errors, for at most t_limit seconds.
+static int await_child_(const Comm *c, ncclComm_t parent, ncclComm_t *child, double t_limit,
+                        MoetErr *err) {
+    double t0 = moet_time();
+    while (!__atomic_load_n(child, __ATOMIC_ACQUIRE)) {
+        double waited = moet_time() - t0;
+        ncclResult_t state = ncclSuccess, q = ncclCommGetAsyncError(parent, &state);
+        if (q != ncclSuccess) state = q;
+        if (state != ncclSuccess && state != ncclInProgress)
+            return nccl_fail_(c, parent, state, "communicator split (ncclCommSplit)", err);
+        if (t_limit > 0 && waited > t_limit) {
+            char msg[512];
+            snprintf(msg, sizeof msg,
+                     "rank %d: NCCL communicator split for the %s did not finish within %.0f s "
+                     "(a peer is dead or stuck); aborting the job",
+                     c->world_rank, label_(c), t_limit);
+            ncclCommAbort(parent);
+            comm_abort_msg(NULL, 1, msg);
+        }
+        pause_(waited);
+    }
+    return 0;
+}
+
 // A group from the world: ncclCommSplit with the colors and keys of comm_set_ep's MPI split.
 static int split_(Parallel *p, Comm *c, int color, const char *name, MoetErr *err) {
     NcclGroup *wg = p->world->nccl;
@@ -419,6 +445,7 @@ static int split_(Parallel *p, Comm *c, int color, const char *name, MoetErr *er
     int rc = settle_(p->world, NULL, wg->comm, r, "communicator split (ncclCommSplit)",
                      sh->timeout_s, err);
     if (rc) return rc;
+    if ((rc = await_child_(c, wg->comm, &g->comm, sh->timeout_s, err))) return rc;
     if (sh->n_live < (int)(sizeof sh->live / sizeof *sh->live)) sh->live[sh->n_live++] = g->comm;
     rc = settle_(c, NULL, g->comm, ncclInProgress, "communicator split (ncclCommSplit)",
                  sh->timeout_s, err);

@@ -157,10 +157,10 @@ typedef struct {
     double inv_freq[ROPE_MAX_HALF]; // 2 KB of kernel parameters
 } RopeFreqs;
 
-// Rotates every (b, t, h) row of src (t at position pos0 + t) by +angle (dir = 1, forward) or -angle (dir = -1, the
-// transpose, backward); dst = R src (acc = 0) or dst += R src (acc = 1). One block per
-// position t: its threads first put cos and sin of the Dh/2 angles at t into shared memory,
-// then rotate every pair (b, h, i) at that t. Both elements of a pair are read by the thread
+// Rotates every (b, t, h) row of src (row t is position pos0 + t) by +angle (dir = 1, forward)
+// or -angle (dir = -1, the transpose, backward); dst = R src (acc = 0) or dst += R src
+// (acc = 1). One block per position t: its threads first put cos and sin of the Dh/2 angles
+// at t into shared memory, then rotate every pair (b, h, i) at that t. Both elements of a pair are read by the thread
 // that writes them, before it writes, so dst may alias src when acc = 0. The arithmetic is
 // spelled with __fmul_rn / __fadd_rn so that nvcc does not fuse it into FMAs: the CPU op
 // (ISO C, no contraction) rounds each product, and so the results match it bit for bit.

@@ -36,6 +36,12 @@ struct ncclComm {
     ncclResult_t async; // what ncclCommGetAsyncError reports
     int polls;          // ncclInProgress answers left before async turns to ncclSuccess
     std::string name;
+    // a non-blocking split in progress: NCCL writes the child's handle from its own thread when
+    // the split's job is done (NULL until then), which the parent's state does not wait for:
+    // here split_polls ncclCommGetAsyncError calls on the parent after it reports ncclSuccess
+    ncclComm_t split_child;
+    ncclComm_t *split_out;
+    int split_polls;
 };
 
 static std::string last_error_;
@@ -340,14 +346,27 @@ ncclResult_t ncclCommSplit(ncclComm_t comm, int color, int key, ncclComm_t *newc
     mpi_check_(MPI_Comm_split(comm->mpi, color == NCCL_SPLIT_NOCOLOR ? MPI_UNDEFINED : color, key,
                               &m),
                "ncclCommSplit");
-    *newcomm = m == MPI_COMM_NULL ? nullptr : new_comm_(m, blocking, config);
-    if (*newcomm) started_(*newcomm);
-    return started_(comm); // the split is an operation of the parent too
+    ncclComm_t child = m == MPI_COMM_NULL ? nullptr : new_comm_(m, blocking, config);
+    if (child) started_(child);
+    ncclResult_t r = started_(comm); // the split is an operation of the parent too
+    if (r == ncclInProgress) { // as NCCL: "*newcomm should be NULL until the split completes"
+        *newcomm = nullptr;
+        comm->split_child = child;
+        comm->split_out = newcomm;
+        comm->split_polls = 2;
+    } else {
+        *newcomm = child;
+    }
+    return r;
 }
 
 ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *state) {
     if (!comm || !state) return ncclInvalidArgument;
     if (comm->async == ncclInProgress && comm->polls-- <= 0) comm->async = ncclSuccess;
+    if (comm->async == ncclSuccess && comm->split_out && comm->split_polls-- <= 0) {
+        *comm->split_out = comm->split_child;
+        comm->split_out = nullptr;
+    }
     if (error_polls_ >= 0 && !remote_error_ && error_polls_-- == 0) {
         remote_error_ = true;
         last_error_ = "emulated: a peer exited (EMU_NCCL_ERROR)";
