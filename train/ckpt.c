@@ -232,6 +232,19 @@ int ckpt_read_config_text(const char *path, char **text, MoetErr *err) {
     return rc;
 }
 
+int ckpt_load_config(const char *path, int n_sets, char *const *sets, Config *c, MoetErr *err) {
+    char *ini = NULL;
+    int rc = ckpt_read_config_text(path, &ini, err);
+    if (rc) return rc;
+    config_defaults(c);
+    rc = config_load_string(c, ini, path, err);
+    free(ini);
+    for (int i = 0; !rc && i < n_sets; i++) rc = config_set(c, sets[i], err);
+    if (rc) return rc;
+    c->ep = 1;
+    return config_validate(c, path, err);
+}
+
 static hid_t mem_type_(CkptType t) {
     return t == CKPT_F32 ? H5T_NATIVE_FLOAT : t == CKPT_F64 ? H5T_NATIVE_DOUBLE : H5T_NATIVE_INT32;
 }

@@ -74,6 +74,11 @@ int ckpt_verify_count(const char *path, int *n_verified, MoetErr *err);
 // Reads the root attribute `config` (the INI text of the run). *text is malloc'ed.
 int ckpt_read_config_text(const char *path, char **text, MoetErr *err);
 
+// The run's configuration of the checkpoint at path (a resolved file), with the --set style
+// overrides sets[0..n_sets) applied and ep = 1 (one rank holding every expert: evaluation,
+// generation, conversion), validated. Errors name the file and the key.
+int ckpt_load_config(const char *path, int n_sets, char *const *sets, Config *c, MoetErr *err);
+
 // Loads every tensor of m from /model/<name> in path (into m->params_h, then uploaded): checks each shape against the model's
 // global shape and reads this rank's experts [expert_lo, expert_lo + El) by hyperslab.
 // Checksums are verified where present (HF fixture files have none; ckpt_load requires them).

@@ -105,16 +105,8 @@ int cmd_eval(int argc, char **argv, MoetErr *err) {
     char path[1100];
     int rc = ckpt_resolve(spec, ".", path, sizeof path, err);
     if (rc) return rc;
-    char *ini = NULL;
-    if ((rc = ckpt_read_config_text(path, &ini, err))) return rc;
     Config c;
-    config_defaults(&c);
-    rc = config_load_string(&c, ini, path, err);
-    free(ini);
-    for (int i = 0; !rc && i < n_sets; i++) rc = config_set(&c, sets[i], err);
-    if (rc) return rc;
-    c.ep = 1;
-    if ((rc = config_validate(&c, path, err))) return rc;
+    if ((rc = ckpt_load_config(path, n_sets, sets, &c, err))) return rc;
 
     Model m;
     memset(&m, 0, sizeof m);

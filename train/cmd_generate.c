@@ -219,21 +219,6 @@ static void stream_(const Tokenizer *tok, const int32_t *ids, size_t n, size_t *
 
 // ---------------------------------------------------------------------------------------
 
-// The checkpoint's configuration with the overrides, on one rank holding every expert.
-static int load_config_(const GenArgs *g, char *path, size_t pathsz, Config *c, MoetErr *err) {
-    int rc = ckpt_resolve(g->spec, ".", path, pathsz, err);
-    if (rc) return rc;
-    char *ini = NULL;
-    if ((rc = ckpt_read_config_text(path, &ini, err))) return rc;
-    config_defaults(c);
-    rc = config_load_string(c, ini, path, err);
-    free(ini);
-    for (int i = 0; !rc && i < g->n_sets; i++) rc = config_set(c, g->sets[i], err);
-    if (rc) return rc;
-    c->ep = 1;
-    return config_validate(c, path, err);
-}
-
 int cmd_generate(int argc, char **argv, MoetErr *err) {
     GenArgs g;
     int help;
@@ -245,7 +230,8 @@ int cmd_generate(int argc, char **argv, MoetErr *err) {
     }
     char path[1100];
     Config c;
-    if ((rc = load_config_(&g, path, sizeof path, &c, err))) return rc;
+    if ((rc = ckpt_resolve(g.spec, ".", path, sizeof path, err))) return rc;
+    if ((rc = ckpt_load_config(path, g.n_sets, g.sets, &c, err))) return rc;
     const char *tok_path = g.tokenizer ? g.tokenizer : c.tokenizer;
     if (!tok_path || !*tok_path)
         return moet_errf(err, MOET_EUSAGE, "generate: the checkpoint names no [data] tokenizer: "

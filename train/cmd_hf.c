@@ -234,14 +234,7 @@ static int load_ckpt_(const char *spec, char *path, size_t path_size, Config *c,
                       MoetErr *err) {
     int rc = ckpt_resolve(spec, ".", path, path_size, err);
     if (rc) return rc;
-    char *ini = NULL;
-    if ((rc = ckpt_read_config_text(path, &ini, err))) return rc;
-    config_defaults(c);
-    rc = config_load_string(c, ini, path, err);
-    free(ini);
-    if (rc) return rc;
-    c->ep = 1;
-    if ((rc = config_validate(c, path, err))) return rc;
+    if ((rc = ckpt_load_config(path, 0, NULL, c, err))) return rc;
     if ((rc = model_create_inference(m, c, ops_cpu(), err))) return rc;
     if ((rc = ckpt_load_model(path, m, err))) model_free(m);
     return rc;

@@ -143,19 +143,6 @@ static int check_out_dir_(const char *dir, MoetErr *err) {
     return rc;
 }
 
-// The dense checkpoint's config (validated with ep 1: one rank holds the whole model).
-static int load_dense_config_(const char *path, Config *c, MoetErr *err) {
-    char *ini = NULL;
-    int rc = ckpt_read_config_text(path, &ini, err);
-    if (rc) return rc;
-    config_defaults(c);
-    rc = config_load_string(c, ini, path, err);
-    free(ini);
-    if (rc) return rc;
-    c->ep = 1;
-    return config_validate(c, path, err);
-}
-
 // Architecture keys that change no shape but change what the model computes.
 static void warn_differences_(const Config *d, const Config *m, const UpcycleArgs *a,
                               const char *dpath) {
@@ -208,7 +195,7 @@ int cmd_upcycle(int argc, char **argv, MoetErr *err) {
     char dpath[1100];
     Config dc, mc, build;
     if ((rc = ckpt_resolve(a.dense, ".", dpath, sizeof dpath, err))) return rc;
-    if ((rc = load_dense_config_(dpath, &dc, err))) return rc;
+    if ((rc = ckpt_load_config(dpath, 0, NULL, &dc, err))) return rc;
     if ((rc = config_from_cli(&mc, a.config, a.n_sets, a.sets, err))) return rc;
     UpcycleOpts o = {.granularity = a.granularity,
                      .router_std = a.router_std,

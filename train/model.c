@@ -480,13 +480,22 @@ static double uniform_(uint64_t key, uint64_t index, uint64_t draw) {
     return ((double)(bits >> 11) + 0.5) * 0x1.0p-53;
 }
 
-// Standard normal truncated to [-3, 3] by rejection (Box-Muller on draws 2j, 2j+1).
+// Standard normal, attempt j: Box-Muller on draws 2j and 2j+1.
+static double normal_(uint64_t key, uint64_t index, uint64_t j) {
+    double u1 = uniform_(key, index, 2 * j), u2 = uniform_(key, index, 2 * j + 1);
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+// Standard normal truncated to [-3, 3] by rejection.
 static double trunc_normal_(uint64_t key, uint64_t index) {
     for (uint64_t j = 0;; j++) {
-        double u1 = uniform_(key, index, 2 * j), u2 = uniform_(key, index, 2 * j + 1);
-        double z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+        double z = normal_(key, index, j);
         if (fabs(z) <= 3.0) return z;
     }
+}
+
+double model_normal_draw(uint64_t seed, const char *name, uint64_t index) {
+    return normal_(mix64_(seed ^ hash_name_(name)), index, 0);
 }
 
 void model_init_weights(Model *m, uint64_t seed) {

@@ -200,6 +200,9 @@ void model_free(Model *m);
 // (seed, tensor name, global element index): identical weights for any rank count or ep, and
 // on any backend (drawn on the host, then uploaded).
 void model_init_weights(Model *m, uint64_t seed);
+// A standard normal draw (not truncated) from the generator of model_init_weights, keyed by
+// (seed, tensor name, element index): for weights drawn outside init (the upcycled router).
+double model_normal_draw(uint64_t seed, const char *name, uint64_t index);
 // Sizes the activation arena for micro-batches of B sequences of T tokens (and m->recompute).
 int model_set_batch(Model *m, int B, int T, MoetErr *err);
 

@@ -15,34 +15,6 @@
 #include <string.h>
 
 // ---------------------------------------------------------------------------------------
-// the router draw: N(0, std) from a counter-based generator keyed by (seed, tensor name,
-// element index), the scheme of model_init_weights (train/model.c), whose helpers are static
-
-static uint64_t mix64_(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static uint64_t hash_name_(const char *s) { // FNV-1a
-    uint64_t h = 0xCBF29CE484222325ull;
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 0x100000001B3ull;
-    return h;
-}
-
-// Uniform in (0, 1) from (key, element, draw): a pure function of its arguments.
-static double uniform_(uint64_t key, uint64_t index, uint64_t draw) {
-    uint64_t bits = mix64_(key ^ mix64_(index * 0x9E3779B97F4A7C15ull + draw));
-    return ((double)(bits >> 11) + 0.5) * 0x1.0p-53;
-}
-
-// Standard normal (Box-Muller on draws 0 and 1 of the element), not truncated.
-static double normal_(uint64_t key, uint64_t index) {
-    double u1 = uniform_(key, index, 0), u2 = uniform_(key, index, 1);
-    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
-}
-
-// ---------------------------------------------------------------------------------------
 // checks
 
 static int is_mlp_(const char *name) {
@@ -197,10 +169,10 @@ static void slice_cols_(float *dst, const float *src, int E, int G, int F, int D
 // experts of copy j have identical rows.
 static void draw_router_(float *w, const char *name, int E, int G, int D, float std,
                          uint64_t seed) {
-    const uint64_t key = mix64_(seed ^ hash_name_(name));
     for (int e = 0; e < E; e++) {
         const uint64_t base = (uint64_t)(e / G) * D;
-        for (int d = 0; d < D; d++) w[(size_t)e * D + d] = (float)(std * normal_(key, base + d));
+        for (int d = 0; d < D; d++)
+            w[(size_t)e * D + d] = (float)(std * model_normal_draw(seed, name, base + d));
     }
 }
 

@@ -29,6 +29,23 @@ static float *scratch_alloc_(int T) {
     return p;
 }
 
+// The causal softmax of one row of scores in place: the first nk of its kend entries become
+// probabilities, the rest 0. Returns the row's log-sum-exp.
+static float softmax_row_(float *row, int nk, int kend) {
+    float m = row[0];
+    for (int j = 1; j < nk; j++) m = row[j] > m ? row[j] : m;
+    double sum = 0.0;
+    for (int j = 0; j < nk; j++) {
+        const float e = expf(row[j] - m);
+        row[j] = e;
+        sum += e;
+    }
+    const float inv = (float)(1.0 / sum);
+    for (int j = 0; j < nk; j++) row[j] *= inv;
+    for (int j = nk; j < kend; j++) row[j] = 0.0f;
+    return (float)((double)m + log(sum));
+}
+
 // out, q, k, v are (B,T,H,Dh); lse is (B,H,T)
 void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
                        int B, int T, int H, int Dh) {
@@ -52,22 +69,8 @@ void attention_forward(float *out, float *lse, const float *q, const float *k, c
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, bq, kend, Dh, scale, qb_ptr, ld,
                         k + base, ld, 0.0f, s, kend);
             float *lse_bh = lse + (size_t)bh * T;
-            for (int i = 0; i < bq; i++) {
-                float *row = s + (size_t)i * kend;
-                const int nk = q0 + i + 1; // query q0+i sees keys [0, q0+i]
-                float m = row[0];
-                for (int j = 1; j < nk; j++) m = row[j] > m ? row[j] : m;
-                double sum = 0.0;
-                for (int j = 0; j < nk; j++) {
-                    const float e = expf(row[j] - m);
-                    row[j] = e;
-                    sum += e;
-                }
-                const float inv = (float)(1.0 / sum);
-                for (int j = 0; j < nk; j++) row[j] *= inv;
-                for (int j = nk; j < kend; j++) row[j] = 0.0f;
-                lse_bh[q0 + i] = (float)((double)m + log(sum));
-            }
+            for (int i = 0; i < bq; i++) // query q0+i sees keys [0, q0+i]
+                lse_bh[q0 + i] = softmax_row_(s + (size_t)i * kend, q0 + i + 1, kend);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, bq, Dh, kend, 1.0f, s, kend,
                         v + base, ld, 0.0f, out + base + (size_t)q0 * ld, ld);
         }
@@ -167,21 +170,7 @@ void attention_forward_cached(float *out, const float *q, const float *k, const 
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, bq, kend, Dh, scale,
                         q + (size_t)q0 * ld + (size_t)h * Dh, ld, k + (size_t)h * Dh, ld, 0.0f, s,
                         kend);
-            for (int i = 0; i < bq; i++) {
-                float *row = s + (size_t)i * kend;
-                const int nk = off + q0 + i + 1;
-                float m = row[0];
-                for (int j = 1; j < nk; j++) m = row[j] > m ? row[j] : m;
-                double sum = 0.0;
-                for (int j = 0; j < nk; j++) {
-                    const float e = expf(row[j] - m);
-                    row[j] = e;
-                    sum += e;
-                }
-                const float inv = (float)(1.0 / sum);
-                for (int j = 0; j < nk; j++) row[j] *= inv;
-                for (int j = nk; j < kend; j++) row[j] = 0.0f;
-            }
+            for (int i = 0; i < bq; i++) softmax_row_(s + (size_t)i * kend, off + q0 + i + 1, kend);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, bq, Dh, kend, 1.0f, s, kend,
                         v + (size_t)h * Dh, ld, 0.0f, out + (size_t)q0 * ld + (size_t)h * Dh, ld);
         }
