@@ -13,7 +13,7 @@ tokenize_sample
 # train MODEL STEPS RUN: a short run of configs/MODEL.ini into $tmp/RUN
 train() {
     "$MOET" train --config "configs/$1.ini" --set "data.train=$tmp/train/*.npy" \
-        --set "train.max_steps=$2" --set "checkpoint.every=$2" --set "checkpoint.dir=$tmp/$3" \
+        --set "data.valid=$tmp/valid/*.npy" --set "train.max_steps=$2" --set "checkpoint.every=$2" --set "checkpoint.dir=$tmp/$3" \
         >"$tmp/train.out" 2>"$tmp/err" || { bad "train $1 $2 steps" "exit $?"; finish; exit 1; }
 }
 # tensors CKPT: the /model tensors' names, shapes and checksums
@@ -56,7 +56,8 @@ if "$MOET" export-hf "$tmp/run" "$tmp/hf" >"$tmp/export.out" 2>"$tmp/err" &&
         bad "a: the exported folder" "$(ls "$tmp/hf" | tr '\n' ' ')"
     fi
     if "$MOET" train --config configs/tiny-moe.ini --init "$tmp/imp" --set train.max_steps=1 \
-        --set "data.train=$tmp/train/*.npy" --set "checkpoint.dir=$tmp/init" \
+        --set "data.train=$tmp/train/*.npy" --set "data.valid=$tmp/valid/*.npy" \
+        --set "checkpoint.dir=$tmp/init" \
         >/dev/null 2>"$tmp/err"; then
         ok "a: moet train --init accepts the imported checkpoint"
     else
