@@ -575,7 +575,9 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
         if (stopping || step == end || (c->ckpt_every > 0 && step % c->ckpt_every == 0)) {
             // every rank calls: ep = 1, rank 0 writes (every rank holds the same weights);
             // ep > 1, a collective parallel-HDF5 write (ckpt_save_par); all learn the outcome
+            const double t_save = moet_time();
             int saved = save_(&sc, step, tokens_seen, lr, path, sizeof path, err);
+            const double dt_save = moet_time() - t_save;
             if (world > 1) {
                 double f = saved;
                 if ((rc = comm_allreduce_max_f64(par->world, &f, 1, err))) goto done;
@@ -590,7 +592,12 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
                                (long long)step, why);
                 goto done;
             }
-            printf("checkpoint %s\n", path);
+            struct stat sb;
+            if (par->rank == 0 && stat(path, &sb) == 0 && dt_save > 0)
+                printf("checkpoint %s (%.2f GB in %.2f s: %.2f GB/s, fsync'ed)\n", path,
+                       sb.st_size / 1e9, dt_save, sb.st_size / 1e9 / dt_save);
+            else
+                printf("checkpoint %s\n", path);
             fflush(stdout);
         }
         if (stopping) {
