@@ -19,7 +19,8 @@ drop() { sync; if [[ -w /proc/sys/vm/drop_caches ]] && echo 3 >/proc/sys/vm/drop
 
 echo "== $MOET train --config $CONFIG (1 step, checkpoint into $DIR/run)"
 line=$("$MOET" train --config "$CONFIG" --set train.max_steps=1 --set checkpoint.every=1 \
-    --set train.eval_every=0 --set checkpoint.dir="$DIR/run" | grep "^checkpoint")
+    --set train.eval_every=0 --set "data.train=data/sample/tokens/train/*.npy" \
+    --set checkpoint.dir="$DIR/run" | grep "^checkpoint")
 echo "$line"
 ck=$(readlink -f "$DIR/run/latest.h5")
 bytes=$(stat -c %s "$ck")

@@ -68,7 +68,27 @@ static uLong crc_f32le_(uLong crc, const float *x, size_t n) {
     return crc;
 }
 
-static uLong crc_of_(const float *x, size_t n) { return crc_f32le_(crc32(0L, Z_NULL, 0), x, n); }
+// The CRC of x[0..n): pieces of 16 MiB on all threads, joined in order with crc32_combine
+// (the same value as one pass; zlib's crc32 runs at ~1 GB/s per core, which alone would be
+// a third of a checkpoint's write time).
+static uLong crc_of_(const float *x, size_t n) {
+    const size_t piece = (size_t)1 << 22;  // floats
+    const size_t np = (n + piece - 1) / piece;
+    if (np <= 1) return crc_f32le_(crc32(0L, Z_NULL, 0), x, n);
+    uLong *part = moet_malloc(np * sizeof *part);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (size_t p = 0; p < np; p++) {
+        const size_t i0 = p * piece, c = n - i0 < piece ? n - i0 : piece;
+        part[p] = crc_f32le_(crc32(0L, Z_NULL, 0), x + i0, c);
+    }
+    uLong crc = part[0];
+    for (size_t p = 1; p < np; p++) {
+        const size_t c = n - p * piece < piece ? n - p * piece : piece;
+        crc = crc32_combine(crc, part[p], (z_off_t)(c * sizeof(float)));
+    }
+    free(part);
+    return crc;
+}
 
 // The innermost message of HDF5's error stack (e.g. the write(2) failure and its errno).
 static herr_t walk_first_(unsigned n, const H5E_error2_t *e, void *data) {
