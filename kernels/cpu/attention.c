@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "kernels/cpu/simd_math.h"
+
 // Query rows per block. A strip of scores is (ATTN_BQ, T) floats per thread: 1 MiB at T=4096.
 #define ATTN_BQ 64
 
@@ -35,6 +37,7 @@ static float softmax_row_(float *row, int nk, int kend) {
     float m = row[0];
     for (int j = 1; j < nk; j++) m = row[j] > m ? row[j] : m;
     double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
     for (int j = 0; j < nk; j++) {
         const float e = expf(row[j] - m);
         row[j] = e;
@@ -111,6 +114,7 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout, cons
                     float *row = p + (size_t)i * kend;
                     const int nk = q0 + i + 1;
                     const float l = lse_bh[q0 + i];
+#pragma omp simd
                     for (int j = 0; j < nk; j++) row[j] = expf(row[j] - l);
                     for (int j = nk; j < kend; j++) row[j] = 0.0f;
                     const float *go = dout + qoff + (size_t)i * ld,

@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "kernels/cpu/simd_math.h"
+
 // Column slice that one thread owns in the backward passes that sum over rows (embedding, the
 // RMSNorm weight): owning columns instead of rows needs no atomics and keeps the summation
 // order fixed (row order), so the result is bitwise the same for any thread count.
@@ -108,7 +110,7 @@ void add_forward(float *out, const float *a, const float *b, size_t n) {
 
 // out, g, u are (n)
 void swiglu_forward(float *out, const float *g, const float *u, size_t n) {
-#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
+#pragma omp parallel for simd schedule(static) if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         const float x = g[i];
         out[i] = x / (1.0f + expf(-x)) * u[i];
@@ -118,7 +120,7 @@ void swiglu_forward(float *out, const float *g, const float *u, size_t n) {
 // silu(g) = g * s with s = sigmoid(g); d silu / dg = s * (1 + g * (1 - s)).
 void swiglu_backward(float *dg, float *du, const float *dout, const float *g, const float *u,
                      size_t n) {
-#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
+#pragma omp parallel for simd schedule(static) if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         const float x = g[i];
         const float s = 1.0f / (1.0f + expf(-x));

@@ -6,12 +6,7 @@
 #include <math.h>
 #include <string.h>
 
-// The SIMD variants of expf in glibc's libmvec (_ZGVeN16v_expf with AVX-512, ...): declared
-// here as glibc's <math.h> declares them under -ffast-math only, so that the loops below run
-// 8 or 16 exponentials at a time without -ffast-math's other licences. The vocabulary-wide
-// exponentials were 12 % of a bench-cpu-moe training step in scalar expf.
-#pragma omp declare simd notinbranch
-float expf(float x);
+#include "kernels/cpu/simd_math.h"
 
 // Loops over fewer elements than this run on the calling thread: waking the team costs more
 // than it saves, and on a loaded machine a barrier can wait a whole time slice for a thread.
