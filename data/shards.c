@@ -27,28 +27,6 @@ struct ShardWriter {
     uint64_t tokens;
 };
 
-// mkdir -p
-static int mkdirs_(const char *dir, MoetErr *err) {
-    char p[4096];
-    if (snprintf(p, sizeof p, "%s", dir) >= (int)sizeof p)
-        return moet_errf(err, MOET_EUSAGE, "%s: path too long", dir);
-    for (char *s = p + 1;; s++) {
-        if (*s == '/' || *s == '\0') {
-            char c = *s;
-            *s = '\0';
-            if (mkdir(p, 0777) != 0 && errno != EEXIST)
-                return moet_errf(err, MOET_EFAIL, "%s: cannot create directory: %s", p,
-                                 strerror(errno));
-            *s = c;
-            if (c == '\0') break;
-        }
-    }
-    struct stat st;
-    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
-        return moet_errf(err, MOET_EUSAGE, "%s: not a directory", dir);
-    return 0;
-}
-
 static void part_name_(const ShardWriter *w, char *buf, size_t n, const char *ext) {
     snprintf(buf, n, "%s/part-%0*d-%05d%s", w->dir, w->digits, w->group, w->part, ext);
 }
@@ -58,7 +36,7 @@ int shards_open(ShardWriter **out, const char *dir, int group, int group_digits,
     *out = NULL;
     if (vocab_size <= 0) return moet_errf(err, MOET_EUSAGE, "shards: vocab size %d", vocab_size);
     if (max_tokens == 0) return moet_errf(err, MOET_EUSAGE, "shards: max tokens per part is 0");
-    int rc = mkdirs_(dir, err);
+    int rc = moet_mkdirs(dir, err);
     if (rc) return rc;
     // Refuse to mix with the parts of an earlier run of this group.
     char prefix[64];

@@ -402,18 +402,6 @@ static int load_tokenizer_json_(const ExportOpts *o, const Config *c, const char
     return MOET_OK;
 }
 
-static int mkdir_p_(const char *dir) {
-    char p[PATH_MAX_];
-    snprintf(p, sizeof p, "%s", dir);
-    for (char *s = p + 1; *s; s++) {
-        if (*s != '/') continue;
-        *s = 0;
-        if (mkdir(p, 0755) != 0 && errno != EEXIST) return -1;
-        *s = '/';
-    }
-    return mkdir(p, 0755) != 0 && errno != EEXIST ? -1 : 0;
-}
-
 int cmd_export_hf(int argc, char **argv, MoetErr *err) {
     ExportOpts o = {0};
     int rc = parse_export_(argc, argv, &o, err);
@@ -432,10 +420,7 @@ int cmd_export_hf(int argc, char **argv, MoetErr *err) {
     float *zeros = NULL;
     int nw = 0, n_files = 2;
     if ((rc = load_tokenizer_json_(&o, &c, &tok_path, &tok, &tok_text, &tok_len, err))) goto done;
-    if (mkdir_p_(o.dir) != 0) {
-        rc = moet_errf(err, MOET_EFAIL, "%s: cannot create the folder: %s", o.dir, strerror(errno));
-        goto done;
-    }
+    if ((rc = moet_mkdirs(o.dir, err))) goto done;
     const int pad_id = tok ? tok_pad_id_(tok) : -1;
     cfg = hf_config_json_(&c, o.bf16, pad_id);
     snprintf(p, sizeof p, "%s/config.json", o.dir);

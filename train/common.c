@@ -1,10 +1,12 @@
 // common: error reporting and small helpers shared by every module.
 #include "train/common.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 static int log_rank = 0, log_world = 1;
@@ -62,4 +64,26 @@ double moet_time(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int moet_mkdirs(const char *dir, MoetErr *err) {
+    char p[4096];
+    if (!dir[0]) return moet_errf(err, MOET_EUSAGE, "empty directory path");
+    if (snprintf(p, sizeof p, "%s", dir) >= (int)sizeof p)
+        return moet_errf(err, MOET_EUSAGE, "%s: path too long", dir);
+    for (char *s = p + 1;; s++) {
+        if (*s == '/' || *s == '\0') {
+            char c = *s;
+            *s = '\0';
+            if (mkdir(p, 0777) != 0 && errno != EEXIST)
+                return moet_errf(err, MOET_EFAIL, "%s: cannot create directory: %s", p,
+                                 strerror(errno));
+            *s = c;
+            if (c == '\0') break;
+        }
+    }
+    struct stat st;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return moet_errf(err, MOET_EUSAGE, "%s: not a directory", dir);
+    return 0;
 }

@@ -25,3 +25,6 @@ void *moet_malloc(size_t bytes);   // 64-byte aligned, dies on failure
 void *moet_calloc(size_t bytes);   // 64-byte aligned and zeroed, dies on failure
 
 double moet_time(void);            // monotonic seconds
+// mkdir -p: creates dir and its missing parents; errors name the path (MOET_EUSAGE for a path
+// too long or not a directory, MOET_EFAIL when mkdir fails).
+int moet_mkdirs(const char *dir, MoetErr *err);

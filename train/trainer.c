@@ -56,23 +56,6 @@ static void on_signal_(int sig) {
     stop_signal_ = sig;
 }
 
-// mkdir -p
-static int mkdir_p_(const char *dir, MoetErr *err) {
-    char buf[1024];
-    size_t n = strlen(dir);
-    if (n == 0 || n >= sizeof buf) return moet_errf(err, MOET_EUSAGE, "checkpoint.dir: bad path");
-    memcpy(buf, dir, n + 1);
-    for (size_t i = 1; i <= n; i++) {
-        if (buf[i] != '/' && buf[i] != '\0') continue;
-        char ch = buf[i];
-        buf[i] = '\0';
-        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-            return moet_errf(err, MOET_EFAIL, "cannot create %s: %s", buf, strerror(errno));
-        buf[i] = ch;
-    }
-    return 0;
-}
-
 // The value of "step" in a metrics line, or -1.
 static long long line_step_(const char *line) {
     const char *s = strstr(line, "\"step\":");
@@ -315,7 +298,7 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     // metrics.jsonl: a fresh run starts it anew, a resumed one drops the steps after its
     // checkpoint
     if (lead) {
-        if ((rc = mkdir_p_(c->ckpt_dir, err))) goto done;
+        if ((rc = moet_mkdirs(c->ckpt_dir, err))) goto done;
         snprintf(mpath, sizeof mpath, "%s/%s", c->ckpt_dir, c->metrics);
         if ((rc = trim_metrics_(mpath, o->resume ? (long long)step : -1, err))) goto done;
     } else {
