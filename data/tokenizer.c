@@ -665,6 +665,10 @@ int tokenizer_token_id(const Tokenizer *t, const char *token) {
     return str_lookup_(t, token, strlen(token));
 }
 
+const char *tokenizer_token_string(const Tokenizer *t, int id) {
+    return id >= 0 && id < t->vocab_size ? t->tok[id] : NULL;
+}
+
 int tokenizer_eos_id(const Tokenizer *t) {
     return t->eos;
 }

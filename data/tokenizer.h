@@ -32,6 +32,9 @@ char *tokenizer_decode(const Tokenizer *t, const int32_t *ids, size_t n, size_t 
 int tokenizer_vocab_size(const Tokenizer *t);   // largest id + 1 (added tokens included)
 // The id of a token string (e.g. "<|endoftext|>"), or -1.
 int tokenizer_token_id(const Tokenizer *t, const char *token);
+// The token string of an id as tokenizer.json spells it (e.g. "<|endoftext|>", "Ġthe"), or
+// NULL for an id the file does not define.
+const char *tokenizer_token_string(const Tokenizer *t, int id);
 // The EOS id: the added token "<|endoftext|>" where it exists, else -1.
 int tokenizer_eos_id(const Tokenizer *t);
 

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "data/tokenizer.h"
 #include "kernels/ops.h"
 #include "train/ckpt.h"
 #include "train/cli.h"
@@ -57,7 +58,7 @@ static const char *IMPORT_HELP =
     "  --set k=v   override a key of that config, e.g. --set train.micro_batch=4 (repeatable)\n";
 
 // ---------------------------------------------------------------------------------------
-// small helpers: files, JSON, tokenizer.json
+// small helpers: files, JSON
 
 static char *read_text_(const char *path, size_t *len_out) {
     FILE *f = fopen(path, "rb");
@@ -127,53 +128,12 @@ static double short_float_(float x) {
     return strtod(buf, NULL);
 }
 
-// tokenizer.json: the string of token id (added tokens first, then the BPE vocabulary), or
-// NULL; and the vocabulary size (largest id + 1).
-static const char *tok_string_(const cJSON *tok, int id) {
-    const cJSON *a;
-    cJSON_ArrayForEach(a, cJSON_GetObjectItemCaseSensitive(tok, "added_tokens")) {
-        const cJSON *i = cJSON_GetObjectItemCaseSensitive(a, "id");
-        const cJSON *s = cJSON_GetObjectItemCaseSensitive(a, "content");
-        if (cJSON_IsNumber(i) && i->valueint == id && cJSON_IsString(s)) return s->valuestring;
-    }
-    const cJSON *model = cJSON_GetObjectItemCaseSensitive(tok, "model");
-    cJSON_ArrayForEach(a, cJSON_GetObjectItemCaseSensitive(model, "vocab")) {
-        if (cJSON_IsNumber(a) && a->valueint == id) return a->string;
-    }
-    return NULL;
-}
-
-static int tok_id_(const cJSON *tok, const char *s) {
-    const cJSON *a;
-    cJSON_ArrayForEach(a, cJSON_GetObjectItemCaseSensitive(tok, "added_tokens")) {
-        const cJSON *i = cJSON_GetObjectItemCaseSensitive(a, "id");
-        const cJSON *c = cJSON_GetObjectItemCaseSensitive(a, "content");
-        if (cJSON_IsNumber(i) && cJSON_IsString(c) && strcmp(c->valuestring, s) == 0)
-            return i->valueint;
-    }
-    return -1;
-}
-
-static int tok_vocab_size_(const cJSON *tok) {
-    int n = 0;
-    const cJSON *a;
-    cJSON_ArrayForEach(a, cJSON_GetObjectItemCaseSensitive(tok, "added_tokens")) {
-        const cJSON *i = cJSON_GetObjectItemCaseSensitive(a, "id");
-        if (cJSON_IsNumber(i) && i->valueint + 1 > n) n = i->valueint + 1;
-    }
-    const cJSON *model = cJSON_GetObjectItemCaseSensitive(tok, "model");
-    cJSON_ArrayForEach(a, cJSON_GetObjectItemCaseSensitive(model, "vocab")) {
-        if (cJSON_IsNumber(a) && a->valueint + 1 > n) n = a->valueint + 1;
-    }
-    return n;
-}
-
 // The padding token of a tokenizer: OLMo's <|padding|> (id 1, what OLMoE's config uses), or
 // the other usual spellings; -1 when it has none.
-static int tok_pad_id_(const cJSON *tok) {
+static int tok_pad_id_(const Tokenizer *tok) {
     static const char *names[] = {"<|padding|>", "<|pad|>", "<pad>"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        const int id = tok_id_(tok, names[i]);
+        const int id = tokenizer_token_id(tok, names[i]);
         if (id >= 0) return id;
     }
     return -1;
@@ -332,7 +292,7 @@ static int hf_tensor_list_(const Model *m, int bf16, StWriteTensor **out, char *
 // tokenizer.json copied, tokenizer_config.json and generation_config.json written. tok_path
 // NULL: no tokenizer (a note says so); generation_config.json is written anyway.
 static int write_tokenizer_(const char *dir, const char *tok_path, const Config *c,
-                            const cJSON *tok, const char *tok_text, size_t tok_len, int pad_id,
+                            const Tokenizer *tok, const char *tok_text, size_t tok_len, int pad_id,
                             int *n_files, MoetErr *err) {
     char p[PATH_MAX_];
     int rc;
@@ -341,7 +301,7 @@ static int write_tokenizer_(const char *dir, const char *tok_path, const Config 
         if ((rc = write_bytes_(p, tok_text, tok_len, err))) return rc;
         cJSON *tc = cJSON_CreateObject();
         cJSON_AddStringToObject(tc, "tokenizer_class", "PreTrainedTokenizerFast");
-        const char *eos = tok_string_(tok, c->eos_id);
+        const char *eos = tokenizer_token_string(tok, c->eos_id);
         if (eos)
             cJSON_AddStringToObject(tc, "eos_token", eos);
         else
@@ -349,7 +309,7 @@ static int write_tokenizer_(const char *dir, const char *tok_path, const Config 
                     "moet export-hf: note: %s has no token %d (data.eos_id): no "
                     "eos_token in tokenizer_config.json\n",
                     tok_path, c->eos_id);
-        if (pad_id >= 0) cJSON_AddStringToObject(tc, "pad_token", tok_string_(tok, pad_id));
+        if (pad_id >= 0) cJSON_AddStringToObject(tc, "pad_token", tokenizer_token_string(tok, pad_id));
         cJSON_AddNumberToObject(tc, "model_max_length", c->max_seq_len);
         cJSON_AddFalseToObject(tc, "clean_up_tokenization_spaces");
         snprintf(p, sizeof p, "%s/tokenizer_config.json", dir);
@@ -371,7 +331,7 @@ static int write_tokenizer_(const char *dir, const char *tok_path, const Config 
 // Reads the tokenizer to copy (--tokenizer, else data.tokenizer when it exists): *tok NULL and a
 // note when there is none.
 static int load_tokenizer_json_(const ExportOpts *o, const Config *c, const char **tok_path,
-                                cJSON **tok, char **text, size_t *len, MoetErr *err) {
+                                Tokenizer **tok, char **text, size_t *len, MoetErr *err) {
     *tok_path = o->tokenizer ? o->tokenizer : c->tokenizer[0] ? c->tokenizer : NULL;
     *tok = NULL;
     *text = NULL;
@@ -390,10 +350,9 @@ static int load_tokenizer_json_(const ExportOpts *o, const Config *c, const char
     if (!(*text = read_text_(*tok_path, len)))
         return moet_errf(err, MOET_EFAIL, "%s: cannot read the tokenizer: %s", *tok_path,
                          strerror(errno));
-    *tok = cJSON_Parse(*text);
-    if (!cJSON_IsObject(*tok))
-        return moet_errf(err, MOET_EFAIL, "%s: not a tokenizer.json (malformed JSON)", *tok_path);
-    const int vt = tok_vocab_size_(*tok);
+    int rc = tokenizer_load(tok, *tok_path, err);
+    if (rc) return rc;
+    const int vt = tokenizer_vocab_size(*tok);
     if (vt > c->padded_vocab)
         return moet_errf(err, MOET_EFAIL,
                          "%s: the tokenizer has %d tokens, more than the "
@@ -413,7 +372,8 @@ int cmd_export_hf(int argc, char **argv, MoetErr *err) {
     memset(&m, 0, sizeof m);
     if ((rc = load_ckpt_(o.spec, path, sizeof path, &c, &m, err))) return rc;
     const char *tok_path;
-    cJSON *tok = NULL, *cfg = NULL;
+    Tokenizer *tok = NULL;
+    cJSON *cfg = NULL;
     char *tok_text = NULL, **names = NULL;
     size_t tok_len = 0;
     StWriteTensor *w = NULL;
@@ -447,7 +407,7 @@ done:
     free(w);
     free(zeros);
     cJSON_Delete(cfg);
-    cJSON_Delete(tok);
+    tokenizer_free(tok);
     free(tok_text);
     model_free(&m);
     return rc;
@@ -740,11 +700,12 @@ static int set_vocab_(Config *c, const cJSON *j, const char *dir, const char *pa
     int vocab = v->valueint, rc;
     char p[PATH_MAX_], buf[32];
     snprintf(p, sizeof p, "%s/tokenizer.json", dir);
-    cJSON *tok = file_exists_(p) ? parse_json_file_(p, err, &rc) : NULL;
+    Tokenizer *tok = NULL;
+    if (file_exists_(p) && (rc = tokenizer_load(&tok, p, err))) return rc;
     if (tok) {
-        const int vt = tok_vocab_size_(tok);
+        const int vt = tokenizer_vocab_size(tok);
         if (vt > 0 && (vt + 127) / 128 * 128 == vocab) vocab = vt;
-        cJSON_Delete(tok);
+        tokenizer_free(tok);
         if ((rc = set_(c, "data.tokenizer", p, err))) return rc;
     }
     if ((vocab + 127) / 128 * 128 != v->valueint)
