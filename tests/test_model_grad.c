@@ -47,9 +47,11 @@ static void tiny_config_(Config *c, int n_experts, int norm_topk) {
     if (config_validate(c, "tiny", &err)) fprintf(stderr, "%s\n", err.msg);
 }
 
-// Loss at the current parameters; also copies every layer's top-k selection into sel.
-static double loss_at_(Model *m, const int32_t *tokens, int32_t *sel) {
-    model_forward(m, tokens);
+// Loss at the current parameters; also copies every layer's top-k selection into sel. train:
+// the training forward (model_backward may follow).
+static double loss_at_(Model *m, const int32_t *tokens, int32_t *sel, int train) {
+    if (train) model_forward_train(m, tokens);
+    else model_forward(m, tokens);
     if (sel && m->E > 0) {
         size_t nk = (size_t)m->B * m->T * m->K;
         for (int l = 0; l < m->L; l++) memcpy(sel + l * nk, m->acts[l].topk_idx, nk * 4);
@@ -71,11 +73,11 @@ static int central_diff_(Model *m, const int32_t *tokens, const ParamTensor *t, 
     memcpy(saved, w, t->numel * sizeof(float));
     if (v) for (size_t i = 0; i < t->numel; i++) w[i] = saved[i] + (float)(h * v[i]);
     else w[elem] = saved[elem] + (float)h;
-    double lp = loss_at_(m, tokens, sel);
+    double lp = loss_at_(m, tokens, sel, 0);
     int changed = m->E > 0 && !same_sel_(sel, sel0, nsel);
     if (v) for (size_t i = 0; i < t->numel; i++) w[i] = saved[i] - (float)(h * v[i]);
     else w[elem] = saved[elem] - (float)h;
-    double lm = loss_at_(m, tokens, sel);
+    double lm = loss_at_(m, tokens, sel, 0);
     changed |= m->E > 0 && !same_sel_(sel, sel0, nsel);
     memcpy(w, saved, t->numel * sizeof(float));
     free(saved);
@@ -117,7 +119,9 @@ static void check_model_(int n_experts, int norm_topk) {
     Model m;
     MoetErr err;
     CU_ASSERT_EQUAL_FATAL(model_create(&m, &c, 0, 1, &err), 0);
+    m.head_rows_max = 5;  // the LM head in chunks of 5, 5, 5, 5, 4 rows
     CU_ASSERT_EQUAL_FATAL(model_set_batch(&m, c.micro_batch, c.seq_len, &err), 0);
+    CU_ASSERT_EQUAL(m.head_rows, 5);
     model_init_weights(&m, 1234);
     int N = m.B * m.T;
     int32_t *tokens = malloc(sizeof(int32_t) * N);
@@ -127,7 +131,7 @@ static void check_model_(int n_experts, int norm_topk) {
     size_t nsel = (size_t)m.L * N * (m.K ? m.K : 1);
     int32_t *sel0 = calloc(nsel, sizeof(int32_t)), *sel = calloc(nsel, sizeof(int32_t));
     model_zero_grad(&m);
-    loss_at_(&m, tokens, sel0);
+    loss_at_(&m, tokens, sel0, 1);
     printf("\n    %s: loss %.6f (ce %.6f lb %.6f z %.6f)\n",
            n_experts ? (norm_topk ? "moe, norm_topk" : "moe") : "dense", m.loss, m.ce, m.lb, m.z);
     model_backward(&m);
@@ -213,6 +217,71 @@ static void test_init_layout_independent(void) {
     model_free(&half);
 }
 
+// The LM head in chunks (model_forward_train) against one chunk: the same losses and gradients
+// up to rounding (sgemm may block a product of 6 rows differently from one of 24, and lm_head's
+// gradient is summed chunk by chunk). A chunk's rows misplaced, a gradient chunk dropped or
+// applied twice all fail by far more.
+static void test_head_chunks(void) {
+    Config c;
+    tiny_config_(&c, 4, 0);
+    Model one, chunked;
+    MoetErr err;
+    CU_ASSERT_EQUAL_FATAL(model_create(&one, &c, 0, 1, &err), 0);
+    CU_ASSERT_EQUAL_FATAL(model_create(&chunked, &c, 0, 1, &err), 0);
+    chunked.head_rows_max = 7;  // 24 rows: 4 chunks of 6
+    CU_ASSERT_EQUAL_FATAL(model_set_batch(&one, c.micro_batch, c.seq_len, &err), 0);
+    CU_ASSERT_EQUAL_FATAL(model_set_batch(&chunked, c.micro_batch, c.seq_len, &err), 0);
+    const int N = one.B * one.T;
+    CU_ASSERT_EQUAL(one.head_rows, N);
+    CU_ASSERT_EQUAL(chunked.head_rows, 6);
+    CU_ASSERT(chunked.arena_floats < one.arena_floats);
+    model_init_weights(&one, 55);
+    model_init_weights(&chunked, 55);
+    int32_t *tokens = malloc(sizeof(int32_t) * N);
+    uint64_t s = 5;
+    for (int i = 0; i < N; i++) tokens[i] = (int32_t)(tu_rand_u64(&s) % (uint64_t)c.vocab_size);
+    model_zero_grad(&one);
+    model_zero_grad(&chunked);
+    // twice: the second accumulates onto the first (as gradient accumulation does)
+    for (int rep = 0; rep < 2; rep++) {
+        model_forward_train(&one, tokens);
+        model_forward_train(&chunked, tokens);
+        double dl = 0.0;
+        for (int i = 0; i < N; i++) dl = fmax(dl, fabs((double)one.losses[i] - chunked.losses[i]));
+        printf("\n    pass %d: loss %.9f vs %.9f, max row loss difference %.3g", rep, one.loss,
+               chunked.loss, dl);
+        CU_ASSERT(fabs(one.loss - chunked.loss) <= 1e-6 * fabs(one.loss));
+        CU_ASSERT(dl <= 1e-5);
+        model_backward(&one);
+        model_backward(&chunked);
+    }
+    // an eval forward gives the training forward's loss, and leaves the gradients alone
+    double train_loss = chunked.loss;
+    float g0 = chunked.grads[0];
+    model_forward(&chunked, tokens);
+    CU_ASSERT(fabs(chunked.loss - train_loss) <= 1e-12 * fabs(train_loss));
+    CU_ASSERT(chunked.grads[0] == g0);
+    double worst = 0.0;
+    for (int t = 0; t < one.n_tensors; t++) {
+        const ParamTensor *pt = &one.tensors[t];
+        const float *a = one.grads + pt->offset, *b = chunked.grads + pt->offset;
+        double amax = 0.0, dmax = 0.0;
+        for (size_t j = 0; j < pt->numel; j++) {
+            amax = fmax(amax, fabs(a[j]));
+            dmax = fmax(dmax, fabs((double)a[j] - b[j]));
+        }
+        const double rel = amax > 0 ? dmax / amax : dmax;
+        worst = fmax(worst, rel);
+        if (rel > 1e-5) printf("    %s: max |diff| / max |grad| = %.3g\n", pt->name, rel);
+    }
+    printf("\n    loss %.9f; worst gradient difference / max |grad| of a tensor: %.3g\n",
+           one.loss, worst);
+    CU_ASSERT(worst <= 1e-5);
+    free(tokens);
+    model_free(&one);
+    model_free(&chunked);
+}
+
 static void test_dense(void) { check_model_(0, 0); }
 static void test_moe(void) { check_model_(4, 0); }
 static void test_moe_norm_topk(void) { check_model_(4, 1); }
@@ -223,6 +292,7 @@ int main(void) {
         {"MoE model gradient (finite differences)", test_moe},
         {"MoE model gradient, norm_topk_prob (finite differences)", test_moe_norm_topk},
         {"init is identical for any expert layout", test_init_layout_independent},
+        {"LM head in chunks = in one chunk", test_head_chunks},
     };
     return tu_run("model_grad", tests, (int)(sizeof tests / sizeof tests[0]));
 }

@@ -86,18 +86,19 @@ static void check_equal_(int n_experts, int norm_topk) {
     for (int mb = 0; mb < 2; mb++) {
         for (int i = 0; i < N; i++)
             tokens[i] = (int32_t)(tu_rand_u64(&s) % (uint64_t)cn.vocab_size);
-        model_forward(&mn, tokens);
-        model_forward(&mf, tokens);
+        model_forward_train(&mn, tokens);
+        model_forward_train(&mf, tokens);
         int fwd_same = mn.loss == mf.loss && mn.ce == mf.ce && mn.lb == mf.lb && mn.z == mf.z &&
                        same_(mn.layer_lb, mf.layer_lb, L * sizeof(double)) &&
                        same_(mn.layer_z, mf.layer_z, L * sizeof(double)) &&
-                       same_(mn.logits, mf.logits, (size_t)N * mn.V * sizeof(float));
+                       same_(mn.logits, mf.logits, (size_t)mn.head_rows * mn.V * sizeof(float));
         model_backward(&mn);
         model_backward(&mf);
         // backward must not have changed what forward reported
         int loss_same = mn.loss == mf.loss && mn.lb == mf.lb && mn.z == mf.z;
         int grads_same = same_(mn.grads, mf.grads, mn.n_params * sizeof(float));
-        int dlogits_same = same_(mn.logits, mf.logits, (size_t)N * mn.V * sizeof(float));
+        int dlogits_same =
+            same_(mn.logits, mf.logits, (size_t)mn.head_rows * mn.V * sizeof(float));
         int tokens_same =
             same_(mn.expert_tokens, mf.expert_tokens, (size_t)L * E * sizeof(int64_t));
         int64_t routed = 0;

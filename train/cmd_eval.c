@@ -119,6 +119,7 @@ int cmd_eval(int argc, char **argv, MoetErr *err) {
         return rc;
     if ((rc = model_create_inference(&m, &c, ops, err))) goto done;
     have_model = 1;
+    m.keep_logits = save_logits != NULL;  // else the LM head runs in chunks
     if ((rc = model_set_batch(&m, c.micro_batch, c.seq_len, err))) goto done;
     if ((rc = ckpt_load_model(path, &m, err))) goto done;
     LoaderConfig lc = {.glob = data,

@@ -346,7 +346,7 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
     for (int i = 0; i < warmup + steps; i++) {
         double t0 = moet_time();
         model_zero_grad(&m);
-        model_forward(&m, tokens);
+        model_forward_train(&m, tokens);
         model_backward(&m);
         double gnorm = optim_grad_norm(&m, NULL);
         optim_step(&opt, &m, &c, c.lr * 1e-3f, optim_clip_scale(gnorm, c.grad_clip));

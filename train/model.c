@@ -179,13 +179,27 @@ static void carve_layer_(Carver *cv, LayerActs *a, int D, int H, int E, int K, i
     a->mlp_out = carve_f_(cv, N * D);
 }
 
+// Logits of one LM head chunk: at most 64 Mi floats (256 MiB), the rows split evenly.
+#define HEAD_CHUNK_FLOATS ((size_t)1 << 26)
+
+// Rows per LM head chunk for N rows of V logits: all of them with keep_all, else chunks of at
+// most HEAD_CHUNK_FLOATS (and at most max_rows rows when max_rows > 0) of equal size.
+static int head_rows_(size_t N, int V, int keep_all, int max_rows) {
+    if (keep_all || N == 0) return (int)N;
+    size_t cap = HEAD_CHUNK_FLOATS / (size_t)V;
+    if (max_rows > 0 && (size_t)max_rows < cap) cap = (size_t)max_rows;
+    if (cap < 1) cap = 1;
+    size_t chunks = (N + cap - 1) / cap;
+    return (int)((N + chunks - 1) / chunks);
+}
+
 // Lays out the arena of a model with the given sizes; with m == NULL only counts.
 // recompute 0: every layer keeps all of its activations. recompute 1: every layer keeps only
 // its input x; the rest of LayerActs of every layer points into ONE working set, which forward
 // fills for each layer in turn and backward refills by rerunning the layer's forward.
 // El < E (expert parallelism): no routed (R,F) expert activations nor their gradients.
 static void layout_arena_(Model *m, Carver *cv, int L, int D, int H, int V, int E, int K, int F,
-                          int El, int B, int T, int recompute) {
+                          int El, int B, int T, int recompute, int head_rows) {
     size_t N = (size_t)B * T, R = E > 0 ? N * K : N;
     int expert_rows = E == 0 || El == E;
     LayerActs dummy, ws;
@@ -205,7 +219,7 @@ static void layout_arena_(Model *m, Carver *cv, int L, int D, int H, int V, int 
     float *x_final = carve_f_(cv, N * D);
     float *lnf = carve_f_(cv, N * D);
     float *lnf_rstd = carve_f_(cv, N);
-    float *logits = carve_f_(cv, N * V);
+    float *logits = carve_f_(cv, (size_t)head_rows * V);
     float *losses = carve_f_(cv, N);
     int32_t *tokens = carve_i_(cv, N);
     int32_t *targets = carve_i_(cv, N);
@@ -251,7 +265,8 @@ size_t model_activation_floats(const Config *c, int B, int T, int n_local_expert
     Carver cv = {0};
     int E = c->n_experts, F = E > 0 ? c->expert_d_ff : c->d_ff;
     layout_arena_(NULL, &cv, c->n_layers, c->d_model, c->n_heads, c->padded_vocab, E, c->top_k,
-                  F, n_local_experts, B, T, recompute_full_(c));
+                  F, n_local_experts, B, T, recompute_full_(c),
+                  head_rows_((size_t)B * T, c->padded_vocab, 0, 0));
     return cv.nf + cv.ni;  // int32 and float are both 4 bytes
 }
 
@@ -259,14 +274,17 @@ int model_set_batch(Model *m, int B, int T, MoetErr *err) {
     if (T > m->cfg.max_seq_len)
         return moet_errf(err, MOET_EUSAGE, "sequence length %d exceeds [model] max_seq_len %d", T,
                          m->cfg.max_seq_len);
-    if (m->B == B && m->T == T && m->arena_recompute == m->recompute) return MOET_OK;
+    if (m->B == B && m->T == T && m->arena_recompute == m->recompute &&
+        m->arena_keep_logits == m->keep_logits && m->arena_head_rows_max == m->head_rows_max)
+        return MOET_OK;
     m->ops->free(m->arena);
     m->ops->free(m->iarena);
     free(m->tokens_h);
     free(m->targets_h);
+    const int head_rows = head_rows_((size_t)B * T, m->V, m->keep_logits, m->head_rows_max);
     Carver cv = {0};
     layout_arena_(NULL, &cv, m->L, m->D, m->H, m->V, m->E, m->K, m->F, m->n_local_experts, B, T,
-                  m->recompute);
+                  m->recompute, head_rows);
     m->arena_floats = cv.nf;
     m->iarena_ints = cv.ni;
     m->arena = m->ops->alloc(cv.nf * sizeof(float));
@@ -275,8 +293,11 @@ int model_set_batch(Model *m, int B, int T, MoetErr *err) {
     m->targets_h = moet_calloc((size_t)B * T * sizeof(int32_t));
     Carver carve = {.fbase = m->arena, .ibase = m->iarena};
     layout_arena_(m, &carve, m->L, m->D, m->H, m->V, m->E, m->K, m->F, m->n_local_experts, B, T,
-                  m->recompute);
+                  m->recompute, head_rows);
     m->arena_recompute = m->recompute;
+    m->arena_keep_logits = m->keep_logits;
+    m->arena_head_rows_max = m->head_rows_max;
+    m->head_rows = head_rows;
     m->B = B;
     m->T = T;
     return MOET_OK;
@@ -560,8 +581,36 @@ static void layer_forward_(Model *m, int l, MoeLayerLoss *ll, const KVCache *kv)
     else mlp_forward(m, l);
 }
 
-void model_forward(Model *m, const int32_t *tokens) {
-    int B = m->B, T = m->T, D = m->D, V = m->V;
+// The LM head and the cross-entropy over the final norm's output, head_rows rows at a time;
+// returns the summed loss. train: each chunk's backward follows at once (dlogits over its
+// logits, d lnf into its rows of d_ln, lm_head's gradient accumulated).
+static double head_(Model *m, int train) {
+    const int N = m->B * m->T, D = m->D, V = m->V;
+    const Ops *k = m->ops;
+    const float scale = m->n_targets > 0 ? 1.0f / (float)m->n_targets : 0.0f;
+    if (train) k->zero_fill(m->d_ln, (size_t)N * D);
+    double ce_sum = 0.0;
+    for (int r0 = 0; r0 < N; r0 += m->head_rows) {
+        const int n = N - r0 < m->head_rows ? N - r0 : m->head_rows;
+        float *logits = m->keep_logits ? m->logits + (size_t)r0 * V : m->logits;
+        const float *x = m->lnf + (size_t)r0 * D;
+        k->matmul_forward(logits, x, m->p.lm_head, n, D, V);
+        if (!train) {
+            ce_sum += k->crossentropy_forward(m->losses + r0, logits, m->targets + r0, n, V);
+            continue;
+        }
+        ce_sum += k->crossentropy_forward_backward(logits, m->losses + r0, logits,
+                                                   m->targets + r0, n, V, scale);
+        k->matmul_backward(m->d_ln + (size_t)r0 * D, m->g.lm_head, logits, x, m->p.lm_head, n, D,
+                           V);
+    }
+    m->logits_are_grads = train;
+    m->head_backward_done = train;
+    return ce_sum;
+}
+
+static void forward_(Model *m, const int32_t *tokens, int train) {
+    int B = m->B, T = m->T, D = m->D;
     int N = B * T;
     float eps = m->cfg.norm_eps;
     const Ops *k = m->ops;
@@ -593,13 +642,20 @@ void model_forward(Model *m, const int32_t *tokens) {
         k->add_forward(out, a->h, a->mlp_out, (size_t)N * D);
     }
     k->rmsnorm_forward(m->lnf, m->lnf_rstd, m->x_final, m->p.norm, N, D, eps);
-    k->matmul_forward(m->logits, m->lnf, m->p.lm_head, N, D, V);
-    m->logits_are_grads = 0;
-    double ce_sum = k->crossentropy_forward(m->losses, m->logits, m->targets, N, V);
+    double ce_sum = head_(m, train);
     m->ce = m->n_targets > 0 ? ce_sum / m->n_targets : 0.0;
     m->lb = m->E > 0 ? lb / m->L : 0.0;
     m->z = m->E > 0 ? z / m->L : 0.0;
     m->loss = m->ce + m->cfg.lb_coef * m->lb + m->cfg.z_coef * m->z;
+}
+
+void model_forward(Model *m, const int32_t *tokens) {
+    forward_(m, tokens, 0);
+}
+
+void model_forward_train(Model *m, const int32_t *tokens) {
+    if (!m->grads) moet_die("model_forward_train: a model without gradients (inference)");
+    forward_(m, tokens, 1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -658,18 +714,17 @@ void model_forward_cached(Model *m, KVCache *kv, const int32_t *tokens, int n) {
 // backward: the forward in reverse; d_res carries the gradient of the residual stream.
 
 void model_backward(Model *m) {
-    int B = m->B, T = m->T, D = m->D, H = m->H, Dh = m->Dh, V = m->V;
+    int B = m->B, T = m->T, D = m->D, H = m->H, Dh = m->Dh;
     int N = B * T;
     size_t ND = (size_t)N * D;
     float theta = m->cfg.rope_theta;
     const Ops *k = m->ops;
 
-    // d ce / d logits, written over the logits
-    float scale = m->n_targets > 0 ? 1.0f / (float)m->n_targets : 0.0f;
-    k->crossentropy_forward_backward(m->logits, m->losses, m->logits, m->targets, N, V, scale);
-    m->logits_are_grads = 1;
-    k->zero_fill(m->d_ln, ND);
-    k->matmul_backward(m->d_ln, m->g.lm_head, m->logits, m->lnf, m->p.lm_head, N, D, V);
+    // the LM head's backward ran in model_forward_train: d_ln holds d lnf
+    if (!m->head_backward_done)
+        moet_die("model_backward without model_forward_train before it (model_forward computes "
+                 "no gradient)");
+    m->head_backward_done = 0;
     k->zero_fill(m->d_res, ND);
     k->rmsnorm_backward(m->d_res, m->g.norm, m->d_ln, m->x_final, m->p.norm, m->lnf_rstd, N, D);
     if (m->grad_hook) m->grad_hook(m->grad_hook_ctx, m->L);

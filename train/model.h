@@ -106,6 +106,14 @@ typedef struct {
     int recompute;               // 1: [train] recompute = full (from cfg; set it before
                                  // model_set_batch, which lays out the arena for it)
     int arena_recompute;         // the setting the arena was laid out for
+    // LM head + cross-entropy run head_rows rows at a time, so that neither the (N,V) logits
+    // nor their gradient exist at once (256 MiB of logits per chunk at most). keep_logits = 1
+    // (set before model_set_batch) keeps all N rows of logits instead, for callers that read
+    // them (eval --save-logits, parity tests); head_rows_max > 0 caps the rows of a chunk
+    // (tests). Both are laid out by model_set_batch.
+    int keep_logits, head_rows_max;
+    int arena_keep_logits, arena_head_rows_max;
+    int head_rows;
     int B, T;
     float *arena;
     int32_t *iarena;
@@ -113,7 +121,8 @@ typedef struct {
     LayerActs *acts;             // (L)
     float *x_final;              // (N,D) output of the last layer
     float *lnf, *lnf_rstd;       // (N,D), (N) final norm
-    float *logits;               // (N,V); holds dlogits after backward
+    float *logits;               // (head_rows,V): the last chunk's logits (dlogits after
+                                 // model_forward_train); (N,V) all of them with keep_logits
     float *losses;               // (N)
     int32_t *tokens, *targets;   // (N)
     // backward scratch
@@ -136,7 +145,8 @@ typedef struct {
     void *grad_hook_ctx;
 
     // results of the last forward
-    int logits_are_grads;        // 1 after backward overwrote logits with dlogits
+    int logits_are_grads;        // 1 after model_forward_train overwrote logits with dlogits
+    int head_backward_done;      // 1 from model_forward_train until model_backward
     int n_targets;
     double ce, lb, z, loss;
     double *layer_lb, *layer_z;  // (L)
@@ -207,13 +217,18 @@ double model_normal_draw(uint64_t seed, const char *name, uint64_t index);
 int model_set_batch(Model *m, int B, int T, MoetErr *err);
 
 // Forward pass over tokens (B,T). Targets are the tokens shifted by one (position t predicts
-// t+1; the last position of each sequence has none). Sets m->ce, lb, z, loss and leaves the
-// logits in m->logits.
+// t+1; the last position of each sequence has none). Sets m->ce, lb, z, loss and the per-row
+// losses; m->logits holds the logits of all rows with keep_logits, else only the last chunk's.
 void model_forward(Model *m, const int32_t *tokens);
-// Backward pass of the last forward: ACCUMULATES d(loss)/d(theta) into m->grads.
-// Overwrites m->logits with dlogits. With recompute = full it reruns each layer's forward but
-// the last (bit-identical results, including their collectives under expert parallelism) before
-// that layer's backward; losses and expert_tokens stay as forward left them.
+// model_forward for training: the same losses, and the LM head's backward is done chunk by
+// chunk as its logits are made (dlogits over the chunk's logits, d lnf into d_ln, and
+// ACCUMULATES lm_head's gradient), so that the (N,V) logits and dlogits never exist at once.
+// model_backward must follow before anything else runs on m.
+void model_forward_train(Model *m, const int32_t *tokens);
+// Backward pass of the last model_forward_train: ACCUMULATES d(loss)/d(theta) into m->grads.
+// With recompute = full it reruns each layer's forward but the last (bit-identical results,
+// including their collectives under expert parallelism) before that layer's backward; losses
+// and expert_tokens stay as forward left them.
 void model_backward(Model *m);
 void model_zero_grad(Model *m);
 

@@ -375,9 +375,10 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             if ((rc = loader_next(tl, tokens, err))) goto done;
             if (world > 1)
                 comm_watch_phase_begin(par->world, "forward + backward of a micro-batch");
-            model_forward(&m, tokens);
-            debug_stall_(rank, step, "backward");
+            // each micro-batch's gradient apart (the LM head's is made during forward)
             if (accum > 1) model_zero_grad(&m);
+            model_forward_train(&m, tokens);
+            debug_stall_(rank, step, "backward");
             // the last micro-batch's backward starts the all-reduce of each finished bucket
             const int sync = gs && a == accum - 1;
             if (sync) gradsync_arm(gs, accum > 1 ? gacc : m.grads);

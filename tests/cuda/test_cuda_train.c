@@ -92,7 +92,7 @@ static void run_steps_(Run *r, int first, int last, double *losses) {
     for (int s = first + 1; s <= last; s++) {
         tokens_(tok, n, s);
         model_zero_grad(&r->m);
-        model_forward(&r->m, tok);
+        model_forward_train(&r->m, tok);
         model_backward(&r->m);
         double gnorm = optim_grad_norm(&r->m, NULL);
         optim_step(&r->o, &r->m, &r->c, (float)optim_lr(&r->c, s),

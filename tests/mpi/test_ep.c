@@ -94,7 +94,7 @@ static int run_(const Config *c, Comm *ep_comm, int ep_rank, int ep_size, const 
     model_init_weights(m, 4242);
     if (zero_router0) zero_fill(m->p.layers[0].router, (size_t)m->E * m->D);
     model_zero_grad(m);
-    model_forward(m, tokens);
+    model_forward_train(m, tokens);
     model_backward(m);
     out->loss = m->loss;
     out->ce = m->ce;
