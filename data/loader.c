@@ -21,6 +21,8 @@
 //   perm_e(p) = x = F(p); while (x >= n) x = F(x); return x     (cycle walking)
 // F is a 6-round balanced Feistel network, hence a bijection of [0, 4^h); cycle walking
 // restricts it to a bijection of [0, n) in fewer than 4 applications on average.
+// loader_index_of inverts perm_e (for `moet trace`): F's rounds undone in reverse order, with
+// the same cycle walking.
 //
 // Batches (§4). Global batch b of an epoch is positions [b*G, (b+1)*G), G = global_batch; the
 // epoch has floor(n / G) of them and drops its last n mod G positions. Global micro-batch j
@@ -124,6 +126,17 @@ static uint64_t feistel_(uint64_t x, int h, const uint64_t key[FEISTEL_ROUNDS]) 
     return (l << h) | r;
 }
 
+// The inverse of feistel_: the rounds undone in reverse order.
+static uint64_t feistel_inverse_(uint64_t x, int h, const uint64_t key[FEISTEL_ROUNDS]) {
+    uint64_t mask = (1ull << h) - 1, l = x >> h, r = x & mask;
+    for (int i = FEISTEL_ROUNDS - 1; i >= 0; i--) {
+        uint64_t t = r ^ (mix_(l ^ key[i]) & mask);
+        r = l;
+        l = t;
+    }
+    return (l << h) | r;
+}
+
 // Instance at position p of `epoch` (see the top of the file).
 static uint64_t permute_(const Loader *L, uint64_t epoch, uint64_t p) {
     if (!L->cfg.shuffle) return p;
@@ -131,6 +144,17 @@ static uint64_t permute_(const Loader *L, uint64_t epoch, uint64_t p) {
     feistel_keys_(L->cfg.seed, epoch, key);
     uint64_t x = feistel_(p, L->half_bits, key);
     while (x >= L->n_inst) x = feistel_(x, L->half_bits, key);
+    return x;
+}
+
+// Position of instance `id` in `epoch`: cycle walking with the inverse network retraces the
+// forward walk backwards (every x >= n it meets is one the forward walk passed through).
+static uint64_t unpermute_(const Loader *L, uint64_t epoch, uint64_t id) {
+    if (!L->cfg.shuffle) return id;
+    uint64_t key[FEISTEL_ROUNDS];
+    feistel_keys_(L->cfg.seed, epoch, key);
+    uint64_t x = feistel_inverse_(id, L->half_bits, key);
+    while (x >= L->n_inst) x = feistel_inverse_(x, L->half_bits, key);
     return x;
 }
 
@@ -720,4 +744,27 @@ const char *loader_fingerprint(const Loader *L) {
 void loader_locate(const Loader *L, uint64_t epoch, uint64_t index, int *file,
                    uint64_t *token_offset) {
     instance_where_(L, permute_(L, epoch, index), file, token_offset);
+}
+
+uint64_t loader_index_of(const Loader *L, uint64_t epoch, int file, uint64_t token_offset) {
+    return unpermute_(L, epoch, L->prefix[file] + token_offset / (uint64_t)L->cfg.seq_len);
+}
+uint64_t loader_file_tokens(const Loader *L, int file) {
+    return L->files[file].n_tokens;
+}
+uint64_t loader_file_instances(const Loader *L, int file) {
+    return L->prefix[file + 1] - L->prefix[file];
+}
+const uint8_t *loader_file_ids(const Loader *L, int file, int *itemsize) {
+    *itemsize = L->files[file].itemsize;
+    return L->files[file].n_tokens ? L->files[file].ids : NULL;
+}
+int loader_read(const Loader *L, int file, uint64_t offset, int n, int32_t *out, MoetErr *err) {
+    const LFile *F = &L->files[file];
+    if (n < 0 || offset > F->n_tokens || (uint64_t)n > F->n_tokens - offset)
+        return moet_errf(err, MOET_EFAIL, "%s: tokens [%llu, %llu) are beyond its %llu tokens",
+                         F->path, (unsigned long long)offset,
+                         (unsigned long long)(offset + (uint64_t)(n < 0 ? 0 : n)),
+                         (unsigned long long)F->n_tokens);
+    return copy_ids_(L, F, offset, n, out, err);
 }

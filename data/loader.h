@@ -61,3 +61,17 @@ const char *loader_fingerprint(const Loader *L);  // 16 hex digits
 // comes from: its file and first token (instance = tokens [offset, offset + seq_len)).
 void loader_locate(const Loader *L, uint64_t epoch, uint64_t index, int *file,
                    uint64_t *token_offset);
+
+// ---- for `moet trace` (data/trace.h): the order backwards, and the files' ids in place ----
+
+// The inverse of loader_locate: the index in `epoch`'s global order of the instance that starts
+// at token `token_offset` of `file` (a multiple of seq_len, below the file's last instance end).
+uint64_t loader_index_of(const Loader *L, uint64_t epoch, int file, uint64_t token_offset);
+uint64_t loader_file_tokens(const Loader *L, int file);    // ids in the file
+uint64_t loader_file_instances(const Loader *L, int file); // floor(tokens / seq_len)
+// The file's ids where they lie (mmap'ed, little-endian, *itemsize = 2 or 4 bytes each, not
+// necessarily aligned); NULL for an empty file.
+const uint8_t *loader_file_ids(const Loader *L, int file, int *itemsize);
+// Copies ids [offset, offset + n) of `file` into out, each checked against vocab_size (an error
+// names the file and the token offset, as loader_next's).
+int loader_read(const Loader *L, int file, uint64_t offset, int n, int32_t *out, MoetErr *err);

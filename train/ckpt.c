@@ -487,6 +487,14 @@ done:
     return rc;
 }
 
+int ckpt_read_state(const char *path, TrainState *st, MoetErr *err) {
+    hid_t f = open_ckpt_(path, err);
+    if (f < 0) return MOET_EFAIL;
+    int rc = read_trainer_(f, path, st, err);
+    H5Fclose(f);
+    return rc;
+}
+
 // ---------------------------------------------------------------------------------------
 // verification of every dataset (no model needed)
 

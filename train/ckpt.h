@@ -66,6 +66,11 @@ int ckpt_resolve(const char *spec, const char *dir, char *path, size_t path_size
 int ckpt_load(const char *path, Model *m, float *exp_avg, float *exp_avg_sq, TrainState *st,
               MoetErr *err);
 
+// Reads only the trainer state of a checkpoint (its /trainer attributes, no tensors), for tools
+// that need its step and data position without the model (`moet trace`). A model-only file
+// has none: an error naming the file.
+int ckpt_read_state(const char *path, TrainState *st, MoetErr *err);
+
 // Verifies every dataset's checksum; prints nothing. Error names the file and the tensor.
 int ckpt_verify(const char *path, MoetErr *err);
 // ckpt_verify that also reports how many datasets it verified (for `moet inspect --verify`).

@@ -14,3 +14,4 @@ int cmd_generate(int argc, char **argv, MoetErr *err);   // train/cmd_generate.c
 int cmd_upcycle(int argc, char **argv, MoetErr *err);    // train/cmd_upcycle.c
 int cmd_export_hf(int argc, char **argv, MoetErr *err);  // train/cmd_hf.c
 int cmd_import_hf(int argc, char **argv, MoetErr *err);  // train/cmd_hf.c
+int cmd_trace(int argc, char **argv, MoetErr *err);      // train/cmd_trace.c

@@ -412,6 +412,7 @@ static const Command COMMANDS[] = {
     {"upcycle", cmd_upcycle, "dense checkpoint -> MoE checkpoint (experts copied or sliced)"},
     {"export-hf", cmd_export_hf, "checkpoint -> Hugging Face OlmoeForCausalLM folder"},
     {"import-hf", cmd_import_hf, "Hugging Face OLMoE folder (safetensors) -> checkpoint"},
+    {"trace", cmd_trace, "training-data provenance: the documents of a step; where a text was seen"},
 };
 #define N_COMMANDS ((int)(sizeof COMMANDS / sizeof COMMANDS[0]))
 
