@@ -91,6 +91,11 @@ check olmoe4_checkpoint "$BIN/moet" train --config configs/bench-gpu-olmoe.ini \
 check generate_olmoe4 "$BIN/moet" generate "$CK/olmoe4" --prompt "The Debian package" \
   --max-new-tokens 200 --seed 1
 check bench_gpu_olmoe "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 5 --warmup 2
+# the same benchmark with the bf16-mode GEMMs on fp32 operands (FAST_16BF: TF32 on the H100),
+# the path before 2026-11-26: the A/B of the bf16 operand conversion
+check bench_gpu_olmoe_fp32_operands env MOET_CUDA_GEMM_OPERANDS=fp32 \
+  "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 5 --warmup 2
+grep -H -E 'step time|MFU|peak' "$LOG"/bench_gpu_olmoe*.log || true
 if command -v compute-sanitizer >/dev/null; then
   for t in cuda_test_cuda_kernels cuda_test_cuda_gemm cuda_test_cuda_moe_ops; do
     check "memcheck_$t" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/$t"

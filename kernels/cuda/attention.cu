@@ -25,6 +25,15 @@
 //
 // Determinism: cuBLAS is reproducible on one GPU model (no atomics, one stream) and the row
 // kernel reduces with the fixed trees of common.cuh: results are bitwise identical run to run.
+//
+// bf16 operands (the default in bf16 mode, see gemm.cu): the same GEMMs on bf16 operands in the
+// GEMM workspace. Per sequence the (T,H*Dh) blocks of q, k, v (and dO) are converted once each,
+// keeping their layout, so the head strides and ld stay. The scores S and dP stay fp32 in
+// scratch; the row kernels' bf16 twins read them and write P (and dS) straight in bf16 to the
+// workspace, in chunks of heads that fit its limit, and the GEMMs that consume P and dS follow
+// chunk by chunk. (Converting fp32 P and dS afterwards would read and write 1.5x the (H,T,T)
+// matrices again, 1.5 GiB per matrix at T = 4096, H = 16: more than bf16 saves in the GEMMs.)
+// The fp32-operand functions are the path of fp32 mode and of MOET_CUDA_GEMM_OPERANDS=fp32.
 #include <math.h>
 
 #include "kernels/cuda/cublas_util.cuh"
@@ -69,6 +78,64 @@ static __global__ void attention_softmax_kernel(float *s, float *lse, int Tq, in
     if (lse && threadIdx.x == 0) lse[row] = m + logf(sum);
 }
 
+// attention_softmax_kernel's bf16 twin, for the bf16 operand path: reads the scores s of one
+// block of rows (nrows = a chunk of heads times Tq, each Tk long; query t = row % Tq as there)
+// and writes the probabilities, rounded to nearest bf16, to p16 (same layout), s untouched.
+// The exponentials are recomputed in the last pass instead of stored (the row is in cache), so
+// P's values are exactly the fp32 kernel's, then rounded. lse (NULL: not wanted) as there.
+static __global__ void attention_softmax_bf16_kernel(__nv_bfloat16 *p16, float *lse, const float *s,
+                                                     int Tq, int Tk) {
+    __shared__ float red[32];
+    const int row = blockIdx.x;
+    const int t = row % Tq;
+    const int nk = Tk - Tq + t + 1;
+    const float *sr = s + (size_t)row * Tk;
+    __nv_bfloat16 *pr = p16 + (size_t)row * Tk;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) m = fmaxf(m, sr[j]);
+    m = block_max_f32(m, red);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) sum += expf(sr[j] - m);
+    sum = block_sum_f32(sum, red);
+    const float inv = 1.0f / sum;
+    for (int j = threadIdx.x; j < Tk; j += blockDim.x)
+        pr[j] = __float2bfloat16_rn(j < nk ? expf(sr[j] - m) * inv : 0.0f);
+    if (lse && threadIdx.x == 0) lse[row] = m + logf(sum);
+}
+
+// Heads per chunk in the workspace when `fixed` elements of it are taken and each head needs
+// nslices (Tq,Tk) bf16 matrices: as many as the limit leaves room for (at least 1), then
+// evened out over the chunks that makes (16 heads that fit 14 at a time go as 8 + 8).
+static int head_chunk_(size_t fixed, size_t TqTk, int nslices, int H) {
+    const size_t limit = gemm_workspace_limit_elems_();
+    const size_t slack = 127 * (size_t)nslices; // what ws_align_ may add to the slices
+    const size_t avail = limit > fixed + slack ? limit - fixed - slack : 0;
+    size_t hc = avail / (TqTk * (size_t)nslices);
+    if (hc < 1) hc = 1;
+    if (hc >= (size_t)H) return H;
+    const int chunks = (int)((H + hc - 1) / hc);
+    return (H + chunks - 1) / chunks;
+}
+
+// The causal softmax and O = P V of one sequence on bf16 operands, in chunks of hc heads: per
+// chunk the bf16 softmax writes the chunk's P into p16 (room for hc (Tq,Tk) matrices), then
+// the chunk's heads multiply it. s is the sequence's (H,Tq,Tk) scores, lse its (H,Tq) or NULL,
+// v16 the bf16 copy of its (Tk,H*Dh) values, out its (Tq,H*Dh) output.
+// Per head, column-major: O^T (Dh,Tq) = V^T (Dh,Tk) * P^T (Tk,Tq), as the fp32 path.
+static void softmax_pv_bf16_(float *out, float *lse, const float *s, const __nv_bfloat16 *v16,
+                             __nv_bfloat16 *p16, int Tq, int Tk, int H, int Dh, int hc) {
+    const int ld = H * Dh;
+    const long long TqTk = (long long)Tq * Tk;
+    for (int h0 = 0; h0 < H; h0 += hc) {
+        const int nh = hc < H - h0 ? hc : H - h0;
+        attention_softmax_bf16_kernel<<<(unsigned)(nh * Tq), ATTN_ROW_THREADS>>>(
+            p16, lse ? lse + (size_t)h0 * Tq : NULL, s + (size_t)h0 * TqTk, Tq, Tk);
+        CUDA_CHECK_LAUNCH();
+        gemm_bf16_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_N, Dh, Tq, Tk, 1.0f, v16 + h0 * Dh, ld,
+                                   Dh, p16, Tk, TqTk, 0.0f, out + h0 * Dh, ld, Dh, nh);
+    }
+}
+
 // Stops with a message when a caller passed no scratch (a bug in the caller).
 static void need_scratch_(const char *fn, const void *scratch) {
     if (scratch) return;
@@ -88,11 +155,37 @@ static void scores_(float *s, const float *qb, const float *kb, int T, int H, in
                               0.0f, s, T, (long long)T * T, H);
 }
 
+// cuda_attention_forward on bf16 operands; s is the (H,T,T) scratch.
+static void attention_forward_bf16_(float *out, float *lse, const float *q, const float *k,
+                                    const float *v, int B, int T, int H, int Dh, float *s) {
+    const int ld = H * Dh;
+    const long long TT = (long long)T * T;
+    const float scale = 1.0f / sqrtf((float)Dh);
+    const size_t blk = ws_align_((size_t)T * ld); // one sequence's q, k or v in bf16
+    const int hc = head_chunk_(3 * blk, (size_t)TT, 1, H);
+    __nv_bfloat16 *q16 = gemm_workspace_(3 * blk + ws_align_((size_t)hc * TT));
+    __nv_bfloat16 *k16 = q16 + blk, *v16 = k16 + blk, *p16 = v16 + blk;
+    for (int b = 0; b < B; b++) {
+        const size_t base = (size_t)b * T * ld;
+        f32_to_bf16_rn_(q16, q + base, (size_t)T * ld);
+        f32_to_bf16_rn_(k16, k + base, (size_t)T * ld);
+        f32_to_bf16_rn_(v16, v + base, (size_t)T * ld);
+        // the scores as scores_ computes them: S^T (T,T) = scale * K (T,Dh) * Q^T (Dh,T)
+        gemm_bf16_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, T, T, Dh, scale, k16, ld, Dh, q16, ld,
+                                   Dh, 0.0f, s, T, TT, H);
+        softmax_pv_bf16_(out + base, lse + (size_t)b * H * T, s, v16, p16, T, T, H, Dh, hc);
+    }
+}
+
 // out, q, k, v are (B,T,H,Dh); lse is (B,H,T); scratch is cuda_attention_scratch_bytes(T, H)
 void cuda_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
                             int B, int T, int H, int Dh, void *scratch) {
     if (B <= 0 || T <= 0 || H <= 0 || Dh <= 0) return;
     need_scratch_("cuda_attention_forward", scratch);
+    if (gemm_bf16_operands_()) {
+        attention_forward_bf16_(out, lse, q, k, v, B, T, H, Dh, (float *)scratch);
+        return;
+    }
     const int ld = H * Dh;
     const long long TT = (long long)T * T;
     const float scale = 1.0f / sqrtf((float)Dh);
@@ -143,6 +236,94 @@ static __global__ void attention_backward_rows_kernel(float *p, float *ds, const
     }
 }
 
+// attention_backward_rows_kernel's bf16 twin, for one chunk of heads [h0, h0 + gridDim.x / T)
+// of one sequence: reads S from s and dP from dp (NULL: dS not wanted), the sequence's (H,T,T)
+// scratch, and writes the chunk's P to p16 (NULL: not wanted) and dS to ds16, rounded to
+// nearest bf16, chunk-relative ((h - h0)*T + t, T long); s and dp are left as they are. The
+// values are the fp32 kernel's, then rounded.
+static __global__ void attention_backward_rows_bf16_kernel(__nv_bfloat16 *p16, __nv_bfloat16 *ds16,
+                                                           const float *s, const float *dp,
+                                                           const float *lse_b, const float *dout_b,
+                                                           const float *out_b, int T, int H, int Dh,
+                                                           int h0) {
+    __shared__ float red[32];
+    const int row = blockIdx.x; // (h - h0)*T + t
+    const int h = h0 + row / T, t = row % T;
+    const size_t g = ((size_t)h * T + t) * T; // the row in the sequence's (H,T,T) scratch
+    const float *sr = s + g;
+    const float *dpr = dp ? dp + g : NULL;
+    __nv_bfloat16 *pr = p16 ? p16 + (size_t)row * T : NULL;
+    __nv_bfloat16 *dsr = dp ? ds16 + (size_t)row * T : NULL;
+    float d = 0.0f;
+    if (dpr) { // the same for the whole block, so every thread reaches the block sum
+        const size_t off = ((size_t)t * H + h) * Dh;
+        for (int c = threadIdx.x; c < Dh; c += blockDim.x) d += dout_b[off + c] * out_b[off + c];
+        d = block_sum_f32(d, red);
+    }
+    const float l = lse_b[h * T + t];
+    for (int j = threadIdx.x; j < T; j += blockDim.x) {
+        const float pj = j <= t ? expf(sr[j] - l) : 0.0f;
+        if (pr) pr[j] = __float2bfloat16_rn(pj);
+        if (dsr) dsr[j] = __float2bfloat16_rn(j <= t ? pj * (dpr[j] - d) : 0.0f);
+    }
+}
+
+// cuda_attention_backward on bf16 operands; s and dp are the two (H,T,T) halves of scratch.
+static void attention_backward_bf16_(float *dq, float *dk, float *dv, const float *dout,
+                                     const float *out, const float *lse, const float *q,
+                                     const float *k, const float *v, int B, int T, int H, int Dh,
+                                     float *s, float *dp) {
+    const int ld = H * Dh;
+    const long long TT = (long long)T * T;
+    const float scale = 1.0f / sqrtf((float)Dh);
+    const int need_ds = dq != NULL || dk != NULL; // dv needs P only (and then neither v nor dP)
+    const size_t blk = ws_align_((size_t)T * ld);
+    const size_t nblk = need_ds ? 4 : 3; // q, k, dO, and v for dP
+    const int nslices = (dv != NULL) + need_ds;
+    const int hc = head_chunk_(nblk * blk, (size_t)TT, nslices, H);
+    const size_t sl = ws_align_((size_t)hc * TT); // one chunk's P or dS
+    // the workspace: q, k, dO (and v) of a sequence, then a chunk's P (for dv) and dS (dq, dk)
+    __nv_bfloat16 *q16 = gemm_workspace_(nblk * blk + (size_t)nslices * sl);
+    __nv_bfloat16 *k16 = q16 + blk, *do16 = k16 + blk;
+    __nv_bfloat16 *v16 = need_ds ? do16 + blk : NULL;
+    __nv_bfloat16 *p16 = dv ? q16 + nblk * blk : NULL;
+    __nv_bfloat16 *ds16 = need_ds ? q16 + nblk * blk + (dv ? sl : 0) : NULL;
+    for (int b = 0; b < B; b++) {
+        const size_t base = (size_t)b * T * ld;
+        f32_to_bf16_rn_(q16, q + base, (size_t)T * ld);
+        f32_to_bf16_rn_(k16, k + base, (size_t)T * ld);
+        f32_to_bf16_rn_(do16, dout + base, (size_t)T * ld);
+        // S, exactly as the forward computed it (the same GEMM on the same bf16 operands)
+        gemm_bf16_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, T, T, Dh, scale, k16, ld, Dh, q16, ld,
+                                   Dh, 0.0f, s, T, TT, H);
+        if (need_ds) {
+            f32_to_bf16_rn_(v16, v + base, (size_t)T * ld);
+            // dP^T (T,T) = V (T,Dh) * dO^T (Dh,T)
+            gemm_bf16_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, T, T, Dh, 1.0f, v16, ld, Dh, do16,
+                                       ld, Dh, 0.0f, dp, T, TT, H);
+        }
+        for (int h0 = 0; h0 < H; h0 += hc) {
+            const int nh = hc < H - h0 ? hc : H - h0;
+            attention_backward_rows_bf16_kernel<<<(unsigned)(nh * T), ATTN_ROW_THREADS>>>(
+                p16, ds16, s, need_ds ? dp : NULL, lse + (size_t)b * H * T, dout + base, out + base,
+                T, H, Dh, h0);
+            CUDA_CHECK_LAUNCH();
+            if (dv) // dV^T (Dh,T) += dO^T (Dh,T) * P (T,T)
+                gemm_bf16_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_T, Dh, T, T, 1.0f, do16 + h0 * Dh,
+                                           ld, Dh, p16, T, TT, 1.0f, dv + base + h0 * Dh, ld, Dh,
+                                           nh);
+            if (dq) // dQ^T (Dh,T) += scale * K^T (Dh,T) * dS^T (T,T)
+                gemm_bf16_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_N, Dh, T, T, scale, k16 + h0 * Dh,
+                                           ld, Dh, ds16, T, TT, 1.0f, dq + base + h0 * Dh, ld, Dh,
+                                           nh);
+            if (dk) // dK^T (Dh,T) += scale * Q^T (Dh,T) * dS (T,T)
+                gemm_bf16_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_T, Dh, T, T, scale, q16 + h0 * Dh,
+                                           ld, Dh, ds16, T, TT, 1.0f, dk + base + h0 * Dh, ld, Dh,
+                                           nh);
+        }
+    }
+}
+
 // Accumulates (+=) into dq, dk, dv (each may be NULL); all are (B,T,H,Dh) like dout, out, q, k,
 // v; lse is (B,H,T) from the forward; scratch is cuda_attention_scratch_bytes(T, H).
 void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
@@ -150,6 +331,11 @@ void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                              int B, int T, int H, int Dh, void *scratch) {
     if (B <= 0 || T <= 0 || H <= 0 || Dh <= 0 || (!dq && !dk && !dv)) return;
     need_scratch_("cuda_attention_backward", scratch);
+    if (gemm_bf16_operands_()) {
+        attention_backward_bf16_(dq, dk, dv, dout, out, lse, q, k, v, B, T, H, Dh, (float *)scratch,
+                                 (float *)scratch + (size_t)H * T * T);
+        return;
+    }
     const int ld = H * Dh;
     const long long TT = (long long)T * T;
     const float scale = 1.0f / sqrtf((float)Dh);
@@ -206,6 +392,19 @@ void cuda_attention_forward_cached(float *out, const float *q, const float *k, c
     const int ld = H * Dh;
     const float scale = 1.0f / sqrtf((float)Dh);
     float *s = (float *)scratch; // (H,Tq,Tk)
+    if (gemm_bf16_operands_()) { // the same steps on bf16 copies of q, k, v and P
+        const size_t bq = ws_align_((size_t)Tq * ld), bk = ws_align_((size_t)Tk * ld);
+        const int hc = head_chunk_(bq + 2 * bk, (size_t)Tq * Tk, 1, H);
+        __nv_bfloat16 *q16 = gemm_workspace_(bq + 2 * bk + ws_align_((size_t)hc * Tq * Tk));
+        __nv_bfloat16 *k16 = q16 + bq, *v16 = k16 + bk, *p16 = v16 + bk;
+        f32_to_bf16_rn_(q16, q, (size_t)Tq * ld);
+        f32_to_bf16_rn_(k16, k, (size_t)Tk * ld);
+        f32_to_bf16_rn_(v16, v, (size_t)Tk * ld);
+        gemm_bf16_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, Dh, scale, k16, ld, Dh, q16,
+                                   ld, Dh, 0.0f, s, Tk, (long long)Tq * Tk, H);
+        softmax_pv_bf16_(out, NULL, s, v16, p16, Tq, Tk, H, Dh, hc);
+        return;
+    }
     // per head, column-major: S^T (Tk,Tq) = scale * K (Tk,Dh) * Q^T (Dh,Tq)
     gemm_f32_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, Dh, scale, k, ld, Dh, q, ld, Dh,
                               0.0f, s, Tk, (long long)Tq * Tk, H);

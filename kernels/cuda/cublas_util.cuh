@@ -1,8 +1,11 @@
 // cublas_util.cuh: private cuBLAS helpers shared by gemm.cu and attention.cu (not part of the
-// public API): the CUBLAS_CHECK error check, the one cuBLAS handle of the process, and the two
-// fp32 GEMM entry points that apply the precision chosen by cuda_set_gemm_bf16.
+// public API): the CUBLAS_CHECK error check, the one cuBLAS handle of the process, the two
+// fp32 GEMM entry points that apply the precision chosen by cuda_set_gemm_bf16, and the bf16
+// operand path (conversion workspace, fp32 -> bf16 conversion, GEMMs on bf16 operands).
 #pragma once
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
 
 #include "kernels/cuda/common.cuh"
 
@@ -43,3 +46,42 @@ void gemm_f32_strided_batched_(cublasOperation_t transa, cublasOperation_t trans
                                int k, float alpha, const float *A, int lda, long long strideA,
                                const float *B, int ldb, long long strideB, float beta, float *C,
                                int ldc, long long strideC, int batch_count);
+
+// ---------------------------------------------------------------------------------------
+// bf16 operands (see "GEMM precision" in kernels_cuda.h). In bf16 mode the ops convert their
+// fp32 operands into bf16 copies in one workspace and multiply the copies; fp32 mode and
+// MOET_CUDA_GEMM_OPERANDS=fp32 take the fp32 entry points above. All defined in gemm.cu.
+
+// 1 when the GEMMs run on bf16 copies of their operands: cuda_gemm_bf16() and
+// cuda_gemm_bf16_operands() are both on.
+int gemm_bf16_operands_(void);
+
+// The conversion workspace: a device buffer of at least `elems` bf16 values, grown (never
+// shrunk) as needed and counted by cuda_mem_stats. Growing frees the old buffer after waiting
+// for the device, so an op asks once per chunk of its work for everything that chunk needs and
+// carves the slices itself (ws_align_ keeps each slice 256-byte aligned); the pointer is valid
+// until the next call. One workspace serves every op: they never nest.
+__nv_bfloat16 *gemm_workspace_(size_t elems);
+// The limit that ops plan their chunks against, in bf16 elements (cuda_set_gemm_workspace_limit).
+size_t gemm_workspace_limit_elems_(void);
+// n rounded up to a multiple of 128 elements (256 bytes): the start of the next slice.
+static inline size_t ws_align_(size_t n) {
+    return (n + 127) & ~(size_t)127;
+}
+
+// out[i] = in[i] rounded to the nearest bf16, ties to even (cvt.rn), for n contiguous values;
+// NaN stays NaN, values beyond bf16's range become inf. Vectorised (16-byte loads) when in is
+// 16-byte and out 8-byte aligned, element by element otherwise. Enqueued on the default stream.
+void f32_to_bf16_rn_(__nv_bfloat16 *out, const float *in, size_t n);
+
+// gemm_f32_ on bf16 operands: C (m,n) fp32 = alpha * op(A) * op(B) + beta * C, A and B
+// CUDA_R_16BF, CUBLAS_COMPUTE_32F (products of bf16 values are exact in fp32; the sums are fp32).
+void gemm_bf16_(cublasOperation_t transa, cublasOperation_t transb, int m, int n, int k,
+                float alpha, const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb,
+                float beta, float *C, int ldc);
+// gemm_f32_strided_batched_ on bf16 operands (strides in elements).
+void gemm_bf16_strided_batched_(cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+                                int k, float alpha, const __nv_bfloat16 *A, int lda,
+                                long long strideA, const __nv_bfloat16 *B, int ldb,
+                                long long strideB, float beta, float *C, int ldc, long long strideC,
+                                int batch_count);

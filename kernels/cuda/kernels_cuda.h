@@ -124,6 +124,26 @@ void cuda_memcpy_d2d(void *dst, const void *src, size_t bytes);
 // 0: exact fp32 (CUBLAS_COMPUTE_32F, TF32 off): the tight comparison with the CPU backend.
 void cuda_set_gemm_bf16(int on);
 int cuda_gemm_bf16(void);
+// Operands of the bf16-mode GEMMs. 1 (the default): each op converts its fp32 operands to bf16
+//   (round to nearest even: the rounding FAST_16BF allows) into a workspace and runs cuBLAS on
+//   the copies (A, B CUDA_R_16BF, C CUDA_R_32F, CUBLAS_COMPUTE_32F), so that cuBLAS uses the
+//   bf16 tensor cores; given fp32 operands with FAST_16BF it picked TF32 kernels (half the rate)
+//   on the H100. Outputs, beta = 1 accumulation and everything else stay fp32 as above.
+// 0: fp32 operands with CUBLAS_COMPUTE_32F_FAST_16BF (as described above; cuBLAS chooses).
+// -1: as the environment variable MOET_CUDA_GEMM_OPERANDS says: fp32 -> 0, bf16, empty or
+//   unset -> 1, anything else is fatal. This is also the initial state, read at the first GEMM, so that one
+//   device run can A/B the two: MOET_CUDA_GEMM_OPERANDS=fp32 moet bench CONFIG.
+// The getter gives the setting, whether or not bf16 mode is on; fp32 mode ignores it.
+void cuda_set_gemm_bf16_operands(int on);
+int cuda_gemm_bf16_operands(void);
+// The bf16 operand workspace: one device buffer, grown to what the largest chunk of an op
+// needs, kept until the process ends and counted by cuda_mem_stats. Ops cut their work into
+// chunks (rows, experts, heads) that fit the limit (default 1 GiB; 0 restores it; a lower limit
+// frees a larger buffer); only a single chunk that cannot be cut further (one weight matrix
+// with one row; one sequence's q, k, v, dO with one head's bf16 P and dS) may exceed it.
+// cuda_gemm_workspace_bytes gives the bytes allocated now.
+void cuda_set_gemm_workspace_limit(size_t bytes);
+size_t cuda_gemm_workspace_bytes(void);
 
 // Matmul (cuBLAS, row-major as kernels.h): out = inp @ w^T; backward accumulates
 // dinp += dout @ w and dw += dout^T @ inp (either may be NULL).

@@ -1,7 +1,10 @@
 // test_cuda_gemm: the cuBLAS ops of kernels/cuda/gemm.cu and attention.cu (matmul, grouped
 // expert matmul, causal attention; forward and backward) against the CPU ops of the same name
-// in kernels.h, in both GEMM precisions (cuda_set_gemm_bf16 0 and 1), plus run-to-run bitwise
-// determinism. Exits 77 (ctest "skipped") where no CUDA device exists; never passes without one.
+// in kernels.h, in both GEMM precisions (cuda_set_gemm_bf16 0 and 1; bf16 on bf16 copies of the
+// operands, the default, and on fp32 operands, MOET_CUDA_GEMM_OPERANDS=fp32), the bf16 operand
+// path in chunks of a small workspace, its rounding checked exactly against bf16-rounded
+// operands, plus run-to-run bitwise determinism. Exits 77 (ctest "skipped") where no CUDA device
+// exists; never passes without one.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,11 +29,12 @@
 #define FP32_RTOL      1e-5
 #define FP32_ATOL_FRAC 2e-5
 //
-// bf16 mode (the default: CUBLAS_COMPUTE_32F_FAST_16BF). cuBLAS rounds both operands of every
-// product to bf16, 8 significant bits: a relative error of at most 2^-9 each (round to nearest),
-// so each product a_i b_i carries a relative error delta_i with |delta_i| <= 2^-8 and, as the two
-// roundings are independent and uniform, a standard deviation of sqrt(2/3) * 2^-9. The fp32
-// accumulation adds only 2^-24-sized errors. The error of a k-term dot product,
+// bf16 mode (the default: gemm.cu rounds the operands to bf16 copies, or, with
+// MOET_CUDA_GEMM_OPERANDS=fp32, CUBLAS_COMPUTE_32F_FAST_16BF lets cuBLAS do it). Both operands of
+// every product are rounded to bf16, 8 significant bits: a relative error of at most 2^-9 each
+// (round to nearest), so each product a_i b_i carries a relative error delta_i with |delta_i| <=
+// 2^-8 and, as the two roundings are independent and uniform, a standard deviation of sqrt(2/3) *
+// 2^-9. The fp32 accumulation adds only 2^-24-sized errors. The error of a k-term dot product,
 // sum_i a_i b_i delta_i, is then a sum of k independent terms with standard deviation
 //   sigma = sqrt(2/3) * 2^-9 * sqrt(sum_i (a_i b_i)^2) <= 0.82 * 2^-9 * sqrt(k) * amax * bmax.
 // Over the ~4e5 elements of the largest case the worst one is within ~5 sigma, i.e. within
@@ -86,6 +90,19 @@ static int same_bits_(const char *name, const float *d_got, const float *want, s
     return ok;
 }
 
+// Bitwise equality of a device result with the exact expected values.
+static int equal_bits_(const char *name, const float *d_got, const float *want, size_t n) {
+    float *got = tcu_host_from(d_got, n);
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&got[i], &want[i], sizeof *got) != 0 && bad++ == 0) first = i;
+    if (bad)
+        fprintf(stderr, "  %s: %zu of %zu elements differ; first [%zu] got %a want %a\n", name, bad,
+                n, first, (double)got[first], (double)want[first]);
+    free(got);
+    return bad == 0;
+}
+
 // Tolerance of a GEMM result with k-term dot products of operands bounded by amax and bmax
 // (see the top of the file); want is the CPU result.
 static double gemm_atol_(int bf16, int k, double amax, double bmax, const float *want, size_t n) {
@@ -103,8 +120,18 @@ static double attn_atol_(int bf16, const float *want, size_t n, double term_scal
     return (bf16 ? BF16_ATTN_FRAC : FP32_ATOL_FRAC) * (m > term_scale ? m : term_scale);
 }
 
-static const char *mode_name_(int bf16) {
-    return bf16 ? "bf16" : "fp32";
+// The GEMM modes every case runs in: fp32 (cuda_set_gemm_bf16(0)); bf16 on bf16 copies of the
+// operands (the default); bf16 on fp32 operands with CUBLAS_COMPUTE_32F_FAST_16BF (the
+// MOET_CUDA_GEMM_OPERANDS=fp32 path). Both bf16 modes have the bf16 tolerances.
+enum { MODE_FP32, MODE_BF16, MODE_BF16_F32_OPERANDS, N_MODES };
+
+static void set_mode_(int mode) {
+    cuda_set_gemm_bf16(mode != MODE_FP32);
+    cuda_set_gemm_bf16_operands(mode != MODE_BF16_F32_OPERANDS);
+}
+
+static const char *mode_name_(int mode) {
+    return mode == MODE_FP32 ? "fp32" : mode == MODE_BF16 ? "bf16" : "bf16-fp32-operands";
 }
 
 // ---------------------------------------------------------------------------------------
@@ -113,8 +140,9 @@ static const char *mode_name_(int bf16) {
 // Forward, then backward into gradients pre-filled with random values (backward must
 // accumulate), for the outputs selected by with_dinp / with_dw (the other is NULL and must stay
 // untouched).
-static void matmul_case_(int N, int C, int OC, int with_dinp, int with_dw, int bf16,
+static void matmul_case_(int N, int C, int OC, int with_dinp, int with_dw, int mode,
                          uint64_t seed) {
+    const int bf16 = mode != MODE_FP32;
     const size_t nc = (size_t)N * C, oc = (size_t)OC * C, no = (size_t)N * OC;
     float *inp = tcu_host_rand(nc, seed, 1.0f), *w = tcu_host_rand(oc, seed + 1, 1.0f);
     float *dout = tcu_host_rand(no, seed + 2, 1.0f);
@@ -124,7 +152,7 @@ static void matmul_case_(int N, int C, int OC, int with_dinp, int with_dw, int b
     float *want_dinp = tcu_host_copy(dinp0, nc), *want_dw = tcu_host_copy(dw0, oc);
     matmul_backward(with_dinp ? want_dinp : NULL, with_dw ? want_dw : NULL, dout, inp, w, N, C, OC);
 
-    cuda_set_gemm_bf16(bf16);
+    set_mode_(mode);
     float *d_inp = tcu_dev_from(inp, nc), *d_w = tcu_dev_from(w, oc),
           *d_dout = tcu_dev_from(dout, no);
     float *d_dinp = tcu_dev_from(dinp0, nc), *d_dw = tcu_dev_from(dw0, oc);
@@ -133,14 +161,14 @@ static void matmul_case_(int N, int C, int OC, int with_dinp, int with_dw, int b
     cuda_matmul_backward(with_dinp ? d_dinp : NULL, with_dw ? d_dw : NULL, d_dout, d_inp, d_w, N, C,
                          OC);
     char name[128];
-    snprintf(name, sizeof name, "matmul_forward %dx%dx%d %s", N, C, OC, mode_name_(bf16));
+    snprintf(name, sizeof name, "matmul_forward %dx%dx%d %s", N, C, OC, mode_name_(mode));
     CU_ASSERT_TRUE(
         check_(name, d_out, out, no, gemm_atol_(bf16, C, 1, 1, out, no), gemm_rtol_(bf16)));
-    snprintf(name, sizeof name, "matmul_backward dinp %dx%dx%d %s", N, C, OC, mode_name_(bf16));
+    snprintf(name, sizeof name, "matmul_backward dinp %dx%dx%d %s", N, C, OC, mode_name_(mode));
     CU_ASSERT_TRUE(with_dinp ? check_(name, d_dinp, want_dinp, nc,
                                       gemm_atol_(bf16, OC, 1, 1, want_dinp, nc), gemm_rtol_(bf16))
                              : same_bits_(name, d_dinp, dinp0, nc));
-    snprintf(name, sizeof name, "matmul_backward dw %dx%dx%d %s", N, C, OC, mode_name_(bf16));
+    snprintf(name, sizeof name, "matmul_backward dw %dx%dx%d %s", N, C, OC, mode_name_(mode));
     CU_ASSERT_TRUE(with_dw ? check_(name, d_dw, want_dw, oc, gemm_atol_(bf16, N, 1, 1, want_dw, oc),
                                     gemm_rtol_(bf16))
                            : same_bits_(name, d_dw, dw0, oc));
@@ -154,13 +182,13 @@ static void matmul_case_(int N, int C, int OC, int with_dinp, int with_dw, int b
 static void test_matmul(void) {
     // odd shapes (no multiple of 8 anywhere), a single row, and a larger square-ish case
     static const int shapes[][3] = {{37, 70, 45}, {1, 33, 7}, {5, 1, 3}, {512, 1024, 768}};
-    for (int bf16 = 0; bf16 <= 1; bf16++) {
+    for (int mode = 0; mode < N_MODES; mode++) {
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-            matmul_case_(shapes[s][0], shapes[s][1], shapes[s][2], 1, 1, bf16, 1000 + 10 * s);
-        matmul_case_(37, 70, 45, 1, 0, bf16, 1100); // dw NULL
-        matmul_case_(37, 70, 45, 0, 1, bf16, 1110); // dinp NULL
+            matmul_case_(shapes[s][0], shapes[s][1], shapes[s][2], 1, 1, mode, 1000 + 10 * s);
+        matmul_case_(37, 70, 45, 1, 0, mode, 1100); // dw NULL
+        matmul_case_(37, 70, 45, 0, 1, mode, 1110); // dinp NULL
     }
-    cuda_set_gemm_bf16(1);
+    set_mode_(MODE_BF16);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -168,7 +196,8 @@ static void test_matmul(void) {
 
 // rows[e] routed rows per expert (some 0); gradients pre-filled; dw of an expert without rows
 // must stay bitwise untouched.
-static void grouped_case_(const int *rows, int E, int C, int OC, int bf16, uint64_t seed) {
+static void grouped_case_(const int *rows, int E, int C, int OC, int mode, uint64_t seed) {
+    const int bf16 = mode != MODE_FP32;
     int32_t *offsets = malloc((size_t)(E + 1) * sizeof *offsets);
     offsets[0] = 0;
     for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + rows[e];
@@ -184,7 +213,7 @@ static void grouped_case_(const int *rows, int E, int C, int OC, int bf16, uint6
     float *want_dinp = tcu_host_copy(dinp0, rc), *want_dw = tcu_host_copy(dw0, ew);
     grouped_matmul_backward(want_dinp, want_dw, dout, inp, w, offsets, E, C, OC);
 
-    cuda_set_gemm_bf16(bf16);
+    set_mode_(mode);
     float *d_inp = tcu_dev_from(inp, rc), *d_w = tcu_dev_from(w, ew),
           *d_dout = tcu_dev_from(dout, ro);
     float *d_dinp = tcu_dev_from(dinp0, rc), *d_dw = tcu_dev_from(dw0, ew);
@@ -192,13 +221,13 @@ static void grouped_case_(const int *rows, int E, int C, int OC, int bf16, uint6
     cuda_grouped_matmul_forward(d_out, d_inp, d_w, offsets, E, C, OC);
     cuda_grouped_matmul_backward(d_dinp, d_dw, d_dout, d_inp, d_w, offsets, E, C, OC);
     char name[128];
-    snprintf(name, sizeof name, "grouped_matmul_forward E=%d %s", E, mode_name_(bf16));
+    snprintf(name, sizeof name, "grouped_matmul_forward E=%d %s", E, mode_name_(mode));
     CU_ASSERT_TRUE(
         check_(name, d_out, out, ro, gemm_atol_(bf16, C, 1, 1, out, ro), gemm_rtol_(bf16)));
-    snprintf(name, sizeof name, "grouped_matmul_backward dinp E=%d %s", E, mode_name_(bf16));
+    snprintf(name, sizeof name, "grouped_matmul_backward dinp E=%d %s", E, mode_name_(mode));
     CU_ASSERT_TRUE(check_(name, d_dinp, want_dinp, rc, gemm_atol_(bf16, OC, 1, 1, want_dinp, rc),
                           gemm_rtol_(bf16)));
-    snprintf(name, sizeof name, "grouped_matmul_backward dw E=%d %s", E, mode_name_(bf16));
+    snprintf(name, sizeof name, "grouped_matmul_backward dw E=%d %s", E, mode_name_(mode));
     CU_ASSERT_TRUE(check_(name, d_dw, want_dw, ew, gemm_atol_(bf16, max_rows, 1, 1, want_dw, ew),
                           gemm_rtol_(bf16)));
     for (int e = 0; e < E; e++) {
@@ -211,7 +240,7 @@ static void grouped_case_(const int *rows, int E, int C, int OC, int bf16, uint6
     // dinp NULL: only dw changes
     cuda_memcpy_h2d(d_dw, dw0, ew * sizeof(float));
     cuda_grouped_matmul_backward(NULL, d_dw, d_dout, d_inp, d_w, offsets, E, C, OC);
-    snprintf(name, sizeof name, "grouped_matmul_backward dw only E=%d %s", E, mode_name_(bf16));
+    snprintf(name, sizeof name, "grouped_matmul_backward dw only E=%d %s", E, mode_name_(mode));
     CU_ASSERT_TRUE(check_(name, d_dw, want_dw, ew, gemm_atol_(bf16, max_rows, 1, 1, want_dw, ew),
                           gemm_rtol_(bf16)));
 
@@ -225,12 +254,12 @@ static void test_grouped_matmul(void) {
     static const int rows5[5] = {7, 0, 33, 1, 19}; // E = 5, expert 1 empty, uneven
     static const int rows4[4] = {100, 3, 0, 250};  // larger, expert 2 empty
     static const int rows3[3] = {0, 0, 12};        // leading empty experts
-    for (int bf16 = 0; bf16 <= 1; bf16++) {
-        grouped_case_(rows5, 5, 70, 45, bf16, 2000);
-        grouped_case_(rows4, 4, 256, 96, bf16, 2010);
-        grouped_case_(rows3, 3, 40, 24, bf16, 2020);
+    for (int mode = 0; mode < N_MODES; mode++) {
+        grouped_case_(rows5, 5, 70, 45, mode, 2000);
+        grouped_case_(rows4, 4, 256, 96, mode, 2010);
+        grouped_case_(rows3, 3, 40, 24, mode, 2020);
     }
-    cuda_set_gemm_bf16(1);
+    set_mode_(MODE_BF16);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -239,7 +268,8 @@ static void test_grouped_matmul(void) {
 // Forward against the CPU; then backward, with the CPU's out and lse given to both backends,
 // into gradients pre-filled with random values, for the outputs selected by the mask
 // (1 dq, 2 dk, 4 dv; the others are NULL and must stay untouched).
-static void attention_case_(int B, int T, int H, int Dh, int grads, int bf16, uint64_t seed) {
+static void attention_case_(int B, int T, int H, int Dh, int grads, int mode, uint64_t seed) {
+    const int bf16 = mode != MODE_FP32;
     const size_t n = (size_t)B * T * H * Dh, nl = (size_t)B * H * T;
     float *q = tcu_host_rand(n, seed, 1.0f), *k = tcu_host_rand(n, seed + 1, 1.0f);
     float *v = tcu_host_rand(n, seed + 2, 1.0f), *dout = tcu_host_rand(n, seed + 3, 1.0f);
@@ -253,18 +283,18 @@ static void attention_case_(int B, int T, int H, int Dh, int grads, int bf16, ui
     attention_backward(wq ? want_dq : NULL, wk ? want_dk : NULL, wv ? want_dv : NULL, dout, out,
                        lse, q, k, v, B, T, H, Dh);
 
-    cuda_set_gemm_bf16(bf16);
+    set_mode_(mode);
     float *d_q = tcu_dev_from(q, n), *d_k = tcu_dev_from(k, n), *d_v = tcu_dev_from(v, n);
     float *d_dout = tcu_dev_from(dout, n);
     float *d_out = cuda_malloc(n * sizeof(float)), *d_lse = cuda_malloc(nl * sizeof(float));
     void *scratch = cuda_malloc(cuda_attention_scratch_bytes(T, H));
     cuda_attention_forward(d_out, d_lse, d_q, d_k, d_v, B, T, H, Dh, scratch);
     char name[128];
-    const char *mode = mode_name_(bf16);
+    const char *mname = mode_name_(mode);
     // term scales (see the top of the file): all inputs are bounded by 1, scale*sqrt(Dh) = 1
-    snprintf(name, sizeof name, "attention_forward out T=%d Dh=%d %s", T, Dh, mode);
+    snprintf(name, sizeof name, "attention_forward out T=%d Dh=%d %s", T, Dh, mname);
     CU_ASSERT_TRUE(check_(name, d_out, out, n, attn_atol_(bf16, out, n, 1.0), gemm_rtol_(bf16)));
-    snprintf(name, sizeof name, "attention_forward lse T=%d Dh=%d %s", T, Dh, mode);
+    snprintf(name, sizeof name, "attention_forward lse T=%d Dh=%d %s", T, Dh, mname);
     CU_ASSERT_TRUE(check_(name, d_lse, lse, nl, attn_atol_(bf16, lse, nl, 1.0), gemm_rtol_(bf16)));
 
     // the backward reads the CPU's out and lse, like the CPU backward above
@@ -273,15 +303,15 @@ static void attention_case_(int B, int T, int H, int Dh, int grads, int bf16, ui
     cuda_memcpy_h2d(d_lse, lse, nl * sizeof(float));
     cuda_attention_backward(wq ? d_dq : NULL, wk ? d_dk : NULL, wv ? d_dv : NULL, d_dout, d_out,
                             d_lse, d_q, d_k, d_v, B, T, H, Dh, scratch);
-    snprintf(name, sizeof name, "attention_backward dq T=%d Dh=%d %s", T, Dh, mode);
+    snprintf(name, sizeof name, "attention_backward dq T=%d Dh=%d %s", T, Dh, mname);
     CU_ASSERT_TRUE(
         wq ? check_(name, d_dq, want_dq, n, attn_atol_(bf16, want_dq, n, 1.0), gemm_rtol_(bf16))
            : same_bits_(name, d_dq, dq0, n));
-    snprintf(name, sizeof name, "attention_backward dk T=%d Dh=%d %s", T, Dh, mode);
+    snprintf(name, sizeof name, "attention_backward dk T=%d Dh=%d %s", T, Dh, mname);
     CU_ASSERT_TRUE(
         wk ? check_(name, d_dk, want_dk, n, attn_atol_(bf16, want_dk, n, 1.0), gemm_rtol_(bf16))
            : same_bits_(name, d_dk, dk0, n));
-    snprintf(name, sizeof name, "attention_backward dv T=%d Dh=%d %s", T, Dh, mode);
+    snprintf(name, sizeof name, "attention_backward dv T=%d Dh=%d %s", T, Dh, mname);
     CU_ASSERT_TRUE(
         wv ? check_(name, d_dv, want_dv, n, attn_atol_(bf16, want_dv, n, 1.0), gemm_rtol_(bf16))
            : same_bits_(name, d_dv, dv0, n));
@@ -294,7 +324,8 @@ static void attention_case_(int B, int T, int H, int Dh, int grads, int bf16, ui
 
 // Generation: Tq queries over Tk cached keys against the CPU op, which itself must give the
 // last Tq rows of the causal attention over the whole sequence.
-static void attention_cached_case_(int Tq, int Tk, int H, int Dh, int bf16, uint64_t seed) {
+static void attention_cached_case_(int Tq, int Tk, int H, int Dh, int mode, uint64_t seed) {
+    const int bf16 = mode != MODE_FP32;
     const size_t nk = (size_t)Tk * H * Dh, nq = (size_t)Tq * H * Dh;
     float *q = tcu_host_rand(nk, seed, 1.0f), *k = tcu_host_rand(nk, seed + 1, 1.0f);
     float *v = tcu_host_rand(nk, seed + 2, 1.0f);
@@ -307,46 +338,284 @@ static void attention_cached_case_(int Tq, int Tk, int H, int Dh, int bf16, uint
     snprintf(name, sizeof name, "CPU attention_forward_cached Tq=%d Tk=%d = the full rows", Tq, Tk);
     CU_ASSERT_TRUE(tu_allclose(name, out, full + (nk - nq), nq, 1e-6, 1e-5));
 
-    cuda_set_gemm_bf16(bf16);
+    set_mode_(mode);
     float *d_q = tcu_dev_from(qlast, nq), *d_k = tcu_dev_from(k, nk), *d_v = tcu_dev_from(v, nk);
     float *d_out = cuda_malloc(nq * sizeof(float));
     void *scratch = cuda_malloc(cuda_attention_cached_scratch_bytes(Tq, Tk, H));
     cuda_attention_forward_cached(d_out, d_q, d_k, d_v, Tq, Tk, H, Dh, scratch);
     snprintf(name, sizeof name, "attention_forward_cached Tq=%d Tk=%d Dh=%d %s", Tq, Tk, Dh,
-             mode_name_(bf16));
+             mode_name_(mode));
     CU_ASSERT_TRUE(check_(name, d_out, out, nq, attn_atol_(bf16, out, nq, 1.0), gemm_rtol_(bf16)));
     cuda_free(d_q), cuda_free(d_k), cuda_free(d_v), cuda_free(d_out), cuda_free(scratch);
     free(q), free(k), free(v), free(full), free(lse), free(out);
 }
 
 static void test_attention(void) {
-    for (int bf16 = 0; bf16 <= 1; bf16++) {
-        attention_cached_case_(1, 1, 3, 16, bf16, 3600);   // the first generated position
-        attention_cached_case_(1, 130, 3, 64, bf16, 3610); // one new token over a cache
-        attention_cached_case_(17, 17, 2, 16, bf16, 3620); // a prompt
-        attention_cached_case_(5, 70, 2, 32, bf16, 3630);  // a few tokens after a cache
+    for (int mode = 0; mode < N_MODES; mode++) {
+        attention_cached_case_(1, 1, 3, 16, mode, 3600);   // the first generated position
+        attention_cached_case_(1, 130, 3, 64, mode, 3610); // one new token over a cache
+        attention_cached_case_(17, 17, 2, 16, mode, 3620); // a prompt
+        attention_cached_case_(5, 70, 2, 32, mode, 3630);  // a few tokens after a cache
     }
     static const int Ts[] = {1, 17, 128}, Dhs[] = {16, 64};
-    for (int bf16 = 0; bf16 <= 1; bf16++) {
+    for (int mode = 0; mode < N_MODES; mode++) {
         for (size_t i = 0; i < sizeof Ts / sizeof Ts[0]; i++)
             for (size_t j = 0; j < sizeof Dhs / sizeof Dhs[0]; j++)
-                attention_case_(2, Ts[i], 3, Dhs[j], 7, bf16, 3000 + 100 * i + 10 * j);
-        attention_case_(2, 17, 3, 16, 4, bf16, 3500); // dv only (no dP / dS pass)
-        attention_case_(2, 17, 3, 16, 3, bf16, 3510); // dq and dk, dv NULL
-        attention_case_(2, 17, 3, 16, 2, bf16, 3520); // dk only
+                attention_case_(2, Ts[i], 3, Dhs[j], 7, mode, 3000 + 100 * i + 10 * j);
+        attention_case_(2, 17, 3, 16, 4, mode, 3500); // dv only (no dP / dS pass)
+        attention_case_(2, 17, 3, 16, 3, mode, 3510); // dq and dk, dv NULL
+        attention_case_(2, 17, 3, 16, 2, mode, 3520); // dk only
     }
-    cuda_set_gemm_bf16(1);
+    set_mode_(MODE_BF16);
 }
 
 // ---------------------------------------------------------------------------------------
 // GEMM precision switch
 
 static void test_gemm_mode(void) {
-    // main() checks the default (1) before any test runs; here the setter and getter
+    // main() checks the defaults (1, 1) before any test runs; here the setters and getters
     cuda_set_gemm_bf16(0);
     CU_ASSERT_EQUAL(cuda_gemm_bf16(), 0);
     cuda_set_gemm_bf16(5); // any non-zero value means on
     CU_ASSERT_EQUAL(cuda_gemm_bf16(), 1);
+    cuda_set_gemm_bf16_operands(0);
+    CU_ASSERT_EQUAL(cuda_gemm_bf16_operands(), 0);
+    cuda_set_gemm_bf16_operands(7);
+    CU_ASSERT_EQUAL(cuda_gemm_bf16_operands(), 1);
+    // -1: as MOET_CUDA_GEMM_OPERANDS says (fp32 -> 0; bf16, empty or unset -> 1)
+    const char *env = getenv("MOET_CUDA_GEMM_OPERANDS");
+    char *saved = env ? strdup(env) : NULL;
+    static const struct {
+        const char *value;
+        int want;
+    } cases[] = {{"fp32", 0}, {"bf16", 1}, {"", 1}, {NULL, 1}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        if (cases[i].value)
+            setenv("MOET_CUDA_GEMM_OPERANDS", cases[i].value, 1);
+        else
+            unsetenv("MOET_CUDA_GEMM_OPERANDS");
+        cuda_set_gemm_bf16_operands(-1);
+        CU_ASSERT_EQUAL(cuda_gemm_bf16_operands(), cases[i].want);
+    }
+    if (saved) setenv("MOET_CUDA_GEMM_OPERANDS", saved, 1);
+    free(saved);
+    set_mode_(MODE_BF16);
+}
+
+// ---------------------------------------------------------------------------------------
+// The bf16 operand path in chunks: with a workspace limit of 8 KiB the matmuls go in pieces of
+// a few rows (and one expert per chunk, or pieces of one row where a single weight matrix is
+// already over the limit), attention in chunks of one head; every result as above, and the
+// workspace within the limit where the smallest chunk fits.
+
+static void test_workspace_chunks(void) {
+    set_mode_(MODE_BF16);
+    const size_t limit = 8192;
+    cuda_set_gemm_workspace_limit(limit); // frees the larger workspace of the tests before
+    CU_ASSERT_EQUAL(cuda_gemm_workspace_bytes(), 0);
+    // 37x70x45: the weights (3150 bf16 values) leave room for pieces of 10 rows of inp in the
+    // forward, of 5 rows of dout and inp in the backward
+    matmul_case_(37, 70, 45, 1, 1, MODE_BF16, 5000);
+    const size_t ws = cuda_gemm_workspace_bytes();
+    CU_ASSERT_TRUE(ws > 0 && ws <= limit);
+    if (!(ws > 0 && ws <= limit)) fprintf(stderr, "  workspace %zu bytes, limit %zu\n", ws, limit);
+    static const int rows5[5] = {7, 0, 33, 1, 19}, rows4[4] = {100, 3, 0, 250};
+    grouped_case_(rows5, 5, 70, 45, MODE_BF16, 5010);   // one expert per chunk, pieces of rows
+    grouped_case_(rows4, 4, 256, 96, MODE_BF16, 5020);  // weights over the limit: rows one by one
+    attention_case_(2, 17, 3, 16, 7, MODE_BF16, 5030);  // backward: one head per chunk
+    attention_case_(2, 17, 3, 16, 4, MODE_BF16, 5040);  // dv only (P alone): all heads at once
+    attention_case_(1, 128, 3, 16, 7, MODE_BF16, 5060); // forward too: one head per chunk
+    attention_cached_case_(5, 70, 2, 32, MODE_BF16, 5050);
+    cuda_set_gemm_workspace_limit(0); // the default again
+}
+
+// ---------------------------------------------------------------------------------------
+// bf16 operands, exactly. With bf16 operands a GEMM is the fp32 sum of exact products (8 x 8
+// significant bits fit fp32's 24) of the operands rounded to nearest even: it must equal a
+// double-precision reference on those rounded operands up to fp32 summation, whatever the
+// order: |err| <= (k + 1) * 2^-24 * sum |terms| for k terms, and for positive terms
+// sum |terms| = |result|, so the check is relative: RTOL_SUM(k) = (2k + 4) * 2^-24 (twice that,
+// plus the rounding of the reference to float and of the beta = 1 accumulations, and of the sums
+// over pieces of rows when dw is chunked).
+// The inputs are built so that a wrong rounding moves every product the same way:
+//   ABOVE_HALF: positive values in [0.5, 2) whose bits below bf16 are 0.55 to 0.7 of a bf16
+//     ulp: nearest rounds them up. Truncation would give every operand 1 ulp less (a relative
+//     error of at least 2^-8 per operand, 2^-7 per product, in the same direction), unrounded
+//     fp32 or TF32 operands 0.25 to 0.45 ulp less (TF32 keeps 3 of the 0.55 - 0.7 ulp's bits).
+//   TIE_EVEN: exact ties (half an ulp) above an even bf16: nearest-even rounds them down,
+//     rounding half up (or away from zero) and unrounded operands give half an ulp more.
+// Either way the result moves by >= ~2^-9 * |result| = 2e-3 |result|, against RTOL_SUM(k) <=
+// 6.1e-5 at k <= 512: a wrong conversion, or operands left in fp32, fail by 30x or more. (The
+// emulator models FAST_16BF as rounding to nearest even, so there the fp32-operand mode passes
+// too; on a GPU, where cuBLAS picks TF32 for it, it would not: only MODE_BF16 is checked.)
+#define RTOL_SUM(k) ((2.0 * (k) + 4.0) * 0x1.0p-24)
+enum { ABOVE_HALF, TIE_EVEN };
+
+// n such values into x, and in r the bf16 values they must round to (as floats).
+static void probe_fill_(float *x, float *r, size_t n, int kind, uint64_t seed) {
+    uint64_t st = seed;
+    for (size_t i = 0; i < n; i++) {
+        const uint64_t z = tu_rand_u64(&st);
+        uint32_t hi = (uint32_t)(126 + (z & 1)) << 23 | (uint32_t)(z >> 1 & 0x7f) << 16;
+        uint32_t lo = 0x8000, up = 0; // tie
+        if (kind == TIE_EVEN) {
+            hi &= ~0x10000u; // the even bf16 below: nearest-even keeps it
+        } else {
+            lo = 0x8ccd + (uint32_t)(z >> 8 & 0xffff) % (0xb333 - 0x8ccd + 1); // 0.55 - 0.7 ulp
+            up = 0x10000;                                                      // rounds up
+        }
+        const uint32_t xb = hi | lo, rb = hi + up;
+        memcpy(&x[i], &xb, 4);
+        memcpy(&r[i], &rb, 4);
+    }
+}
+
+// Reference of the grouped forward and backward on the rounded operands (double sums), as
+// kernels.h defines the ops: out = inp @ w_e^T; dinp = dinp0 + dout @ w_e; dw_e = dw0_e +
+// dout^T @ inp over the expert's rows.
+static void grouped_ref_(float *out, float *dinp, float *dw, const float *rin, const float *rw,
+                         const float *rdout, const float *dinp0, const float *dw0,
+                         const int32_t *off, int E, int C, int OC) {
+    for (int e = 0; e < E; e++) {
+        const float *we = rw + (size_t)e * OC * C;
+        for (int r = off[e]; r < off[e + 1]; r++)
+            for (int o = 0; o < OC; o++) {
+                double acc = 0;
+                for (int c = 0; c < C; c++)
+                    acc += (double)rin[(size_t)r * C + c] * we[(size_t)o * C + c];
+                out[(size_t)r * OC + o] = (float)acc;
+            }
+        for (int r = off[e]; r < off[e + 1]; r++)
+            for (int c = 0; c < C; c++) {
+                double acc = dinp0[(size_t)r * C + c];
+                for (int o = 0; o < OC; o++)
+                    acc += (double)rdout[(size_t)r * OC + o] * we[(size_t)o * C + c];
+                dinp[(size_t)r * C + c] = (float)acc;
+            }
+        for (int o = 0; o < OC; o++)
+            for (int c = 0; c < C; c++) {
+                const size_t i = (size_t)e * OC * C + (size_t)o * C + c;
+                double acc = dw0[i];
+                for (int r = off[e]; r < off[e + 1]; r++)
+                    acc += (double)rdout[(size_t)r * OC + o] * rin[(size_t)r * C + c];
+                dw[i] = (float)acc;
+            }
+    }
+}
+
+// The grouped matmul (dense = 1 expert through cuda_matmul_*) on probe inputs of one kind,
+// forward and backward (dinp, dw pre-filled with positive values), against grouped_ref_.
+static void exact_matmul_case_(const int *rows, int E, int C, int OC, int kind, int dense,
+                               uint64_t seed) {
+    int32_t off[16] = {0};
+    for (int e = 0; e < E; e++) off[e + 1] = off[e] + rows[e];
+    const int R = off[E];
+    int kmax = 1;
+    for (int e = 0; e < E; e++) kmax = rows[e] > kmax ? rows[e] : kmax;
+    const size_t rc = (size_t)R * C, ro = (size_t)R * OC, ew = (size_t)E * OC * C;
+    float *in = tcu_host_alloc(rc), *rin = tcu_host_alloc(rc), *w = tcu_host_alloc(ew);
+    float *rw = tcu_host_alloc(ew), *dout = tcu_host_alloc(ro), *rdout = tcu_host_alloc(ro);
+    probe_fill_(in, rin, rc, kind, seed);
+    probe_fill_(w, rw, ew, kind, seed + 1);
+    probe_fill_(dout, rdout, ro, kind, seed + 2);
+    // gradients pre-filled with positive values (any: they are accumulated in fp32, not rounded)
+    float *dinp0 = tcu_host_alloc(rc), *dw0 = tcu_host_alloc(ew);
+    float *unused = tcu_host_alloc(rc > ew ? rc : ew);
+    probe_fill_(dinp0, unused, rc, ABOVE_HALF, seed + 3);
+    probe_fill_(dw0, unused, ew, ABOVE_HALF, seed + 4);
+    float *out = tcu_host_alloc(ro), *dinp = tcu_host_alloc(rc), *dw = tcu_host_alloc(ew);
+    grouped_ref_(out, dinp, dw, rin, rw, rdout, dinp0, dw0, off, E, C, OC);
+
+    float *d_in = tcu_dev_from(in, rc), *d_w = tcu_dev_from(w, ew),
+          *d_dout = tcu_dev_from(dout, ro);
+    float *d_dinp = tcu_dev_from(dinp0, rc), *d_dw = tcu_dev_from(dw0, ew);
+    float *d_out = cuda_malloc(ro * sizeof(float));
+    if (dense) {
+        cuda_matmul_forward(d_out, d_in, d_w, R, C, OC);
+        cuda_matmul_backward(d_dinp, d_dw, d_dout, d_in, d_w, R, C, OC);
+    } else {
+        cuda_grouped_matmul_forward(d_out, d_in, d_w, off, E, C, OC);
+        cuda_grouped_matmul_backward(d_dinp, d_dw, d_dout, d_in, d_w, off, E, C, OC);
+    }
+    char name[128];
+    const char *what = dense ? "matmul" : "grouped_matmul",
+               *how = kind == TIE_EVEN ? "ties" : "above-half";
+    snprintf(name, sizeof name, "bf16-exact %s_forward %s %dx%dx%d", what, how, R, C, OC);
+    CU_ASSERT_TRUE(check_(name, d_out, out, ro, 0.0, RTOL_SUM(C)));
+    snprintf(name, sizeof name, "bf16-exact %s_backward dinp %s %dx%dx%d", what, how, R, C, OC);
+    CU_ASSERT_TRUE(check_(name, d_dinp, dinp, rc, 0.0, RTOL_SUM(OC)));
+    snprintf(name, sizeof name, "bf16-exact %s_backward dw %s %dx%dx%d", what, how, R, C, OC);
+    CU_ASSERT_TRUE(check_(name, d_dw, dw, ew, 0.0, RTOL_SUM(kmax)));
+    cuda_free(d_in), cuda_free(d_w), cuda_free(d_dout), cuda_free(d_dinp), cuda_free(d_dw);
+    cuda_free(d_out);
+    free(in), free(rin), free(w), free(rw), free(dout), free(rdout), free(dinp0), free(dw0);
+    free(unused), free(out), free(dinp), free(dw);
+}
+
+// Attention at T = 1 on probe inputs: the one probability is exactly 1, so out = P V must be
+// v rounded to bf16, bit for bit; lse = the one score = scale * q.k over the rounded q and k
+// (scale = 2^-3 at Dh = 64: exact); the backward's dv += P^T dO is dv0 + dO rounded to bf16.
+// The cached attention (Tq = Tk = 1) must give the same out.
+static void exact_attention_case_(int kind, uint64_t seed) {
+    const int B = 2, T = 1, H = 3, Dh = 64;
+    const size_t n = (size_t)B * T * H * Dh, nl = (size_t)B * H * T;
+    float *q = tcu_host_alloc(n), *rq = tcu_host_alloc(n), *k = tcu_host_alloc(n);
+    float *rk = tcu_host_alloc(n), *v = tcu_host_alloc(n), *rv = tcu_host_alloc(n);
+    float *dout = tcu_host_alloc(n), *rdout = tcu_host_alloc(n), *dv0 = tcu_host_alloc(n);
+    probe_fill_(q, rq, n, kind, seed);
+    probe_fill_(k, rk, n, kind, seed + 1);
+    probe_fill_(v, rv, n, kind, seed + 2);
+    probe_fill_(dout, rdout, n, kind, seed + 3);
+    tu_fill_uniform(dv0, n, seed + 4, 0.5f);
+    float *lse = tcu_host_alloc(nl), *dv = tcu_host_alloc(n);
+    for (size_t i = 0; i < nl; i++) { // row (b, h): q and k at (b*H + h)*Dh
+        double acc = 0;
+        for (int d = 0; d < Dh; d++) acc += (double)rq[i * Dh + d] * rk[i * Dh + d];
+        lse[i] = (float)(acc / 8.0);
+    }
+    for (size_t i = 0; i < n; i++) dv[i] = dv0[i] + rdout[i]; // one fp32 rounding, as cuBLAS
+    const char *how = kind == TIE_EVEN ? "ties" : "above-half";
+    float *d_q = tcu_dev_from(q, n), *d_k = tcu_dev_from(k, n), *d_v = tcu_dev_from(v, n);
+    float *d_do = tcu_dev_from(dout, n), *d_dv = tcu_dev_from(dv0, n);
+    float *d_out = cuda_malloc(n * sizeof(float)), *d_lse = cuda_malloc(nl * sizeof(float));
+    void *scratch = cuda_malloc(cuda_attention_scratch_bytes(T, H));
+    cuda_attention_forward(d_out, d_lse, d_q, d_k, d_v, B, T, H, Dh, scratch);
+    char name[128];
+    snprintf(name, sizeof name, "bf16-exact attention_forward out = bf16(v) %s", how);
+    CU_ASSERT_TRUE(equal_bits_(name, d_out, rv, n));
+    snprintf(name, sizeof name, "bf16-exact attention_forward lse %s", how);
+    CU_ASSERT_TRUE(check_(name, d_lse, lse, nl, 0.0, RTOL_SUM(Dh)));
+    cuda_attention_backward(NULL, NULL, d_dv, d_do, d_out, d_lse, d_q, d_k, d_v, B, T, H, Dh,
+                            scratch);
+    snprintf(name, sizeof name, "bf16-exact attention_backward dv %s", how);
+    CU_ASSERT_TRUE(check_(name, d_dv, dv, n, 0.0, 0x1.0p-23)); // one rounding: within an ulp
+    cuda_zero(d_out, n * sizeof(float));
+    cuda_attention_forward_cached(d_out, d_q, d_k, d_v, 1, 1, H, Dh, scratch); // sequence 0
+    snprintf(name, sizeof name, "bf16-exact attention_forward_cached out = bf16(v) %s", how);
+    CU_ASSERT_TRUE(equal_bits_(name, d_out, rv, (size_t)H * Dh));
+    cuda_free(d_q), cuda_free(d_k), cuda_free(d_v), cuda_free(d_do), cuda_free(d_dv);
+    cuda_free(d_out), cuda_free(d_lse), cuda_free(scratch);
+    free(q), free(rq), free(k), free(rk), free(v), free(rv), free(dout), free(rdout), free(dv0);
+    free(lse), free(dv);
+}
+
+static void test_bf16_operands_exact(void) {
+    set_mode_(MODE_BF16);
+    // dense, 16-byte aligned operands with sizes in multiples of 4 (the vectorised conversion)
+    static const int one[1] = {64}, rows[4] = {20, 0, 45, 3};
+    for (int kind = ABOVE_HALF; kind <= TIE_EVEN; kind++) {
+        exact_matmul_case_(one, 1, 512, 48, kind, 1, 6000 + 10 * kind);
+        // experts of odd sizes (45 x 33 weights: the conversion's tail), in the default
+        // workspace, then one expert per chunk in pieces of 8 (forward) and 3 (backward) rows
+        // that start at odd rows (unaligned: element by element); the dense case in pieces of
+        // one row (its weights alone are over the limit)
+        exact_matmul_case_(rows, 4, 45, 33, kind, 0, 6100 + 10 * kind);
+        cuda_set_gemm_workspace_limit(4096);
+        exact_matmul_case_(rows, 4, 45, 33, kind, 0, 6200 + 10 * kind);
+        exact_matmul_case_(one, 1, 512, 48, kind, 1, 6300 + 10 * kind);
+        cuda_set_gemm_workspace_limit(0);
+        exact_attention_case_(kind, 6400 + 10 * kind);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -386,8 +655,8 @@ static void test_determinism(void) {
                                       "grouped dinp", "grouped dw",  "attn out",  "attn lse",
                                       "attn dq",      "attn dk",     "attn dv"};
     const size_t sizes[NOUT] = {no, nc, oc, no, nc, 4 * oc, na, nl, na, na, na};
-    for (int bf16 = 0; bf16 <= 1; bf16++) {
-        cuda_set_gemm_bf16(bf16);
+    for (int mode = 0; mode < N_MODES; mode++) {
+        set_mode_(mode);
         float *res[2][NOUT];
         for (int r = 0; r < 2; r++) {
             int i = 0;
@@ -419,12 +688,12 @@ static void test_determinism(void) {
         }
         for (int i = 0; i < NOUT; i++) {
             char name[96];
-            snprintf(name, sizeof name, "%s %s", names[i], mode_name_(bf16));
+            snprintf(name, sizeof name, "%s %s", names[i], mode_name_(mode));
             CU_ASSERT_TRUE(same_run_(name, res[0][i], res[1][i], sizes[i]));
             free(res[0][i]), free(res[1][i]);
         }
     }
-    cuda_set_gemm_bf16(1);
+    set_mode_(MODE_BF16);
 
     cuda_free(d_inp), cuda_free(d_w), cuda_free(d_dout), cuda_free(d_q), cuda_free(d_k);
     cuda_free(d_v), cuda_free(d_do), cuda_free(d_out), cuda_free(d_dinp), cuda_free(d_dw);
@@ -438,11 +707,18 @@ int main(void) {
         fprintf(stderr, "test_cuda_gemm: the GEMM precision must default to bf16 (1)\n");
         return 1;
     }
+    if (cuda_gemm_bf16_operands() != 1) {
+        fprintf(stderr, "test_cuda_gemm: the bf16 GEMMs must default to bf16 operands (1)%s\n",
+                getenv("MOET_CUDA_GEMM_OPERANDS") ? ": unset MOET_CUDA_GEMM_OPERANDS" : "");
+        return 1;
+    }
     static const TuTest tests[] = {
         {"gemm precision switch", test_gemm_mode},
         {"matmul forward and backward", test_matmul},
         {"grouped matmul forward and backward", test_grouped_matmul},
         {"attention forward and backward", test_attention},
+        {"bf16 operands in chunks of a small workspace", test_workspace_chunks},
+        {"bf16 operands rounded to nearest even, exactly", test_bf16_operands_exact},
         {"determinism of the GEMM ops", test_determinism},
     };
     return tcu_main("cuda_gemm", tests, (int)(sizeof tests / sizeof tests[0]));

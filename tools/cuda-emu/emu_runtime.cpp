@@ -830,12 +830,57 @@ static float bf16_round_(float f) {
     return f;
 }
 
-// Checks that the (rows, cols) column-major matrix at p with leading dimension ld lies inside
-// one device allocation; what names it in the message.
+static size_t type_size_(cudaDataType t) {
+    return t == CUDA_R_16BF ? 2 : 4;
+}
+
+static const char *type_name_(cudaDataType t) {
+    switch (t) {
+    case CUDA_R_32F:
+        return "CUDA_R_32F";
+    case CUDA_R_64F:
+        return "CUDA_R_64F";
+    case CUDA_R_16F:
+        return "CUDA_R_16F";
+    case CUDA_R_16BF:
+        return "CUDA_R_16BF";
+    default:
+        return "(unknown type)";
+    }
+}
+
+static const char *compute_name_(cublasComputeType_t c) {
+    switch (c) {
+    case CUBLAS_COMPUTE_16F:
+        return "CUBLAS_COMPUTE_16F";
+    case CUBLAS_COMPUTE_32F:
+        return "CUBLAS_COMPUTE_32F";
+    case CUBLAS_COMPUTE_32F_PEDANTIC:
+        return "CUBLAS_COMPUTE_32F_PEDANTIC";
+    case CUBLAS_COMPUTE_32F_FAST_16F:
+        return "CUBLAS_COMPUTE_32F_FAST_16F";
+    case CUBLAS_COMPUTE_32F_FAST_16BF:
+        return "CUBLAS_COMPUTE_32F_FAST_16BF";
+    case CUBLAS_COMPUTE_32F_FAST_TF32:
+        return "CUBLAS_COMPUTE_32F_FAST_TF32";
+    case CUBLAS_COMPUTE_64F:
+        return "CUBLAS_COMPUTE_64F";
+    default:
+        return "(unknown compute type)";
+    }
+}
+
+// Bytes spanned by the stored (rows, cols) column-major matrix with leading dimension ld.
+static size_t extent_bytes_(int rows, int cols, int ld, size_t esize) {
+    return ((size_t)(cols - 1) * (size_t)ld + (size_t)rows) * esize;
+}
+
+// Checks that the (rows, cols) column-major matrix at p with leading dimension ld and elements
+// of esize bytes lies inside one device allocation; what names it in the message.
 static void gemm_operand_check_(const char *api, const char *what, const void *p, int rows,
-                                int cols, int ld) {
+                                int cols, int ld, size_t esize) {
     if (rows == 0 || cols == 0) return;
-    const size_t last = ((size_t)(cols - 1) * (size_t)ld + (size_t)rows) * sizeof(float);
+    const size_t last = extent_bytes_(rows, cols, ld, esize);
     if (!dev_range_ok_(p, last))
         emu_fatal_("%s: operand %s at %p (%d x %d, ld %d, %zu bytes) is not inside one device "
                    "allocation%s",
@@ -843,33 +888,47 @@ static void gemm_operand_check_(const char *api, const char *what, const void *p
                    is_device_(p) ? " (it runs past the end)" : " (a host pointer?)");
 }
 
-// Copy of the stored (rows, cols) matrix, each element rounded to bf16, compact (ld = rows).
-static std::vector<float> bf16_copy_(const float *p, int rows, int cols, int ld) {
+// Copy of the stored (rows, cols) operand as fp32, compact (ld = rows): bf16 elements widened
+// (exact), fp32 elements rounded to bf16 (nearest even: FAST_16BF's arithmetic).
+static std::vector<float> operand_f32_(const void *p, cudaDataType t, int rows, int cols, int ld) {
     std::vector<float> r((size_t)rows * cols);
     for (int c = 0; c < cols; c++)
-        for (int i = 0; i < rows; i++)
-            r[(size_t)c * rows + i] = bf16_round_(p[(size_t)c * ld + i]);
+        for (int i = 0; i < rows; i++) {
+            const size_t at = (size_t)c * ld + i;
+            float f;
+            if (t == CUDA_R_16BF) {
+                const uint32_t u = (uint32_t)((const uint16_t *)p)[at] << 16;
+                memcpy(&f, &u, 4);
+            } else {
+                f = bf16_round_(((const float *)p)[at]);
+            }
+            r[(size_t)c * rows + i] = f;
+        }
     return r;
 }
 
-static size_t gemms_;
+static size_t gemms_, gemms_bf16_;
 
-static cublasStatus_t gemm_one_(const char *api, cublasOperation_t ta, cublasOperation_t tb,
-                                int m, int n, int k, float alpha, const float *A, int lda,
-                                const float *B, int ldb, float beta, float *C, int ldc,
-                                bool bf16) {
+// One GEMM, C fp32. A and B are fp32 (at == CUDA_R_32F; rounded to bf16 first with fast_bf16)
+// or bf16 (CUDA_R_16BF, read exactly); the products are summed in fp32 by cblas_sgemm.
+static cublasStatus_t gemm_one_(const char *api, cublasOperation_t ta, cublasOperation_t tb, int m,
+                                int n, int k, float alpha, const void *A, int lda, const void *B,
+                                int ldb, cudaDataType at, float beta, float *C, int ldc,
+                                bool fast_bf16) {
     const int ar = ta == CUBLAS_OP_N ? m : k, ac = ta == CUBLAS_OP_N ? k : m;
     const int br = tb == CUBLAS_OP_N ? k : n, bc = tb == CUBLAS_OP_N ? n : k;
-    gemm_operand_check_(api, "A", A, ar, ac, lda);
-    gemm_operand_check_(api, "B", B, br, bc, ldb);
-    gemm_operand_check_(api, "C", C, m, n, ldc);
+    const size_t es = type_size_(at);
+    gemm_operand_check_(api, "A", A, ar, ac, lda, es);
+    gemm_operand_check_(api, "B", B, br, bc, ldb, es);
+    gemm_operand_check_(api, "C", C, m, n, ldc, sizeof(float));
     // C must not overlap A or B (cuBLAS does not support in-place products)
-    auto span = [](const void *p, int rows, int cols, int ld) {
+    auto span = [](const void *p, int rows, int cols, int ld, size_t esize) {
         return std::make_pair((const char *)p,
-                              (const char *)p + ((size_t)(cols - 1) * ld + rows) * 4);
+                              (const char *)p + extent_bytes_(rows, cols, ld, esize));
     };
     if (m && n && k) {
-        auto sc = span(C, m, n, ldc), sa = span(A, ar, ac, lda), sb = span(B, br, bc, ldb);
+        auto sc = span(C, m, n, ldc, sizeof(float)), sa = span(A, ar, ac, lda, es),
+             sb = span(B, br, bc, ldb, es);
         if ((sc.first < sa.second && sa.first < sc.second) ||
             (sc.first < sb.second && sb.first < sc.second))
             emu_fatal_("%s: the output C overlaps an input", api);
@@ -885,22 +944,30 @@ static cublasStatus_t gemm_one_(const char *api, cublasOperation_t ta, cublasOpe
     }
     const CBLAS_TRANSPOSE cta = ta == CUBLAS_OP_N ? CblasNoTrans : CblasTrans;
     const CBLAS_TRANSPOSE ctb = tb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans;
-    if (bf16) {
-        std::vector<float> a = bf16_copy_(A, ar, ac, lda), b = bf16_copy_(B, br, bc, ldb);
+    if (at == CUDA_R_16BF || fast_bf16) {
+        std::vector<float> a = operand_f32_(A, at, ar, ac, lda),
+                           b = operand_f32_(B, at, br, bc, ldb);
         cblas_sgemm(CblasColMajor, cta, ctb, m, n, k, alpha, a.data(), ar, b.data(), br, beta, C,
                     ldc);
     } else {
-        cblas_sgemm(CblasColMajor, cta, ctb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+        cblas_sgemm(CblasColMajor, cta, ctb, m, n, k, alpha, (const float *)A, lda,
+                    (const float *)B, ldb, beta, C, ldc);
     }
     gemms_++;
+    gemms_bf16_ += at == CUDA_R_16BF;
     return CUBLAS_STATUS_SUCCESS;
 }
 
-static cublasStatus_t gemm_args_check_(cublasHandle_t h, cublasOperation_t ta,
-                                       cublasOperation_t tb, int m, int n, int k, int lda,
-                                       int ldb, int ldc, cudaDataType at, cudaDataType bt,
-                                       cudaDataType ct, cublasComputeType_t comp,
-                                       const void *alpha, const void *beta) {
+// cuBLAS's argument rules for the two calls. The type combinations are the ones the emulation
+// computes, a subset of cuBLAS's table: A = B = C = CUDA_R_32F with CUBLAS_COMPUTE_32F or
+// CUBLAS_COMPUTE_32F_FAST_16BF, and A = B = CUDA_R_16BF, C = CUDA_R_32F with CUBLAS_COMPUTE_32F.
+// Anything else is CUBLAS_STATUS_NOT_SUPPORTED (the caller prints the call), though cuBLAS
+// itself may accept it: the emulation must not guess arithmetic it does not model.
+static cublasStatus_t gemm_args_check_(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
+                                       int m, int n, int k, int lda, int ldb, int ldc,
+                                       cudaDataType at, cudaDataType bt, cudaDataType ct,
+                                       cublasComputeType_t comp, const void *alpha,
+                                       const void *beta) {
     if (!h || h->magic != 0x6375626c) return CUBLAS_STATUS_NOT_INITIALIZED;
     if ((ta != CUBLAS_OP_N && ta != CUBLAS_OP_T) || (tb != CUBLAS_OP_N && tb != CUBLAS_OP_T))
         return CUBLAS_STATUS_INVALID_VALUE;
@@ -908,18 +975,27 @@ static cublasStatus_t gemm_args_check_(cublasHandle_t h, cublasOperation_t ta,
     const int ar = ta == CUBLAS_OP_N ? m : k, br = tb == CUBLAS_OP_N ? k : n;
     if (lda < std::max(1, ar) || ldb < std::max(1, br) || ldc < std::max(1, m))
         return CUBLAS_STATUS_INVALID_VALUE;
-    if (at != CUDA_R_32F || bt != CUDA_R_32F || ct != CUDA_R_32F)
-        return CUBLAS_STATUS_NOT_SUPPORTED; // the emulation knows fp32 storage only
-    if (comp != CUBLAS_COMPUTE_32F && comp != CUBLAS_COMPUTE_32F_FAST_16BF)
-        return CUBLAS_STATUS_NOT_SUPPORTED;
+    const bool f32 = at == CUDA_R_32F && bt == CUDA_R_32F && ct == CUDA_R_32F &&
+                     (comp == CUBLAS_COMPUTE_32F || comp == CUBLAS_COMPUTE_32F_FAST_16BF);
+    const bool bf16 =
+        at == CUDA_R_16BF && bt == CUDA_R_16BF && ct == CUDA_R_32F && comp == CUBLAS_COMPUTE_32F;
+    if (!f32 && !bf16) return CUBLAS_STATUS_NOT_SUPPORTED;
     if (!alpha || !beta || is_device_(alpha) || is_device_(beta))
         return CUBLAS_STATUS_INVALID_VALUE; // pointer mode host: alpha, beta on the host
-    if (comp == CUBLAS_COMPUTE_32F && h->math != CUBLAS_DEFAULT_MATH &&
+    if (f32 && comp == CUBLAS_COMPUTE_32F && h->math != CUBLAS_DEFAULT_MATH &&
         h->math != CUBLAS_PEDANTIC_MATH)
-        fprintf(stderr, "*** cuda-emu: note: CUBLAS_COMPUTE_32F with math mode %d may use TF32 "
-                        "on a GPU; the emulation computes fp32\n",
+        fprintf(stderr,
+                "*** cuda-emu: note: CUBLAS_COMPUTE_32F with math mode %d may use TF32 "
+                "on a GPU; the emulation computes fp32\n",
                 h->math);
     return CUBLAS_STATUS_SUCCESS;
+}
+
+// "A CUDA_R_16BF, B CUDA_R_16BF, C CUDA_R_32F, CUBLAS_COMPUTE_32F" for the failure messages.
+static std::string types_(cudaDataType at, cudaDataType bt, cudaDataType ct,
+                          cublasComputeType_t comp) {
+    return std::string("A ") + type_name_(at) + ", B " + type_name_(bt) + ", C " + type_name_(ct) +
+           ", " + compute_name_(comp);
 }
 
 cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
@@ -931,14 +1007,14 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
         gemm_args_check_(h, ta, tb, m, n, k, lda, ldb, ldc, at, bt, ct, comp, alpha, beta);
     if (s != CUBLAS_STATUS_SUCCESS) {
         fprintf(stderr,
-                "*** cuda-emu: cublasGemmEx(%c%c, m %d n %d k %d, lda %d ldb %d ldc %d): %s\n",
-                ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, lda, ldb, ldc, cublasGetStatusName(s));
+                "*** cuda-emu: cublasGemmEx(%c%c, m %d n %d k %d, lda %d ldb %d ldc %d, %s): %s\n",
+                ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, lda, ldb, ldc,
+                types_(at, bt, ct, comp).c_str(), cublasGetStatusName(s));
         return s;
     }
     DevScope scope("cublasGemmEx");
-    return gemm_one_("cublasGemmEx", ta, tb, m, n, k, *(const float *)alpha, (const float *)A,
-                     lda, (const float *)B, ldb, *(const float *)beta, (float *)C, ldc,
-                     comp == CUBLAS_COMPUTE_32F_FAST_16BF);
+    return gemm_one_("cublasGemmEx", ta, tb, m, n, k, *(const float *)alpha, A, lda, B, ldb, at,
+                     *(const float *)beta, (float *)C, ldc, comp == CUBLAS_COMPUTE_32F_FAST_16BF);
 }
 
 cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta,
@@ -954,9 +1030,9 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta
     if (s != CUBLAS_STATUS_SUCCESS) {
         fprintf(stderr,
                 "*** cuda-emu: cublasGemmStridedBatchedEx(%c%c, m %d n %d k %d, lda %d ldb %d "
-                "ldc %d, batch %d): %s\n",
+                "ldc %d, batch %d, %s): %s\n",
                 ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, lda, ldb, ldc, batch,
-                cublasGetStatusName(s));
+                types_(at, bt, ct, comp).c_str(), cublasGetStatusName(s));
         return s;
     }
     // the output matrices of the batch must not share elements: C_i's columns are m wide,
@@ -966,11 +1042,12 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta
                    "%d)",
                    sC, m);
     DevScope scope("cublasGemmStridedBatchedEx");
+    const size_t es = type_size_(at);
     for (int i = 0; i < batch; i++) {
         s = gemm_one_("cublasGemmStridedBatchedEx", ta, tb, m, n, k, *(const float *)alpha,
-                      (const float *)A + i * sA, lda, (const float *)B + i * sB, ldb,
-                      *(const float *)beta, (float *)C + i * sC, ldc,
-                      comp == CUBLAS_COMPUTE_32F_FAST_16BF);
+                      (const char *)A + (size_t)(i * sA) * es, lda,
+                      (const char *)B + (size_t)(i * sB) * es, ldb, at, *(const float *)beta,
+                      (float *)C + i * sC, ldc, comp == CUBLAS_COMPUTE_32F_FAST_16BF);
         if (s != CUBLAS_STATUS_SUCCESS) return s;
     }
     return CUBLAS_STATUS_SUCCESS;
@@ -978,6 +1055,8 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta
 
 __attribute__((destructor)) static void stats_(void) {
     if (getenv("EMU_STATS"))
-        fprintf(stderr, "cuda-emu: %zu kernel launches, %zu GEMMs, %zu bytes still allocated\n",
-                launches_, gemms_, in_use_);
+        fprintf(stderr,
+                "cuda-emu: %zu kernel launches, %zu GEMMs (%zu on bf16 operands), %zu bytes "
+                "still allocated\n",
+                launches_, gemms_, gemms_bf16_, in_use_);
 }

@@ -40,6 +40,7 @@ LIBS="$BLAS_LIB/libopenblas.so -Wl,-rpath,$BLAS_LIB $(pkg-config --libs $PKGS) -
 # compile SRC OBJ CMD...: only when SRC (or an emulator file) is newer than OBJ
 stale() { [ ! -f "$2" ] || [ "$1" -nt "$2" ] || [ "$HERE/inc/cuda_runtime.h" -nt "$2" ] ||
           [ "$HERE/inc/cuda_runtime_api.h" -nt "$2" ] || [ "$HERE/inc/nccl.h" -nt "$2" ] ||
+          [ "$HERE/inc/cuda_bf16.h" -nt "$2" ] ||
           [ "$HERE/convert.c" -nt "$2" ]; }
 
 # the .cu -> .cpp rewriter (tools/cuda-emu/convert.c)

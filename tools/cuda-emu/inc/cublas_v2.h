@@ -1,7 +1,9 @@
 // cublas_v2.h of the CUDA host emulator (tools/cuda-emu): cublasGemmEx and
-// cublasGemmStridedBatchedEx with cuBLAS's column-major semantics on fp32 storage, computed by
-// OpenBLAS (cblas_sgemm, column-major). CUBLAS_COMPUTE_32F_FAST_16BF rounds every element of A
-// and B to bf16 (nearest even) first and accumulates in fp32, like the tensor-core path.
+// cublasGemmStridedBatchedEx with cuBLAS's column-major semantics on fp32 storage, or bf16 A
+// and B with an fp32 C (CUBLAS_COMPUTE_32F), computed by OpenBLAS (cblas_sgemm, column-major).
+// CUBLAS_COMPUTE_32F_FAST_16BF rounds every element of fp32 A and B to bf16 (nearest even)
+// first and accumulates in fp32, like the tensor-core path. Other type combinations are
+// CUBLAS_STATUS_NOT_SUPPORTED.
 // Argument checks follow cuBLAS's documented rules (CUBLAS_STATUS_INVALID_VALUE for a bad
 // leading dimension or negative size); operands must lie inside device allocations.
 #pragma once

@@ -1,5 +1,6 @@
 // cuda_bf16.h of the CUDA host emulator (tools/cuda-emu): the bits of __nv_bfloat16 that the
-// backend uses. __float2bfloat16 rounds to nearest even like cvt.rn.bf16.f32 (NaN -> 0x7FFF).
+// backend uses. __float2bfloat16 and __float2bfloat16_rn round to nearest even like
+// cvt.rn.bf16.f32 (NaN -> 0x7FFF).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -28,4 +29,12 @@ inline float __bfloat162float(__nv_bfloat16 b) {
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    return __float2bfloat16(f);
+}
+
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) {
+    return b.__x;
 }

@@ -38,6 +38,14 @@ struct dim3 {
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 typedef dim3 uint3;
+// The vector types the backend loads and stores whole, with their CUDA alignment (a misaligned
+// pointer faults on the GPU; here g++ may then use aligned moves, which fault too)
+struct __attribute__((aligned(16))) float4 {
+    float x, y, z, w;
+};
+struct __attribute__((aligned(8))) uint2 {
+    unsigned x, y;
+};
 extern dim3 threadIdx, blockIdx, blockDim, gridDim;
 extern char *emu_dyn_smem;
 
