@@ -74,22 +74,34 @@ void swiglu_backward(float *dg, float *du, const float *dout, const float *g, co
 void add_forward(float *out, const float *a, const float *b, size_t n);
 
 // ---------------------------------------------------------------------------------------
-// Router: probs = softmax(logits) in fp32, lse = logsumexp(logits), then top-k by
-// probability (descending; ties go to the lower expert index). weights = the k
-// probabilities, divided by their sum when norm_topk is set.
-// logits, probs are (N,E); lse is (N); topk_idx, topk_w are (N,K)
+// Router: the scores of the logits, top-k selection, the top-k weights (§3 and issue 11).
+//   score_fn ROUTER_SOFTMAX (OLMoE): probs = softmax(logits); the score s = probs.
+//   score_fn ROUTER_SIGMOID (DeepSeek-V3): s = sigmoid(logits); probs = s / sum_e s, the scores
+//     normalised over all experts (the P of the load-balancing loss).
+// Both: lse = logsumexp(logits) (the z-loss stays on the logits), exp / sigmoid in double and
+// probs rounded to float once. Top-k by s + bias[e] (a float addition; bias NULL: by s),
+// descending; ties go to the lower expert index. The bias only chooses: weights = the k scores
+// s of the chosen experts, divided by their sum when norm_topk is set.
+// logits, probs are (N,E); bias is (E) or NULL; lse is (N); topk_idx, topk_w are (N,K)
+enum { ROUTER_SOFTMAX = 0, ROUTER_SIGMOID = 1 };
 void router_forward(float *probs, float *lse, int32_t *topk_idx, float *topk_w,
-                    const float *logits, int N, int E, int K, int norm_topk);
-// Router backward: dlogits += J_softmax^T (dprobs) + dz_coef * 2*lse*probs, where dprobs is
-// the gradient reaching probs from the top-k weights (dtopk_w, through the optional
-// renormalisation) plus dprob_bias[e] for every token (the load-balancing term).
-// dlogits is (N,E); dtopk_w is (N,K) or NULL (zero); dprob_bias is (E) or NULL; dz_coef is one
-// scalar, d loss / d lse_t^2, the same for every token (0 to skip). topk_w is not read: the
-// backward recomputes the weights from probs in double.
+                    const float *logits, const float *bias, int N, int E, int K, int norm_topk,
+                    int score_fn);
+// Router backward. dprobs (the gradient reaching probs) = the top-k weights' gradient dtopk_w
+// (through the optional renormalisation) on the scores of the chosen experts, plus
+// dprob_bias[e] on probs[t,e] for every token (the load-balancing term); then through the score
+// function, plus dz_coef * 2*lse * softmax(logits) (the z-loss):
+//   softmax: dlogits += J_softmax^T dprobs + dz_coef * 2*lse*probs
+//   sigmoid: dlogits += s(1-s) * (d/ds of both terms, s -> probs = s/sum s included)
+//            + dz_coef * 2*lse*exp(logits - lse)
+// dlogits, logits are (N,E); dtopk_w is (N,K) or NULL (zero); dprob_bias is (E) or NULL;
+// dz_coef is one scalar, d loss / d lse_t^2, the same for every token (0 to skip). logits is
+// read by the sigmoid only (NULL allowed for softmax). topk_w is not read: the backward
+// recomputes the weights from probs (softmax) or the logits (sigmoid) in double.
 void router_backward(float *dlogits, const float *dtopk_w, const float *dprob_bias,
-                     float dz_coef, const float *probs, const float *lse,
+                     float dz_coef, const float *probs, const float *lse, const float *logits,
                      const int32_t *topk_idx, const float *topk_w, int N, int E, int K,
-                     int norm_topk);
+                     int norm_topk, int score_fn);
 
 // The sums behind the auxiliary losses of §3: prob_sum[e] = sum_t probs[t,e] and
 // *lse_sq_sum = sum_t lse[t]^2, accumulated in double in token order.

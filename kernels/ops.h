@@ -62,11 +62,12 @@ typedef struct Ops {
                             size_t n);
     void (*add_forward)(float *out, const float *a, const float *b, size_t n);
     void (*router_forward)(float *probs, float *lse, int32_t *topk_idx, float *topk_w,
-                           const float *logits, int N, int E, int K, int norm_topk);
+                           const float *logits, const float *bias, int N, int E, int K,
+                           int norm_topk, int score_fn);
     void (*router_backward)(float *dlogits, const float *dtopk_w, const float *dprob_bias,
                             float dz_coef, const float *probs, const float *lse,
-                            const int32_t *topk_idx, const float *topk_w, int N, int E, int K,
-                            int norm_topk);
+                            const float *logits, const int32_t *topk_idx, const float *topk_w,
+                            int N, int E, int K, int norm_topk, int score_fn);
     // HOST outputs: prob_sum_host (E), *lse_sq_sum_host (see router_aux_sums in kernels.h)
     void (*router_aux_sums)(double *prob_sum_host, double *lse_sq_sum_host, const float *probs,
                             const float *lse, int N, int E);

@@ -3,8 +3,9 @@
 # (data/sample/tokens/), then trains the tiny MoE model (configs/tiny-moe.ini) for a 300-step
 # schedule: the run stops after step 200 with a checkpoint, as a pre-empted job would, and
 # `--resume latest` finishes it. It prints the validation loss before training (step 0) and
-# after, plots the curves (checkpoints/demo-tiny-moe/loss.png), and ends with a short text
-# sampled from the trained model (`moet generate`). About 3 minutes on 2 cores.
+# after, plots the curves and the expert loads (checkpoints/demo-tiny-moe/loss.png,
+# expert_load.png), and ends with a short text sampled from the trained model (`moet generate`).
+# About 3 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}

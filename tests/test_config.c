@@ -146,6 +146,9 @@ static void test_defaults(void) {
     CU_ASSERT_EQUAL(c.norm_topk_prob, 0);
     CU_ASSERT_EQUAL(c.lb_coef, 0.01f);
     CU_ASSERT_EQUAL(c.z_coef, 0.001f);
+    CU_ASSERT_STRING_EQUAL(c.router, "softmax");       // OLMoE
+    CU_ASSERT_STRING_EQUAL(c.lb_scope, "micro_batch"); // OLMoE
+    CU_ASSERT_EQUAL(c.bias_update_rate, 0.0f);         // no expert bias
     CU_ASSERT_EQUAL(c.seed, 42u);
     CU_ASSERT_STRING_EQUAL(c.device, "cpu");
     CU_ASSERT_EQUAL(c.eval_every, 0);
@@ -518,6 +521,36 @@ static const BadCase BAD[] = {
     {"odd head_dim", {"model.d_model=36"}, {"[model] head_dim", "= 9 is odd", "RoPE"}, -1},
     {"top_k > n_experts", {"moe.top_k=9"}, {"[moe] top_k = 9 must be <= n_experts = 8"}, -1},
     {"top_k 0", {"moe.top_k=0"}, {"[moe] top_k = 0: must be >= 1"}, -1},
+    // load balancing (issue 11)
+    {"router", {"moe.router=relu"}, {"[moe] router = relu: must be one of softmax|sigmoid"}, 0},
+    {"lb_scope",
+     {"moe.lb_scope=batch"},
+     {"[moe] lb_scope = batch: must be one of micro_batch|global_batch"},
+     0},
+    {"negative bias_update_rate",
+     {"moe.bias_update_rate=-0.001"},
+     {"[moe] bias_update_rate = -0.001: must be >= 0"},
+     0},
+    {"bias_update_rate not a number",
+     {"moe.bias_update_rate=fast"},
+     {"[moe] bias_update_rate = fast: not a number"},
+     0},
+    {"sigmoid without norm_topk_prob",
+     {"moe.router=sigmoid"},
+     {"[moe] router = sigmoid needs norm_topk_prob = true"},
+     -1},
+    {"sigmoid router in a dense model",
+     {"moe.n_experts=0", "model.d_ff=64", "moe.router=sigmoid"},
+     {"[moe] router is set, but [moe] n_experts = 0"},
+     -1},
+    {"expert bias in a dense model",
+     {"moe.n_experts=0", "model.d_ff=64", "moe.bias_update_rate=0.001"},
+     {"[moe] bias_update_rate is set, but [moe] n_experts = 0"},
+     -1},
+    {"global lb in a dense model",
+     {"moe.n_experts=0", "model.d_ff=64", "moe.lb_scope=global_batch"},
+     {"[moe] lb_scope is set, but [moe] n_experts = 0"},
+     -1},
     {"ep does not divide",
      {"parallel.ep=3"},
      {"[parallel] ep = 3 does not divide [moe] n_experts = 8"},

@@ -13,6 +13,10 @@
 // observed: 9e-5). We require |num - ana| <= 1e-3 * max(|num|, |ana|) + 2e-4: a missing or
 // wrong gradient term (O(10%) or more of a tensor's gradient, which is 1e-2..1 here) fails.
 //
+// The sigmoid router with an expert bias and f_e fixed to global-batch counts (lb_scope =
+// global_batch: the trainer's pre-pass gives them; here arbitrary counts) is checked the same
+// way: the bias moves the selection, the fixed f must be what the lb gradient uses.
+//
 // Top-k routing is piecewise: a probe whose perturbation changes any token's expert selection
 // measures a jump, not a derivative. Such probes are detected (the selection is compared) and
 // retried with a smaller step; they are counted and must stay rare.
@@ -29,7 +33,7 @@
 #define FD_RTOL 1e-3
 #define FD_ATOL 2e-4
 
-static void tiny_config_(Config *c, int n_experts, int norm_topk) {
+static void tiny_config_(Config *c, int n_experts, int norm_topk, int sigmoid) {
     MoetErr err;
     config_defaults(c);
     const char *sets[] = {
@@ -44,6 +48,10 @@ static void tiny_config_(Config *c, int n_experts, int norm_topk) {
     snprintf(s, sizeof s, "moe.n_experts=%d", n_experts);
     config_set(c, s, &err);
     config_set(c, norm_topk ? "moe.norm_topk_prob=true" : "moe.norm_topk_prob=false", &err);
+    if (sigmoid) {
+        config_set(c, "moe.router=sigmoid", &err);
+        config_set(c, "moe.bias_update_rate=0.01", &err);
+    }
     if (config_validate(c, "tiny", &err)) fprintf(stderr, "%s\n", err.msg);
 }
 
@@ -113,9 +121,9 @@ static int probe_(Model *m, const int32_t *tokens, const ParamTensor *t, const f
     return -1;
 }
 
-static void check_model_(int n_experts, int norm_topk) {
+static void check_model_(int n_experts, int norm_topk, int sigmoid) {
     Config c;
-    tiny_config_(&c, n_experts, norm_topk);
+    tiny_config_(&c, n_experts, norm_topk, sigmoid);
     Model m;
     MoetErr err;
     CU_ASSERT_EQUAL_FATAL(model_create(&m, &c, 0, 1, &err), 0);
@@ -124,6 +132,16 @@ static void check_model_(int n_experts, int norm_topk) {
     CU_ASSERT_EQUAL(m.head_rows, 5);
     model_init_weights(&m, 1234);
     int N = m.B * m.T;
+    int64_t *gcounts = NULL;
+    if (sigmoid) {
+        // a selection bias that changes the choice, and f_e from "global" counts
+        for (int l = 0; l < m.L; l++)
+            for (int e = 0; e < m.E; e++)
+                m.p.layers[l].expert_bias[e] = 0.02f * (float)(e % 3) - 0.02f;
+        gcounts = malloc(sizeof(int64_t) * m.L * m.E);
+        for (int i = 0; i < m.L * m.E; i++) gcounts[i] = 10 + 7 * (i % 5);
+        m.lb_global_counts = gcounts;
+    }
     int32_t *tokens = malloc(sizeof(int32_t) * N);
     uint64_t s = 99;
     for (int i = 0; i < N; i++) tokens[i] = (int32_t)(tu_rand_u64(&s) % (uint64_t)c.vocab_size);
@@ -132,14 +150,21 @@ static void check_model_(int n_experts, int norm_topk) {
     int32_t *sel0 = calloc(nsel, sizeof(int32_t)), *sel = calloc(nsel, sizeof(int32_t));
     model_zero_grad(&m);
     loss_at_(&m, tokens, sel0, 1);
-    printf("\n    %s: loss %.6f (ce %.6f lb %.6f z %.6f)\n",
-           n_experts ? (norm_topk ? "moe, norm_topk" : "moe") : "dense", m.loss, m.ce, m.lb, m.z);
+    const char *what = sigmoid     ? "moe, sigmoid + bias + global f"
+                       : n_experts ? (norm_topk ? "moe, norm_topk" : "moe")
+                                   : "dense";
+    printf("\n    %s: loss %.6f (ce %.6f lb %.6f z %.6f)\n", what, m.loss, m.ce, m.lb, m.z);
     model_backward(&m);
     // Backward consumed the logits; the probes below re-run forward only.
 
     int fails = 0, probes = 0, skipped = 0;
     for (int i = 0; i < m.n_tensors; i++) {
         const ParamTensor *t = &m.tensors[i];
+        if (t->no_optim) { // the expert bias: no gradient by design (it only selects)
+            const float *g = m.grads + t->offset;
+            for (size_t j = 0; j < t->numel; j++) CU_ASSERT(g[j] == 0.0f);
+            continue;
+        }
         float *v = malloc(t->numel * sizeof(float));
         int tensor_fail = 0;
         for (int k = 0; k < 5; k++) {
@@ -181,13 +206,14 @@ static void check_model_(int n_experts, int norm_topk) {
     free(sel0);
     free(sel);
     free(tokens);
+    free(gcounts);
     model_free(&m);
 }
 
 // The same weights must come out of model_init_weights for any expert layout (§3).
 static void test_init_layout_independent(void) {
     Config c;
-    tiny_config_(&c, 4, 0);
+    tiny_config_(&c, 4, 0, 0);
     Model full, half;
     MoetErr err;
     CU_ASSERT_EQUAL_FATAL(model_create(&full, &c, 0, 1, &err), 0);
@@ -223,7 +249,7 @@ static void test_init_layout_independent(void) {
 // applied twice all fail by far more.
 static void test_head_chunks(void) {
     Config c;
-    tiny_config_(&c, 4, 0);
+    tiny_config_(&c, 4, 0, 0);
     Model one, chunked;
     MoetErr err;
     CU_ASSERT_EQUAL_FATAL(model_create(&one, &c, 0, 1, &err), 0);
@@ -282,15 +308,18 @@ static void test_head_chunks(void) {
     model_free(&chunked);
 }
 
-static void test_dense(void) { check_model_(0, 0); }
-static void test_moe(void) { check_model_(4, 0); }
-static void test_moe_norm_topk(void) { check_model_(4, 1); }
+static void test_dense(void) { check_model_(0, 0, 0); }
+static void test_moe(void) { check_model_(4, 0, 0); }
+static void test_moe_norm_topk(void) { check_model_(4, 1, 0); }
+static void test_moe_sigmoid_bias_global(void) { check_model_(4, 1, 1); }
 
 int main(void) {
     const TuTest tests[] = {
         {"dense model gradient (finite differences)", test_dense},
         {"MoE model gradient (finite differences)", test_moe},
         {"MoE model gradient, norm_topk_prob (finite differences)", test_moe_norm_topk},
+        {"MoE gradient, sigmoid router, expert bias, global f (finite differences)",
+         test_moe_sigmoid_bias_global},
         {"init is identical for any expert layout", test_init_layout_independent},
         {"LM head in chunks = in one chunk", test_head_chunks},
     };

@@ -662,30 +662,40 @@ static void separated_logits_(float *logits, int N, int E, uint64_t seed) {
     }
 }
 
-// Naive: softmax in double; top-k by repeatedly taking the largest remaining probability,
-// lower index first on ties. probs is (N,E), lse is (N), idx and w are (N,K)
+// Naive: scores in double (softmax, or sigmoid with probs = s / sum s); top-k by repeatedly
+// taking the largest remaining key s + bias (in double), lower index first on ties.
+// probs is (N,E), lse is (N), idx and w are (N,K); bias is (E) or NULL
 static void naive_router_(double *probs, double *lse, int32_t *idx, double *w, const float *logits,
-                          int N, int E, int K, int norm) {
+                          const float *bias, int N, int E, int K, int norm, int sig) {
     for (int t = 0; t < N; t++) {
         const float *l = logits + (size_t)t * E;
         double m = -INFINITY, z = 0.0;
         for (int e = 0; e < E; e++) m = fmax(m, l[e]);
         for (int e = 0; e < E; e++) z += exp(l[e] - m);
         lse[t] = m + log(z);
-        double *p = probs + (size_t)t * E;
-        for (int e = 0; e < E; e++) p[e] = exp(l[e] - m) / z;
+        double *p = probs + (size_t)t * E, s[64], S = 0.0;
+        for (int e = 0; e < E; e++) {
+            s[e] = sig ? 1.0 / (1.0 + exp(-(double)l[e])) : exp(l[e] - m) / z;
+            S += s[e];
+        }
+        for (int e = 0; e < E; e++) p[e] = sig ? s[e] / S : s[e];
         int used[64] = {0};
         double sum = 0.0;
         for (int j = 0; j < K; j++) {
             int best = -1;
+            double best_key = 0.0;
             for (int e = 0; e < E; e++) {
-                if (!used[e] && (best < 0 || p[e] > p[best])) best = e;
+                const double key = s[e] + (bias ? bias[e] : 0.0);
+                if (!used[e] && (best < 0 || key > best_key)) {
+                    best = e;
+                    best_key = key;
+                }
             }
             used[best] = 1;
             idx[t * K + j] = best;
-            sum += p[best];
+            sum += s[best];
         }
-        for (int j = 0; j < K; j++) w[t * K + j] = p[idx[t * K + j]] / (norm ? sum : 1.0);
+        for (int j = 0; j < K; j++) w[t * K + j] = s[idx[t * K + j]] / (norm ? sum : 1.0);
     }
 }
 
@@ -697,22 +707,41 @@ static void router_forward_case_(int N, int E, int K, int ties) {
         for (int e = 0; e < E; e++) logits[e] = 0.25f;
         for (int e = 0; e < E; e++) logits[E + e] = (e == 1 || e == 2 || e == 5) ? 2.0f : -1.0f;
     }
+    // a selection bias: random, or with two equal largest entries (experts 3 and 6) for the ties
+    float *bias = fr_(&A, E, 102, 0.2f);
+    if (ties) {
+        for (int e = 0; e < E; e++) bias[e] = 0.0f;
+        bias[3] = bias[6] = 0.5f;
+        bias[4] = -0.5f;
+    }
     float *probs = fa_(&A, (size_t)N * E), *lse = fa_(&A, N), *w = fa_(&A, (size_t)N * K);
     int32_t *idx = ia_(&A, (size_t)N * K), *want_idx = ia_(&A, (size_t)N * K);
     double *want_p = da_(&A, (size_t)N * E), *want_lse = da_(&A, N);
     double *want_w = da_(&A, (size_t)N * K);
-    for (int norm = 0; norm <= 1; norm++) {
-        router_forward(probs, lse, idx, w, logits, N, E, K, norm);
-        naive_router_(want_p, want_lse, want_idx, want_w, logits, N, E, K, norm);
-        CU_ASSERT(allclose_d_("router probs", probs, want_p, (size_t)N * E, 1e-7, 1e-6));
-        CU_ASSERT(allclose_d_("router lse", lse, want_lse, N, 1e-6, 1e-6));
-        CU_ASSERT(allclose_d_("router topk_w", w, want_w, (size_t)N * K, 1e-7, 1e-6));
-        CU_ASSERT(memcmp(idx, want_idx, (size_t)N * K * sizeof(int32_t)) == 0);
-        if (ties) {
-            CU_ASSERT(idx[0] == 0 && idx[1] == 1 && idx[2] == 2);
-            CU_ASSERT(idx[K] == 1 && idx[K + 1] == 2 && idx[K + 2] == 5);
-        }
-    }
+    for (int sig = 0; sig <= 1; sig++)
+        for (int biased = 0; biased <= 1; biased++)
+            for (int norm = 0; norm <= 1; norm++) {
+                const float *b = biased ? bias : NULL;
+                router_forward(probs, lse, idx, w, logits, b, N, E, K, norm,
+                               sig ? ROUTER_SIGMOID : ROUTER_SOFTMAX);
+                naive_router_(want_p, want_lse, want_idx, want_w, logits, b, N, E, K, norm, sig);
+                CU_ASSERT(allclose_d_("router probs", probs, want_p, (size_t)N * E, 1e-7, 1e-6));
+                CU_ASSERT(allclose_d_("router lse", lse, want_lse, N, 1e-6, 1e-6));
+                CU_ASSERT(allclose_d_("router topk_w", w, want_w, (size_t)N * K, 1e-7, 1e-6));
+                CU_ASSERT(memcmp(idx, want_idx, (size_t)N * K * sizeof(int32_t)) == 0);
+                double psum = 0.0; // probs sum to 1 per token, softmax and sigmoid alike
+                for (int e = 0; e < E; e++) psum += probs[E * (N - 1) + e];
+                CU_ASSERT(fabs(psum - 1.0) < 1e-6);
+                if (ties && !biased) {
+                    CU_ASSERT(idx[0] == 0 && idx[1] == 1 && idx[2] == 2);
+                    CU_ASSERT(idx[K] == 1 && idx[K + 1] == 2 && idx[K + 2] == 5);
+                }
+                if (ties && biased) { // equal scores: the bias decides, ties to the lower index
+                    CU_ASSERT(idx[0] == 3 && idx[1] == 6 && idx[2] == 0);
+                    // the bias chooses but does not weigh: equal scores, equal weights
+                    CU_ASSERT(w[0] == w[1] && w[1] == w[2]);
+                }
+            }
     arena_free_(&A);
 }
 
@@ -726,6 +755,8 @@ typedef struct {
     int32_t *idx, *idx0; // current and unperturbed top-k choice
     float *packed;       // (N*K + N*E + N): topk_w, probs, lse^2
     int N, E, K, norm;
+    const float *sel_bias; // the selection bias (E) or NULL
+    int score_fn;
 } RouterCtx;
 
 // Outputs topk_w, probs and lse^2, so that sum(out * r) with r = (dtopk_w, dprob_bias per
@@ -733,7 +764,8 @@ typedef struct {
 static const float *router_fwd_(void *p) {
     RouterCtx *c = p;
     const size_t N = c->N, E = c->E, K = c->K;
-    router_forward(c->probs, c->lse, c->idx, c->w, c->logits, c->N, c->E, c->K, c->norm);
+    router_forward(c->probs, c->lse, c->idx, c->w, c->logits, c->sel_bias, c->N, c->E, c->K,
+                   c->norm, c->score_fn);
     if (memcmp(c->idx, c->idx0, N * K * sizeof(int32_t)) != 0) return NULL;
     memcpy(c->packed, c->w, N * K * sizeof(float));
     memcpy(c->packed + N * K, c->probs, N * E * sizeof(float));
@@ -741,20 +773,25 @@ static const float *router_fwd_(void *p) {
     return c->packed;
 }
 
-// terms: bit 0 the top-k weights, bit 1 the per-expert probability bias, bit 2 the z term
-static void router_backward_case_(int N, int E, int K, int norm, int terms, size_t max_probe) {
+// terms: bit 0 the top-k weights, bit 1 the per-expert probability bias, bit 2 the z term.
+// sig: the sigmoid router; biased: a selection bias (it changes which experts are chosen, not
+// the formulas: the gradient must follow the chosen ones).
+static void router_backward_case_(int N, int E, int K, int norm, int terms, size_t max_probe,
+                                  int sig, int biased) {
     Arena A = {0};
     const size_t NK = (size_t)N * K, NE = (size_t)N * E, NO = NK + NE + N;
     float *logits = fa_(&A, NE);
     separated_logits_(logits, N, E, 111);
     float *dw = fr_(&A, NK, 112, 1.0f), *bias = fr_(&A, E, 113, 1.0f);
+    float *sel = biased ? fr_(&A, E, 114, sig ? 0.3f : 0.05f) : NULL;
     const float zc = 0.7f;
+    const int fn = sig ? ROUTER_SIGMOID : ROUTER_SOFTMAX;
     float *probs = fa_(&A, NE), *lse = fa_(&A, N), *w = fa_(&A, NK), *packed = fa_(&A, NO);
     float *r = fa_(&A, NO);
     int32_t *idx = ia_(&A, NK), *idx0 = ia_(&A, NK);
     const int use_w = terms & 1, use_b = terms & 2, use_z = terms & 4;
-    RouterCtx c = {probs, lse, w, logits, idx, idx0, packed, N, E, K, norm};
-    router_forward(probs, lse, idx0, w, logits, N, E, K, norm);
+    RouterCtx c = {probs, lse, w, logits, idx, idx0, packed, N, E, K, norm, sel, fn};
+    router_forward(probs, lse, idx0, w, logits, sel, N, E, K, norm, fn);
     for (size_t i = 0; i < NK; i++) r[i] = use_w ? dw[i] : 0.0f;
     for (size_t i = 0; i < NE; i++) r[NK + i] = use_b ? bias[i % E] : 0.0f;
     for (int t = 0; t < N; t++) r[NK + NE + t] = use_z ? zc : 0.0f;
@@ -763,12 +800,13 @@ static void router_backward_case_(int N, int E, int K, int norm, int terms, size
     float *dl = fa_(&A, NE), *dl2 = fa_(&A, NE);
     for (int rep = 0; rep < 3; rep++) {
         router_backward(rep == 0 ? dl : dl2, use_w ? dw : NULL, use_b ? bias : NULL,
-                        use_z ? zc : 0.0f, probs, lse, idx, w, N, E, K, norm);
+                        use_z ? zc : 0.0f, probs, lse, logits, idx, w, N, E, K, norm, fn);
     }
     CU_ASSERT(check_doubled_("router dlogits doubled", dl2, dl, NE));
     const char *what = terms == 1 ? "topk_w" : terms == 2 ? "prob_bias" : terms == 4 ? "z" : "all";
     char name[64];
-    snprintf(name, sizeof(name), "router %s norm_topk=%d", what, norm);
+    snprintf(name, sizeof(name), "router%s%s %s norm=%d", sig ? " sigmoid" : "",
+             biased ? " +bias" : "", what, norm);
     FdOp op = {.fwd = router_fwd_, .ctx = &c, .r = r, .n_out = NO, .h = FD_H};
     CU_ASSERT(fd_check_(name, &op, logits, dl, NE, max_probe, 12 + terms));
     arena_free_(&A);
@@ -778,8 +816,22 @@ static void test_router_backward(void) {
     // each term alone and all together, with and without renormalised top-k weights
     const int terms[] = {1, 2, 4, 7};
     for (int norm = 0; norm <= 1; norm++) {
-        for (int i = 0; i < 4; i++) router_backward_case_(16, 8, 3, norm, terms[i], PROBES_ALL);
-        router_backward_case_(2048, 8, 4, norm, 7, PROBES_LARGE);
+        for (int i = 0; i < 4; i++)
+            router_backward_case_(16, 8, 3, norm, terms[i], PROBES_ALL, 0, 0);
+        router_backward_case_(2048, 8, 4, norm, 7, PROBES_LARGE, 0, 0);
+    }
+}
+
+// The sigmoid router (DeepSeek-V3) and the selection bias of aux-loss-free balancing.
+static void test_router_backward_sigmoid_bias(void) {
+    const int terms[] = {1, 2, 4, 7};
+    for (int norm = 0; norm <= 1; norm++) {
+        for (int i = 0; i < 4; i++)
+            router_backward_case_(16, 8, 3, norm, terms[i], PROBES_ALL, 1, 0);
+        router_backward_case_(2048, 8, 4, norm, 7, PROBES_LARGE, 1, 0);
+        router_backward_case_(16, 8, 3, norm, 7, PROBES_ALL, 1, 1);
+        router_backward_case_(16, 8, 3, norm, 7, PROBES_ALL, 0, 1);
+        router_backward_case_(2048, 8, 4, norm, 7, PROBES_LARGE, 1, 1);
     }
 }
 
@@ -1161,6 +1213,7 @@ int main(void) {
         {"add", test_add},
         {"router_forward", test_router_forward},
         {"router_backward", test_router_backward},
+        {"router_backward sigmoid, selection bias", test_router_backward_sigmoid_bias},
         {"moe_plan", test_moe_plan},
         {"permute", test_permute},
         {"unpermute", test_unpermute},

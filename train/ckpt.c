@@ -401,18 +401,56 @@ done:
     return rc;
 }
 
+// The expert bias (a no_optim tensor, in /model only) of a file that predates it, or of a run
+// without it, is absent: the model starts from a zero bias, as a fresh run does. A file that
+// has a non-zero bias for a model without one (softmax router, bias_update_rate 0) is refused:
+// loading it would silently route differently from the run that wrote it.
+static int check_dropped_bias_(hid_t f, const char *path, const Model *m, MoetErr *err) {
+    if (m->E == 0 || m->p.layers[0].expert_bias) return MOET_OK;
+    float *b = moet_malloc((size_t)m->E * sizeof(float));
+    int rc = MOET_OK;
+    for (int l = 0; l < m->L && rc == MOET_OK; l++) {
+        char dname[MODEL_NAME_MAX + 32];
+        snprintf(dname, sizeof dname, "/model/model.layers.%d.mlp.gate.expert_bias", l);
+        if (H5Lexists(f, dname, H5P_DEFAULT) <= 0) continue;
+        hid_t d = H5Dopen2(f, dname, H5P_DEFAULT);
+        hid_t s = d >= 0 ? H5Dget_space(d) : -1;
+        int ok = s >= 0 && H5Sget_simple_extent_npoints(s) == m->E &&
+                 H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, b) >= 0;
+        if (s >= 0) H5Sclose(s);
+        if (d >= 0) H5Dclose(d);
+        int nonzero = 0;
+        for (int e = 0; ok && e < m->E; e++) nonzero |= b[e] != 0.0f;
+        if (!ok || nonzero)
+            rc = moet_errf(err, MOET_EUSAGE,
+                           "%s: tensor %s: the checkpoint's router has a non-zero expert bias, "
+                           "which this configuration would ignore ([moe] router = softmax and "
+                           "bias_update_rate = 0: no bias)\n---> HINT: use the [moe] settings "
+                           "of the run that wrote it (bias_update_rate > 0, or router = sigmoid)",
+                           path, dname + 7);
+    }
+    free(b);
+    return rc;
+}
+
 // Reads every tensor of m from GROUP/<name> (group "/model", "/optim/exp_avg", ...) into buf
 // (laid out like m->params), then checks that every expert index of this rank was read exactly
 // once per expert tensor (the MPI version sums the counters over the ranks and checks all E).
+// no_optim tensors (the expert bias) are in /model only; a missing one reads as zeros.
 static int load_group_(hid_t f, const char *path, const Model *m, const char *group, float *buf,
                        int require_crc, MoetErr *err) {
     int n_expert_tensors = 0;
     int *reads = m->E > 0 ? calloc((size_t)m->E, sizeof(int)) : NULL;
-    int rc = MOET_OK;
+    const int model_group = strcmp(group, "/model") == 0;
+    int rc = model_group ? check_dropped_bias_(f, path, m, err) : MOET_OK;
     for (int i = 0; i < m->n_tensors && rc == MOET_OK; i++) {
         const ParamTensor *t = &m->tensors[i];
         char dname[MODEL_NAME_MAX + 32], label[MODEL_NAME_MAX + 32];
         snprintf(dname, sizeof dname, "%s/%s", group, t->name);
+        if (t->no_optim && (!model_group || H5Lexists(f, dname, H5P_DEFAULT) <= 0)) {
+            memset(buf + t->offset, 0, t->numel * sizeof(float));
+            continue;
+        }
         if (strcmp(group, "/model") == 0) snprintf(label, sizeof label, "%s", t->name);
         else snprintf(label, sizeof label, "%s", dname + 1);
         n_expert_tensors += t->is_expert;
@@ -686,6 +724,7 @@ static int write_group_(hid_t f, const char *group, const Model *m, const float 
     int rc = 0;
     for (int i = 0; i < m->n_tensors && rc == 0; i++) {
         char reason[512];
+        if (m->tensors[i].no_optim && strcmp(group, "/model") != 0) continue; // no moments
         if ((rc = write_tensor_(g, m, &m->tensors[i], buf, reason, sizeof reason)))
             snprintf(why, why_size, "%s/%s: %s", group, m->tensors[i].name, reason);
     }
@@ -1002,6 +1041,7 @@ static int write_group_par_(hid_t f, hid_t dxpl, const char *group, const Model 
     int rc = 0;
     for (int i = 0; i < m->n_tensors && rc == 0; i++) {
         char reason[512];
+        if (m->tensors[i].no_optim && strcmp(group, "/model") != 0) continue; // no moments
         if ((rc = write_tensor_par_(g, dxpl, m, &m->tensors[i], buf, par, reason,
                                     sizeof reason)))
             snprintf(why, why_size, "%s/%s: %s", group, m->tensors[i].name, reason);

@@ -200,6 +200,33 @@ static int load_ckpt_(const char *spec, char *path, size_t path_size, Config *c,
     return rc;
 }
 
+// HF OlmoeForCausalLM routes by softmax probabilities and has no expert bias: a sigmoid router
+// or a non-zero bias (aux-loss-free balancing) computes what no HF OLMoE model can. A bias of
+// zeros (a run at step 0) routes like none and is left out of the export.
+static int hf_exportable_(const Config *c, const Model *m, const char *path, MoetErr *err) {
+    if (strcmp(c->router, "sigmoid") == 0)
+        return moet_errf(err, MOET_EUSAGE,
+                         "export-hf: %s: [moe] router = sigmoid: HF OlmoeForCausalLM has only "
+                         "the softmax router, so no HF OLMoE model computes what this checkpoint "
+                         "does\n---> HINT: export runs trained with router = softmax and "
+                         "bias_update_rate = 0; this one works with moet eval and moet generate",
+                         path);
+    for (int l = 0; l < m->L; l++) {
+        const float *b = m->p.layers[l].expert_bias;
+        for (int e = 0; b && e < m->E; e++)
+            if (b[e] != 0.0f)
+                return moet_errf(err, MOET_EUSAGE,
+                                 "export-hf: %s: model.layers.%d.mlp.gate.expert_bias is not zero "
+                                 "(aux-loss-free balancing, [moe] bias_update_rate = %g): HF "
+                                 "OlmoeForCausalLM has no expert bias, and without it the router "
+                                 "would choose other experts than this model does\n---> HINT: "
+                                 "export runs balanced by the auxiliary loss (bias_update_rate = "
+                                 "0, lb_coef > 0); this one works with moet eval and moet generate",
+                                 path, l, (double)c->bias_update_rate);
+    }
+    return MOET_OK;
+}
+
 static cJSON *hf_config_json_(const Config *c, int bf16, int pad_id) {
     const int dense = c->n_experts == 0;
     cJSON *j = cJSON_CreateObject();
@@ -250,6 +277,7 @@ static int hf_tensor_list_(const Model *m, int bf16, StWriteTensor **out, char *
     int n = 0;
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
+        if (t->no_optim) continue; // the expert bias: all zeros (hf_exportable_)
         const float *data = m->params_h + t->offset;
         const char *ex = strstr(t->name, ".mlp.experts.");
         const char *mlp = strstr(t->name, ".mlp.");
@@ -371,6 +399,10 @@ int cmd_export_hf(int argc, char **argv, MoetErr *err) {
     Model m;
     memset(&m, 0, sizeof m);
     if ((rc = load_ckpt_(o.spec, path, sizeof path, &c, &m, err))) return rc;
+    if ((rc = hf_exportable_(&c, &m, path, err))) {
+        model_free(&m);
+        return rc;
+    }
     const char *tok_path;
     Tokenizer *tok = NULL;
     cJSON *cfg = NULL;

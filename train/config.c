@@ -75,6 +75,17 @@ static const Key KEYS[] = {
      .help = "renormalise the top-k router probabilities to sum 1 (OLMoE: false)"},
     {FLT_("moe", "lb_coef", lb_coef), .def = "0.01", FGE_(0), .help = "load-balancing loss weight"},
     {FLT_("moe", "z_coef", z_coef), .def = "0.001", FGE_(0), .help = "router z-loss weight"},
+    {STR_("moe", "router", router), .def = "softmax", .choices = "softmax|sigmoid",
+     .help = "router scores: softmax (OLMoE), or sigmoid (DeepSeek-V3: the top-k weights are "
+             "the sigmoid scores renormalised over the top-k; needs norm_topk_prob = true)"},
+    {STR_("moe", "lb_scope", lb_scope), .def = "micro_batch", .choices = "micro_batch|global_batch",
+     .help = "load-balancing loss: f_e (the share of assignments to expert e) counted over each "
+             "micro-batch (OLMoE) or over the whole global batch, all micro-batches and ranks "
+             "(arXiv 2501.11873; costs a routing pre-pass with gradient accumulation)"},
+    {FLT_("moe", "bias_update_rate", bias_update_rate), .def = "0", FGE_(0),
+     .help = "aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the router "
+             "scores for the top-k choice only, after each step bias += rate * sign(mean load - "
+             "load); 0 = off"},
 
     {INT_("train", "seq_len", seq_len), .req = REQ_YES, IGE_(2),
      .help = "tokens per training sequence T"},
@@ -815,6 +826,24 @@ int config_validate(Config *c, const char *origin, MoetErr *err) {
                              "%s: [moe] expert_d_ff = %d: must be >= 1 for an "
                              "MoE model",
                              o, c->expert_d_ff);
+        if (strcmp(c->router, "sigmoid") == 0 && !c->norm_topk_prob)
+            return moet_errf(err, MOET_EUSAGE,
+                             "%s: [moe] router = sigmoid needs norm_topk_prob = true: sigmoid "
+                             "scores do not sum to 1, and the top-k weights are the chosen "
+                             "scores renormalised over the top-k (DeepSeek-V3); set "
+                             "norm_topk_prob = true",
+                             o);
+    }
+    if (c->n_experts == 0) { // routing options of a model without experts: a mistake
+        const char *key = strcmp(c->router, "softmax") != 0         ? "router"
+                          : strcmp(c->lb_scope, "micro_batch") != 0 ? "lb_scope"
+                          : c->bias_update_rate != 0.0f             ? "bias_update_rate"
+                                                                    : NULL;
+        if (key)
+            return moet_errf(err, MOET_EUSAGE,
+                             "%s: [moe] %s is set, but [moe] n_experts = 0 (a dense model has no "
+                             "router): remove it or set n_experts",
+                             o, key);
     }
     if (c->d_model % c->n_heads)
         return moet_errf(err, MOET_EUSAGE,

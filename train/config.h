@@ -25,6 +25,9 @@ typedef struct {
     int norm_topk_prob;  // bool
     float lb_coef;
     float z_coef;
+    char router[16];        // softmax | sigmoid: the router's score function
+    char lb_scope[16];      // micro_batch | global_batch: where f_e of the lb loss is counted
+    float bias_update_rate; // aux-loss-free balancing: the expert bias step (0 = off)
     // [train]
     int seq_len;
     int micro_batch;     // sequences per micro-batch per rank

@@ -66,7 +66,7 @@ int gradsync_create(GradSync **out, Model *m, Parallel *par, size_t bucket_bytes
         int gr = t->is_expert ? 1 : 0;
         Comm *c = gr ? par->edp : par->world;
         bucket_of[j] = -1;
-        if (comm_size(c) == 1) continue; // nothing to sum
+        if (comm_size(c) == 1 || t->no_optim) continue; // nothing to sum (no_optim: no gradient)
         if (open[gr] < 0 || fill[gr] >= cap) {
             open[gr] = g->n_buckets++;
             g->buckets[open[gr]].comm = c;

@@ -79,7 +79,8 @@ static const char *INFO_HELP =
     "n_experts). Memory (train/memplan.h): fp32 parameters, gradients (and the accumulation\n"
     "buffer when a rank takes several micro-batches per step), AdamW moments (sharded with\n"
     "[parallel] zero = 1), the activations of one micro-batch ([train] recompute), the expert\n"
-    "dispatcher's rows (ep > 1, balanced routing), the CUDA attention scratch, and the host\n"
+    "dispatcher's rows (ep > 1, balanced routing), the CUDA attention scratch and bf16 GEMM\n"
+    "operand workspace (at most 1 GiB), and the host\n"
     "staging of device buffers over MPI. Communication is counted as the trainer's \"comm a2a\n"
     "X MB, allreduce Y MB\" counts it (MB = 1e6 bytes): all-to-all rows sent, the rows a rank\n"
     "keeps for itself included; all-reduce buffer bytes contributed; ZeRO-1's all-gather of\n"
@@ -159,6 +160,9 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
     printf("%-22s %14lld\n", "norms", (long long)pc.norms);
     if (c.n_experts > 0) {
         printf("%-22s %14lld\n", "router", (long long)pc.router);
+        if (model_has_expert_bias(&c))
+            printf("%-22s %14lld  (not trained: aux-loss-free balancing; not counted below)\n",
+                   "expert bias", (long long)c.n_layers * c.n_experts);
         printf("%-22s %14lld  (%d experts x %lld)\n", "experts", (long long)pc.experts,
                c.n_experts, (long long)(pc.experts / c.n_experts / c.n_layers));
     } else {
@@ -210,7 +214,8 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
     }
     if (mp.scratch > 0)
         info_mem_line_("scratch", mp.scratch,
-                       "cuda: attention scores of one sequence, forward and backward");
+                       "cuda: attention scores of one sequence, forward and backward; bf16 "
+                       "GEMM operands (<= 1 GiB)");
     info_mem_line_("total", mp.total, "");
     if (mp.host_stage > 0)
         info_mem_line_("host staging", mp.host_stage,

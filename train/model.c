@@ -40,6 +40,10 @@ static void add_tensor_(ParamTensor *t, int *n, size_t *off, const char *name, i
     *off += (numel + 15) / 16 * 16;
 }
 
+int model_has_expert_bias(const Config *c) {
+    return c->n_experts > 0 && (c->bias_update_rate > 0 || strcmp(c->router, "sigmoid") == 0);
+}
+
 int model_tensor_table(const Config *c, int ep_rank, int ep_size, ParamTensor **out, int *n_out,
                        size_t *n_params_out, MoetErr *err) {
     int L = c->n_layers, D = c->d_model, V = c->padded_vocab, E = c->n_experts;
@@ -47,7 +51,8 @@ int model_tensor_table(const Config *c, int ep_rank, int ep_size, ParamTensor **
         return moet_errf(err, MOET_EUSAGE, "expert parallel degree %d does not divide %d experts",
                          ep_size, E);
     int El = E > 0 ? E / ep_size : 0;
-    int n_max = 3 + L * LT_COUNT;
+    const int bias = model_has_expert_bias(c);
+    int n_max = 3 + L * (LT_COUNT + 1);
     ParamTensor *t = calloc((size_t)n_max, sizeof *t);
     if (!t) return moet_errf(err, MOET_EFAIL, "out of memory building the tensor table");
     int n = 0;
@@ -67,6 +72,10 @@ int model_tensor_table(const Config *c, int ep_rank, int ep_size, ParamTensor **
         if (E > 0) {
             int F = c->expert_d_ff;
             add_tensor_(t, &n, &off, LNAME("mlp.gate.weight"), l, 0, 2, E, D, 0, 0);
+            if (bias) { // every rank holds all E biases (also under expert parallelism)
+                add_tensor_(t, &n, &off, LNAME("mlp.gate.expert_bias"), l, 0, 1, E, 0, 0, 0);
+                t[n - 1].no_optim = 1;
+            }
             add_tensor_(t, &n, &off, LNAME("mlp.experts.gate_proj.weight"), l, 1, 3, E, F, D, El);
             add_tensor_(t, &n, &off, LNAME("mlp.experts.up_proj.weight"), l, 1, 3, E, F, D, El);
             add_tensor_(t, &n, &off, LNAME("mlp.experts.down_proj.weight"), l, 1, 3, E, D, F, El);
@@ -260,6 +269,10 @@ static void layout_arena_(Model *m, Carver *cv, int L, int D, int H, int V, int 
     m->d_prob_bias = d_prob_bias;
 }
 
+int model_head_rows(const Config *c, int B, int T) {
+    return head_rows_((size_t)B * T, c->padded_vocab, 0, 0);
+}
+
 size_t model_activation_floats(const Config *c, int B, int T, int n_local_experts) {
     // (with ep the dispatcher's received rows vary per step, N*K on average: not counted here)
     Carver cv = {0};
@@ -320,6 +333,7 @@ static void bind_pointers_(Model *m, float *base, ParamPointers *pp) {
         lp->k_norm = base + m->tensors[t++].offset;
         lp->ln2 = base + m->tensors[t++].offset;
         lp->router = m->E > 0 ? base + m->tensors[t++].offset : NULL;
+        lp->expert_bias = m->E > 0 && m->tensors[t].no_optim ? base + m->tensors[t++].offset : NULL;
         lp->w_gate = base + m->tensors[t++].offset;
         lp->w_up = base + m->tensors[t++].offset;
         lp->w_down = base + m->tensors[t++].offset;
@@ -393,6 +407,7 @@ static int create_(Model *m, const Config *c, const Ops *ops, int ep_rank, int e
     m->K = c->n_experts > 0 ? c->top_k : 0;
     m->F = c->n_experts > 0 ? c->expert_d_ff : c->d_ff;
     m->recompute = recompute_full_(c);
+    m->score_fn = strcmp(c->router, "sigmoid") == 0 ? ROUTER_SIGMOID : ROUTER_SOFTMAX;
     int rc = model_tensor_table(c, ep_rank, ep_size, &m->tensors, &m->n_tensors, &m->n_params, err);
     if (rc) return rc;
     m->n_local_experts = m->E / ep_size;
@@ -403,6 +418,7 @@ static int create_(Model *m, const Config *c, const Ops *ops, int ep_rank, int e
     if (m->E > 0) {
         m->counts_h = moet_calloc((size_t)m->L * m->E * sizeof(int32_t));
         m->offsets_h = moet_calloc((size_t)m->L * (m->E + 1) * sizeof(int32_t));
+        m->lb_counts = moet_calloc((size_t)m->L * m->E * sizeof(int64_t));
     }
     m->p.layers = calloc((size_t)m->L, sizeof(LayerParams));
     m->g.layers = calloc((size_t)m->L, sizeof(LayerParams));
@@ -461,6 +477,7 @@ void model_free(Model *m) {
     free(m->layer_lb);
     free(m->layer_z);
     free(m->expert_tokens);
+    free(m->lb_counts);
     memset(m, 0, sizeof *m);
 }
 
@@ -524,6 +541,10 @@ void model_init_weights(Model *m, uint64_t seed) {
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
         float *w = m->params_h + t->offset;
+        if (t->no_optim) { // the expert bias starts at 0: routing by the scores alone
+            memset(w, 0, t->numel * sizeof(float));
+            continue;
+        }
         if (t->ndim == 1) {  // norm weights
             for (size_t j = 0; j < t->numel; j++) w[j] = 1.0f;
             continue;
@@ -609,10 +630,11 @@ static double head_(Model *m, int train) {
     return ce_sum;
 }
 
-static void forward_(Model *m, const int32_t *tokens, int train) {
+// Embedding and every layer: fills the activations up to x_final and returns the sums over
+// the layers of the MoE losses (they also go to layer_lb, layer_z). Sets the targets.
+static void body_forward_(Model *m, const int32_t *tokens, double *lb_out, double *z_out) {
     int B = m->B, T = m->T, D = m->D;
     int N = B * T;
-    float eps = m->cfg.norm_eps;
     const Ops *k = m->ops;
 
     memcpy(m->tokens_h, tokens, (size_t)N * sizeof(int32_t));
@@ -641,12 +663,42 @@ static void forward_(Model *m, const int32_t *tokens, int train) {
         float *out = l + 1 < m->L ? m->acts[l + 1].x : m->x_final;
         k->add_forward(out, a->h, a->mlp_out, (size_t)N * D);
     }
-    k->rmsnorm_forward(m->lnf, m->lnf_rstd, m->x_final, m->p.norm, N, D, eps);
+    *lb_out = lb;
+    *z_out = z;
+}
+
+static void forward_(Model *m, const int32_t *tokens, int train) {
+    int N = m->B * m->T, D = m->D;
+    double lb, z;
+    body_forward_(m, tokens, &lb, &z);
+    m->ops->rmsnorm_forward(m->lnf, m->lnf_rstd, m->x_final, m->p.norm, N, D, m->cfg.norm_eps);
     double ce_sum = head_(m, train);
     m->ce = m->n_targets > 0 ? ce_sum / m->n_targets : 0.0;
     m->lb = m->E > 0 ? lb / m->L : 0.0;
     m->z = m->E > 0 ? z / m->L : 0.0;
     m->loss = m->ce + m->cfg.lb_coef * m->lb + m->cfg.z_coef * m->z;
+}
+
+void model_forward_route(Model *m, const int32_t *tokens) {
+    double lb, z;
+    body_forward_(m, tokens, &lb, &z);
+}
+
+void model_update_expert_bias(Model *m, const int64_t *load, float rate) {
+    for (int l = 0; l < m->L; l++) {
+        float *b = m->p.layers[l].expert_bias;
+        if (!b) return;
+        float *bh = m->params_h + (b - m->params); // the host copy (= b on the CPU)
+        const int64_t *c = load + (size_t)l * m->E;
+        int64_t sum = 0;
+        for (int e = 0; e < m->E; e++) sum += c[e];
+        // sign(mean - load_e) = sign(sum - E * load_e): integers, exact
+        for (int e = 0; e < m->E; e++) {
+            const int64_t d = sum - (int64_t)m->E * c[e];
+            bh[e] += d > 0 ? rate : d < 0 ? -rate : 0.0f;
+        }
+        m->ops->to_device(b, bh, (size_t)m->E * sizeof(float));
+    }
 }
 
 void model_forward(Model *m, const int32_t *tokens) {

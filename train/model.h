@@ -33,6 +33,9 @@ typedef struct {
     int layer;                   // -1 outside the layers
     int is_expert;               // 1: the first dim indexes experts (sharded by ep)
     int decay;                   // 1: weight decay applies (matrices; not norms)
+    int no_optim;                // 1: a buffer, not a trained parameter (the expert bias): no
+                                 // gradient, not in AdamW, the gradient norm, the gradient
+                                 // all-reduce nor /optim of checkpoints; saved in /model
 } ParamTensor;
 
 // Pointers into the parameter (or gradient) buffer for one layer.
@@ -42,6 +45,8 @@ typedef struct {
     float *q_norm, *k_norm;      // (D)
     float *ln2;                  // post_attention_layernorm (D)
     float *router;               // (E,D); NULL for dense
+    float *expert_bias;          // (E) added to the router scores for the top-k choice only
+                                 // (aux-loss-free balancing); NULL when the model has none
     float *w_gate, *w_up;        // experts (El,F,D) or dense (F,D)
     float *w_down;               // experts (El,D,F) or dense (D,F)
 } LayerParams;
@@ -150,7 +155,20 @@ typedef struct {
     int n_targets;
     double ce, lb, z, loss;
     double *layer_lb, *layer_z;  // (L)
-    int64_t *expert_tokens;      // (L,E) assignments per expert in the last forward
+    int64_t *expert_tokens;      // (L,E) assignments per expert in the last forward (this
+                                 // rank's tokens, to all E experts)
+
+    // load balancing ([moe] lb_scope, router)
+    int score_fn;                // ROUTER_SOFTMAX or ROUTER_SIGMOID (kernels.h)
+    int64_t *lb_counts;          // (L,E) the counts behind f_e of the lb loss in the last
+                                 // forward: this micro-batch's, or the global batch's below
+    // lb_scope = global_batch: the trainer sets one of these around its training passes (NULL
+    // otherwise, also for evaluation); the MoE layers then take f_e from the counts of the whole
+    // global batch. Forward and backward of a micro-batch must see the same setting.
+    const int64_t *lb_global_counts; // (L,E) the step's counts over every micro-batch of every
+                                     // rank (a routing pre-pass, model_forward_route), or NULL
+    Comm *lb_global_comm;        // or: each MoE layer sums its counts over this group inside
+                                 // forward (one small all-reduce per layer; accumulation 1)
 } Model;
 
 // Parameter counts by component (global, i.e. all experts), for `moet info`.
@@ -161,6 +179,11 @@ typedef struct {
     int64_t active_flops;    // N_active of §10: attention + router + k experts + lm_head
                              // (+ dense MLP), embedding lookup excluded
 } ParamCounts;
+
+// 1 when cfg's model has an expert bias tensor per layer (model.layers.N.mlp.gate.expert_bias,
+// E floats): MoE with [moe] bias_update_rate > 0 or router = sigmoid. Without one (OLMoE) the
+// tensor table, and so every checkpoint, is what it was before the bias existed.
+int model_has_expert_bias(const Config *cfg);
 
 // Builds the tensor table for cfg without allocating anything (used by `moet info` for models
 // far larger than memory). ep_rank/ep_size select the local experts. The caller frees *out.
@@ -174,6 +197,8 @@ double model_flops_per_token(const Config *cfg);
 // experts on this rank (fewer than n_experts: expert parallelism, whose dispatcher buffers the
 // received rows apart and is not counted here).
 size_t model_activation_floats(const Config *cfg, int B, int T, int n_local_experts);
+// Rows per LM head chunk of a training forward over B x T tokens (model_forward_train).
+int model_head_rows(const Config *cfg, int B, int T);
 
 // Allocates the parameter and gradient buffers (zeroed) on the CPU backend.
 int model_create(Model *m, const Config *cfg, int ep_rank, int ep_size, MoetErr *err);
@@ -220,6 +245,16 @@ int model_set_batch(Model *m, int B, int T, MoetErr *err);
 // t+1; the last position of each sequence has none). Sets m->ce, lb, z, loss and the per-row
 // losses; m->logits holds the logits of all rows with keep_logits, else only the last chunk's.
 void model_forward(Model *m, const int32_t *tokens);
+// The routing pre-pass of lb_scope = global_batch: embedding and every layer (no LM head, no
+// loss), for m->expert_tokens only (this micro-batch's assignments per layer and expert). The
+// training forward of the same tokens then routes identically. Under expert parallelism every
+// rank of the EP group must call it together (the layers exchange their rows).
+void model_forward_route(Model *m, const int32_t *tokens);
+// Aux-loss-free balancing, after an optimizer step: per layer, with load (L,E) the step's
+// assignments per expert over the global batch (the same on every rank) and mean = their mean,
+// bias_e += rate * sign(mean - load_e) (0 at the mean), in fp32, on the host copy and the
+// backend's. No-op for a model without an expert bias.
+void model_update_expert_bias(Model *m, const int64_t *load, float rate);
 // model_forward for training: the same losses, and the LM head's backward is done chunk by
 // chunk as its logits are made (dlogits over the chunk's logits, d lnf into d_ln, and
 // ACCUMULATES lm_head's gradient), so that the (N,V) logits and dlogits never exist at once.

@@ -6,19 +6,47 @@
 #include "train/dispatch.h"
 
 // ---------------------------------------------------------------------------------------
-// router: logits = ln2 @ gate^T, softmax, top-k; the two auxiliary losses of §3.
+// router: logits = ln2 @ gate^T, scores (softmax or sigmoid), top-k by score + expert bias;
+// the two auxiliary losses of §3.
 
-// Routes the layer's tokens: logits, softmax, top-k and the dispatch plan, then the two
-// auxiliary losses. f_e = assignments to e / (N*K) comes from the plan's counts; P_e is the
-// mean routing probability. Sums in double, in token order: deterministic.
+// f_e of the load-balancing loss for layer l as counts (into m->lb_counts; returns their
+// total): the plan's counts of this micro-batch (lb_scope = micro_batch, the total is N*K), or
+// the global batch's: fixed by the trainer's pre-pass, or summed over lb_global_comm here (the
+// same one all-reduce on every rank, whatever the routing). Integers: every route to the
+// global counts gives the same f, bit for bit.
+static int64_t lb_counts_(Model *m, int l, const int32_t *counts) {
+    const int E = m->E;
+    int64_t *fc = m->lb_counts + (size_t)l * E;
+    if (m->lb_global_counts) {
+        memcpy(fc, m->lb_global_counts + (size_t)l * E, (size_t)E * sizeof(int64_t));
+    } else {
+        for (int e = 0; e < E; e++) fc[e] = counts[e];
+        if (m->lb_global_comm) {
+            double d[E];
+            MoetErr err;
+            for (int e = 0; e < E; e++) d[e] = (double)fc[e];
+            if (comm_allreduce_sum_f64(m->lb_global_comm, d, (size_t)E, &err))
+                moet_die("lb_scope = global_batch: summing the expert counts: %s", err.msg);
+            for (int e = 0; e < E; e++) fc[e] = (int64_t)d[e];
+        }
+    }
+    int64_t total = 0;
+    for (int e = 0; e < E; e++) total += fc[e];
+    return total;
+}
+
+// Routes the layer's tokens: logits, scores, top-k and the dispatch plan, then the two
+// auxiliary losses. f_e = assignments to e / all assignments, of the micro-batch or of the
+// global batch (lb_counts_); P_e is the mean routing probability of this micro-batch (sigmoid:
+// of the scores normalised over the experts). Sums in double, in token order: deterministic.
 static void route_(Model *m, int l, MoeLayerLoss *loss) {
     LayerActs *a = &m->acts[l];
     LayerParams *p = &m->p.layers[l];
     int N = m->B * m->T, D = m->D, E = m->E, K = m->K;
     const Ops *k = m->ops;
     k->matmul_forward(a->rlogits, a->ln2, p->router, N, D, E);
-    k->router_forward(a->rprobs, a->rlse, a->topk_idx, a->topk_w, a->rlogits, N, E, K,
-                      m->cfg.norm_topk_prob);
+    k->router_forward(a->rprobs, a->rlse, a->topk_idx, a->topk_w, a->rlogits, p->expert_bias, N, E,
+                      K, m->cfg.norm_topk_prob, m->score_fn);
     k->moe_plan(a->counts, a->offsets, a->row_token, a->assign_row, a->topk_idx, N, K, E);
     // the row counts decide the expert GEMM shapes and the losses: the host needs them (one
     // copy; the offsets are their prefix sums, as moe_plan computes them)
@@ -30,9 +58,12 @@ static void route_(Model *m, int l, MoeLayerLoss *loss) {
 
     double P[E], zsum;
     k->router_aux_sums(P, &zsum, a->rprobs, a->rlse, N, E);
+    const int64_t *fc = m->lb_counts + (size_t)l * E;
+    const int64_t total = lb_counts_(m, l, counts);
     double lb = 0.0;
     for (int e = 0; e < E; e++) {
-        lb += ((double)counts[e] / ((double)N * K)) * (P[e] / N);
+        // (micro_batch: total = N*K exactly, so this is assignments / (N*K) as in §3)
+        lb += (total > 0 ? (double)fc[e] / (double)total : 0.0) * (P[e] / N);
         m->expert_tokens[(size_t)l * E + e] = counts[e];
     }
     loss->lb = E * lb;
@@ -128,7 +159,9 @@ void moe_backward(Model *m, int l, const float *d_out, float *d_ln2, double lb_s
     int N = m->B * m->T, D = m->D, E = m->E, K = m->K, F = m->F, R = N * K;
     const Ops *k = m->ops;
     const int32_t *offsets = m->offsets_h + (size_t)l * (E + 1);
-    const int32_t *counts = m->counts_h + (size_t)l * E;
+    const int64_t *fc = m->lb_counts + (size_t)l * E; // f_e's counts, as forward took them
+    int64_t total = 0;
+    for (int e = 0; e < E; e++) total += fc[e];
 
     // combine
     k->zero_fill(m->d_yp, (size_t)R * D);
@@ -152,16 +185,17 @@ void moe_backward(Model *m, int l, const float *d_out, float *d_ln2, double lb_s
     // dispatch
     k->permute_backward(d_ln2, m->d_xp, a->assign_row, N, K, D);
 
-    // router: lb = E * sum_e f_e * mean_t p_te, so d lb / d p_te = E * f_e / N (f constant);
-    // z = mean_t lse_t^2, so d z / d lse_t^2 = 1/N.
+    // router: lb = E * sum_e f_e * mean_t p_te, so d lb / d p_te = E * f_e / N (f constant,
+    // also when it counts the global batch); z = mean_t lse_t^2, so d z / d lse_t^2 = 1/N.
     float dprob_bias[E];
     for (int e = 0; e < E; e++)
-        dprob_bias[e] = (float)(lb_scale * E * ((double)counts[e] / ((double)N * K)) / N);
+        dprob_bias[e] =
+            (float)(lb_scale * E * (total > 0 ? (double)fc[e] / (double)total : 0.0) / N);
     k->to_device(m->d_prob_bias, dprob_bias, (size_t)E * sizeof(float));
     k->zero_fill(m->d_rlogits, (size_t)N * E);
-    k->router_backward(m->d_rlogits, m->d_topk_w, m->d_prob_bias, (float)(z_scale / N),
-                       a->rprobs, a->rlse, a->topk_idx, a->topk_w, N, E, K,
-                       m->cfg.norm_topk_prob);
+    k->router_backward(m->d_rlogits, m->d_topk_w, m->d_prob_bias, (float)(z_scale / N), a->rprobs,
+                       a->rlse, a->rlogits, a->topk_idx, a->topk_w, N, E, K, m->cfg.norm_topk_prob,
+                       m->score_fn);
     k->matmul_backward(d_ln2, gp->router, m->d_rlogits, a->ln2, p->router, N, D, E);
 }
 

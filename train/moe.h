@@ -6,12 +6,15 @@
 
 // Loss terms of one layer for the last forward (before lb_coef / z_coef).
 typedef struct {
-    double lb;  // E * sum_e f_e * P_e  (uniform routing gives 1)
+    double lb;  // E * sum_e f_e * P_e  (uniform routing gives 1; f of the micro-batch or of the
+                // global batch, [moe] lb_scope)
     double z;   // mean_t logsumexp(logits_t)^2
 } MoeLayerLoss;
 
 // Forward of the MoE block of layer l: reads a->ln2 (N,D), writes a->mlp_out (N,D) and every
-// saved routing activation; fills *loss and m->expert_tokens[l*E ...].
+// saved routing activation; fills *loss, m->expert_tokens[l*E ...] and m->lb_counts[l*E ...]
+// (the counts behind the lb loss's f_e: this micro-batch's, or with m->lb_global_counts /
+// m->lb_global_comm the global batch's, which backward then uses too).
 void moe_forward(Model *m, int l, MoeLayerLoss *loss);
 // Backward: d_out (N,D) is the gradient reaching mlp_out; ACCUMULATES into d_ln2 (N,D) and the
 // layer's parameter gradients. lb_scale / z_scale are d(loss)/d(layer lb) and d(layer z).

@@ -36,7 +36,7 @@ static void shard_group_(Optim *o, const Model *m, int g, Comm *comm, size_t *mo
     sh->contiguous = 1;
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
-        if (t->is_expert != g) continue;
+        if (t->is_expert != g || t->no_optim) continue;
         if (size == 0) sh->base = end = t->offset;
         if (t->offset != end) sh->contiguous = 0;
         end = t->offset + t->numel;
@@ -53,7 +53,7 @@ static void shard_group_(Optim *o, const Model *m, int g, Comm *comm, size_t *mo
     size_t lo = sh->lo, hi = lo + sh->counts[r], f = 0;
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
-        if (t->is_expert != g) continue;
+        if (t->is_expert != g || t->no_optim) continue;
         size_t a = f > lo ? f : lo, b = f + t->numel < hi ? f + t->numel : hi;
         if (a < b) {
             o->segs = realloc(o->segs, (size_t)(o->n_segs + 1) * sizeof *o->segs);
@@ -84,7 +84,7 @@ static void unpack_group_(const Model *m, int g, float *dst, const float *flat,
     size_t f = 0;
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
-        if (t->is_expert != g) continue;
+        if (t->is_expert != g || t->no_optim) continue;
         copy(dst + t->offset, flat + f, t->numel * sizeof(float));
         f += t->numel;
     }
@@ -195,6 +195,7 @@ double optim_grad_norm(const Model *m, const ParamTensor **bad) {
     if (bad) *bad = NULL;
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
+        if (t->no_optim) continue; // no gradient by design
         // a double sum of squares is inf or NaN exactly when an element is (floats cannot
         // overflow it)
         double s = m->ops->sum_squares(m->grads + t->offset, t->numel);
@@ -210,6 +211,7 @@ int optim_grad_norm_ep(const Model *m, Comm *ep, double *norm, const ParamTensor
     if (bad) *bad = NULL;
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
+        if (t->no_optim) continue;
         double s = m->ops->sum_squares(m->grads + t->offset, t->numel);
         if (bad && !*bad && !isfinite(s)) *bad = t;
         ss[t->is_expert ? 1 : 0] += s;
@@ -238,6 +240,7 @@ void optim_step(Optim *o, Model *m, const Config *c, float lr, float grad_scale)
     }
     for (int i = 0; !o->sharded && i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
+        if (t->no_optim) continue; // the expert bias: model_update_expert_bias
         float wd = t->decay ? c->weight_decay : 0.0f;
         m->ops->adamw_update(m->params + t->offset, m->grads + t->offset, o->exp_avg + t->offset,
                      o->exp_avg_sq + t->offset, t->numel, lr, c->beta1, c->beta2, c->eps, wd,

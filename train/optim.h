@@ -98,5 +98,6 @@ float optim_clip_scale(double norm, float clip);
 // parts; then optim_gather_params); the gradient is multiplied
 // by grad_scale first (clipping). Weight decay c->weight_decay applies to the tensors whose
 // table flag `decay` is set: every matrix, embeddings and lm_head included (as OLMoE, which
-// decays its embeddings), but not the RMSNorm weights (q_norm, k_norm, layer norms).
+// decays its embeddings), but not the RMSNorm weights (q_norm, k_norm, layer norms). Tensors
+// flagged no_optim (the expert bias) are skipped here, in the gradient norm and by ZeRO-1.
 void optim_step(Optim *o, Model *m, const Config *c, float lr, float grad_scale);

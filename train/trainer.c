@@ -56,15 +56,17 @@ static void on_signal_(int sig) {
     stop_signal_ = sig;
 }
 
-// The value of "step" in a metrics line, or -1.
-static long long line_step_(const char *line) {
+// The value of "step" in a metrics line, or -1. tsv (expert_load.tsv): the first column; a
+// comment line (#) counts as step 0, so that it is always kept.
+static long long line_step_(const char *line, int tsv) {
+    if (tsv) return line[0] == '#' ? 0 : strtoll(line, NULL, 10);
     const char *s = strstr(line, "\"step\":");
     return s ? strtoll(s + 7, NULL, 10) : -1;
 }
 
 // Keeps the metrics lines of steps <= keep_upto (all gone for keep_upto < 0), so that a resumed
 // run continues a consistent file: the steps after its checkpoint are logged again.
-static int trim_metrics_(const char *path, long long keep_upto, MoetErr *err) {
+static int trim_metrics_(const char *path, long long keep_upto, int tsv, MoetErr *err) {
     FILE *in = fopen(path, "r");
     if (!in) return 0; // nothing yet
     char tmp[2200];
@@ -77,7 +79,7 @@ static int trim_metrics_(const char *path, long long keep_upto, MoetErr *err) {
     char *line = NULL;
     size_t cap = 0;
     while (getline(&line, &cap, in) > 0) {
-        long long s = line_step_(line);
+        long long s = line_step_(line, tsv);
         if (s >= 0 && s <= keep_upto) fputs(line, out);
     }
     free(line);
@@ -176,6 +178,33 @@ static void debug_stall_(int rank, int64_t step, const char *where) {
     for (;;) pause();
 }
 
+// Expert-load telemetry of one logged step from load (L,E), the step's assignments per expert
+// over the global batch: per layer max/mean (busiest expert / mean; 1 is perfect balance, E/K
+// the worst possible) and top_frac, the fraction of the step's tokens routed to the layer's
+// busiest expert (each token counts once per expert: K/E balanced, 1 when every token goes
+// there). *worst = the largest max/mean over the layers.
+static void load_stats_(const int64_t *load, int L, int E, int K, double *max_mean,
+                        double *top_frac, double *worst) {
+    *worst = 0;
+    for (int l = 0; l < L; l++) {
+        int64_t mx = 0, sum = 0;
+        for (int e = 0; e < E; e++) {
+            int64_t v = load[(size_t)l * E + e];
+            sum += v;
+            if (v > mx) mx = v;
+        }
+        max_mean[l] = sum > 0 ? (double)mx * E / (double)sum : 0;
+        top_frac[l] = sum > 0 ? (double)mx * K / (double)sum : 0;
+        if (max_mean[l] > *worst) *worst = max_mean[l];
+    }
+}
+
+static void json_array_(FILE *f, const char *key, const double *v, int n) {
+    fprintf(f, ",\"%s\":[", key);
+    for (int i = 0; i < n; i++) fprintf(f, "%s%.6g", i ? "," : "", v[i]);
+    fprintf(f, "]");
+}
+
 // ---------------------------------------------------------------------------------------
 // the loop
 
@@ -202,14 +231,15 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     Optim opt;
     memset(&opt, 0, sizeof opt);
     Loader *tl = NULL, *vl = NULL;
-    FILE *mf = NULL;
-    int32_t *tokens = NULL;
+    FILE *mf = NULL, *lf = NULL; // metrics.jsonl, expert_load.tsv
+    int32_t *tokens = NULL, *mb_tokens = NULL;
     float *gacc = NULL;  // the gradient sum over this step's micro-batches (accum > 1)
-    int64_t *load = NULL;
+    int64_t *load = NULL, *gcounts = NULL, *pre_load = NULL;
+    double *lstat = NULL;
     char *ini = NULL;
     int rc = 0, have_model = 0, sig_installed = 0;
     struct sigaction old_term, old_usr1;
-    char path[1100], mpath[2100], binfo[512];
+    char path[1100], mpath[2100], lpath[2100], binfo[512];
     GradSync *gs = NULL; // the gradient sum over the ranks (world > 1)
 
     int ini_len = config_to_ini(c, NULL, 0);
@@ -300,19 +330,51 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     if (lead) {
         if ((rc = moet_mkdirs(c->ckpt_dir, err))) goto done;
         snprintf(mpath, sizeof mpath, "%s/%s", c->ckpt_dir, c->metrics);
-        if ((rc = trim_metrics_(mpath, o->resume ? (long long)step : -1, err))) goto done;
+        if ((rc = trim_metrics_(mpath, o->resume ? (long long)step : -1, 0, err))) goto done;
+        snprintf(lpath, sizeof lpath, "%s/expert_load.tsv", c->ckpt_dir);
+        if (m.E > 0 && (rc = trim_metrics_(lpath, o->resume ? (long long)step : -1, 1, err)))
+            goto done;
     } else {
         snprintf(mpath, sizeof mpath, "/dev/null");
+        snprintf(lpath, sizeof lpath, "/dev/null");
     }
     if (!(mf = fopen(mpath, "a"))) {
         rc = moet_errf(err, MOET_EFAIL, "cannot open %s: %s", mpath, strerror(errno));
         goto done;
+    }
+    // expert_load.tsv: per logged step and layer, the assignments of every expert (the heat map
+    // of launch/plot-metrics.sh)
+    if (m.E > 0) {
+        if (!(lf = fopen(lpath, "a"))) {
+            rc = moet_errf(err, MOET_EFAIL, "cannot open %s: %s", lpath, strerror(errno));
+            goto done;
+        }
+        if (ftell(lf) == 0)
+            fprintf(lf,
+                    "# step\tlayer\tassignments of experts 0..%d in the step's global batch "
+                    "(tokens x top_k in all)\n",
+                    m.E - 1);
     }
 
     tokens = moet_malloc((size_t)B * T * sizeof(int32_t));
     if (accum > 1) gacc = ops->alloc(m.n_params * sizeof(float));
     const int LE = m.E > 0 ? m.L * m.E : 0;
     if (LE) load = moet_calloc((size_t)LE * sizeof(int64_t));
+    if (LE) lstat = moet_calloc((size_t)2 * m.L * sizeof(double));
+    // lb_scope = global_batch (more than one micro-batch in the global batch): f_e of every
+    // micro-batch's lb loss counts the whole global batch. Accumulation 1: each MoE layer sums
+    // its counts over the world inside forward (one all-reduce of E numbers per layer). More
+    // micro-batches per rank: a routing pre-pass (the layers' forward, no LM head) over the
+    // step's micro-batches gives the counts first, then the training passes run on the same
+    // tokens. Integer counts: both give the same f bit for bit.
+    const int lb_global = LE && strcmp(c->lb_scope, "global_batch") == 0 && accum * world > 1;
+    const int lb_prepass = lb_global && accum > 1;
+    if (lb_prepass) {
+        mb_tokens = moet_malloc((size_t)accum * B * T * sizeof(int32_t));
+        gcounts = moet_calloc((size_t)LE * sizeof(int64_t));
+        pre_load = moet_calloc((size_t)LE * sizeof(int64_t));
+    }
+    const int bias_on = LE && c->bias_update_rate > 0;
     // the job's peak: each rank measures its own cores; MFU compares the job's tokens/s with
     // their sum
     const int gpu = strcmp(ops->name, "cuda") == 0;
@@ -324,6 +386,13 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
            "step (%lld tokens), steps %lld..%lld of %d; %s; %s peak %.1f GFLOP/s\n",
            m.n_params, B, T, accum, (long long)tok_step, (long long)step + 1, (long long)end,
            c->max_steps, binfo, gpu ? "bf16" : "sgemm", peak);
+    if (LE && (lb_global || bias_on || m.score_fn == ROUTER_SIGMOID))
+        printf("balancing: %s router, lb_coef %g over the %s%s%s\n", c->router, (double)c->lb_coef,
+               lb_global ? "global batch" : "micro-batch",
+               lb_prepass  ? " (a routing pre-pass per micro-batch)"
+               : lb_global ? " (expert counts summed over the ranks in each layer)"
+                           : "",
+               bias_on ? ", aux-loss-free expert bias" : "");
     if (world > 1) {
         int nb;
         size_t mx;
@@ -371,13 +440,41 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
         model_zero_grad(&m);
         if (LE) memset(load, 0, (size_t)LE * sizeof(int64_t));
         double loss = 0, ce = 0, lb = 0, z = 0;
+        if (lb_prepass) {
+            // the routing pre-pass: this rank's micro-batches, kept for the training passes
+            memset(pre_load, 0, (size_t)LE * sizeof(int64_t));
+            for (int a = 0; a < accum; a++) {
+                int32_t *mt = mb_tokens + (size_t)a * B * T;
+                if ((rc = loader_next(tl, mt, err))) goto done;
+                if (world > 1)
+                    comm_watch_phase_begin(par->world, "routing pre-pass of a micro-batch");
+                model_forward_route(&m, mt);
+                if (world > 1) comm_watch_phase_end();
+                for (int i = 0; i < LE; i++) pre_load[i] += m.expert_tokens[i];
+            }
+            if (world > 1) {
+                double *dl = moet_malloc((size_t)LE * sizeof(double));
+                for (int i = 0; i < LE; i++) dl[i] = (double)pre_load[i];
+                rc = comm_allreduce_sum_f64(par->world, dl, (size_t)LE, err);
+                for (int i = 0; i < LE; i++) gcounts[i] = (int64_t)dl[i];
+                free(dl);
+                if (rc) goto done;
+            } else {
+                memcpy(gcounts, pre_load, (size_t)LE * sizeof(int64_t));
+            }
+            m.lb_global_counts = gcounts;
+        } else if (lb_global) {
+            m.lb_global_comm = par->world;
+        }
         for (int a = 0; a < accum; a++) {
-            if ((rc = loader_next(tl, tokens, err))) goto done;
+            // the pre-pass's tokens, or the next micro-batch
+            int32_t *mt = lb_prepass ? mb_tokens + (size_t)a * B * T : tokens;
+            if (!lb_prepass && (rc = loader_next(tl, tokens, err))) goto done;
             if (world > 1)
                 comm_watch_phase_begin(par->world, "forward + backward of a micro-batch");
             // each micro-batch's gradient apart (the LM head's is made during forward)
             if (accum > 1) model_zero_grad(&m);
-            model_forward_train(&m, tokens);
+            model_forward_train(&m, mt);
             debug_stall_(rank, step, "backward");
             // the last micro-batch's backward starts the all-reduce of each finished bucket
             const int sync = gs && a == accum - 1;
@@ -398,6 +495,19 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             lb += m.lb;
             z += m.z;
             for (int i = 0; i < LE; i++) load[i] += m.expert_tokens[i];
+        }
+        m.lb_global_counts = NULL;
+        m.lb_global_comm = NULL;
+        // the training passes routed as the pre-pass did (the same ops on the same tokens and
+        // weights): else f did not count the loads the step really had
+        if (lb_prepass && memcmp(pre_load, load, (size_t)LE * sizeof(int64_t)) != 0) {
+            rc = moet_errf(err, MOET_EFAIL,
+                           "step %lld: lb_scope = global_batch: the routing pre-pass and the "
+                           "training forward chose different experts (a non-deterministic "
+                           "backend?); no checkpoint written\n---> HINT: report it; "
+                           "lb_scope = micro_batch avoids the pre-pass",
+                           (long long)step);
+            goto done;
         }
         if (world > 1) {
             // data parallel: the gradients were summed over the ranks by gradsync (rank order:
@@ -458,6 +568,9 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
         lr = optim_lr(c, step);
         optim_step(&opt, &m, c, (float)lr, optim_clip_scale(gnorm, c->grad_clip));
         if (opt.sharded && (rc = optim_gather_params(&opt, &m, err))) goto done;
+        // aux-loss-free balancing: the biases follow the step's global loads (identical on
+        // every rank, so every rank computes the same biases)
+        if (bias_on) model_update_expert_bias(&m, load, c->bias_update_rate);
         tokens_seen += tok_step;
         ops->sync(); // GPU ops are asynchronous: the step ends when the update has run
         const double dt = moet_time() - t0;
@@ -466,16 +579,7 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
             double tok_s = (double)tok_step / dt;
             double mfu = flops_tok * tok_s / (peak * 1e9);
             double lmm = 0;
-            for (int l = 0; l < (LE ? m.L : 0); l++) {
-                int64_t mx = 0, sum = 0;
-                for (int e = 0; e < m.E; e++) {
-                    int64_t v = load[(size_t)l * m.E + e];
-                    sum += v;
-                    if (v > mx) mx = v;
-                }
-                double r = sum > 0 ? (double)mx * m.E / (double)sum : 0;
-                if (r > lmm) lmm = r;
-            }
+            if (LE) load_stats_(load, m.L, m.E, m.K, lstat, lstat + m.L, &lmm);
             char eta[32], lbuf[48] = "";
             fmt_hms_(eta, sizeof eta,
                      (moet_time() - t_start) / (double)(step - first) * (double)(end - step));
@@ -519,9 +623,20 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
                     json_num_(mf, "allgather_s", cs.allgather_s);
                 }
             }
-            if (LE) json_num_(mf, "load_max_mean", lmm);
+            if (LE) {
+                json_num_(mf, "load_max_mean", lmm);
+                json_array_(mf, "layer_load_max_mean", lstat, m.L);
+                json_array_(mf, "layer_top_frac", lstat + m.L, m.L);
+            }
             fprintf(mf, "}\n");
             fflush(mf);
+            for (int l = 0; lf && l < m.L; l++) {
+                fprintf(lf, "%lld\t%d", (long long)step, l);
+                for (int e = 0; e < m.E; e++)
+                    fprintf(lf, "\t%lld", (long long)load[(size_t)l * m.E + e]);
+                fprintf(lf, "\n");
+            }
+            if (lf) fflush(lf);
         }
 
         if (step == first + 1 && ops->on_device) { // the memory a step takes, vs moet info
@@ -602,12 +717,17 @@ done:
     }
     fflush(stdout);
     if (mf) fclose(mf);
+    if (lf) fclose(lf);
     if (vl) loader_close(vl);
     if (tl) loader_close(tl);
     free(tokens);
     if (gacc) m.ops->free(gacc);
     gradsync_free(gs);
     free(load);
+    free(lstat);
+    free(mb_tokens);
+    free(gcounts);
+    free(pre_load);
     free(ini);
     optim_free(&opt);
     if (have_model) model_free(&m);

@@ -25,6 +25,11 @@ typedef struct {
 // The gradient sums start in buckets during the last micro-batch's backward (gradsync), over
 // [parallel] comm (NCCL or MPI); [parallel] zero = 1 shards the AdamW moments (optim); a
 // collective or a micro-batch unfinished after [parallel] timeout_s ends the job (comm).
+// Load balancing ([moe]): lb_scope = global_batch takes the lb loss's expert counts over the
+// whole global batch (a routing pre-pass of the step's micro-batches when a rank has several,
+// else a count all-reduce in each MoE layer); bias_update_rate > 0 updates the expert bias after
+// every optimizer step from the step's global loads. Every logged step appends the per-layer
+// loads to checkpoint.dir/expert_load.tsv.
 // Returns 0 when max_steps (or stop_at) is reached
 // or after a signal-triggered checkpoint, MOET_EFAIL on a non-finite loss or gradient (no
 // checkpoint is written then), a failed checkpoint write or a data error, MOET_EUSAGE for bad

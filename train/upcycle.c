@@ -198,6 +198,10 @@ static int fill_tensor_(const Model *dense, Model *moe, const ParamTensor *t, co
         memcpy(w, dense->params_h + d->offset, t->numel * sizeof(float));
         return MOET_OK;
     }
+    if (t->no_optim) { // the expert bias: zero, routing by the scores alone
+        memset(w, 0, t->numel * sizeof(float));
+        return MOET_OK;
+    }
     if (strcmp(suffix, ".mlp.gate.weight") == 0) {
         draw_router_(w, t->name, E, G, D, o->router_std, o->seed);
         return MOET_OK;

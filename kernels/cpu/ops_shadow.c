@@ -142,15 +142,17 @@ static void sh_add_forward_(float *out, const float *a, const float *b, size_t n
     add_forward(F_(out), F_(a), F_(b), n);
 }
 static void sh_router_forward_(float *probs, float *lse, int32_t *topk_idx, float *topk_w,
-                               const float *logits, int N, int E, int K, int norm_topk) {
-    router_forward(F_(probs), F_(lse), I_(topk_idx), F_(topk_w), F_(logits), N, E, K, norm_topk);
+                               const float *logits, const float *bias, int N, int E, int K,
+                               int norm_topk, int score_fn) {
+    router_forward(F_(probs), F_(lse), I_(topk_idx), F_(topk_w), F_(logits), F_(bias), N, E, K,
+                   norm_topk, score_fn);
 }
 static void sh_router_backward_(float *dlogits, const float *dtopk_w, const float *dprob_bias,
                                 float dz_coef, const float *probs, const float *lse,
-                                const int32_t *topk_idx, const float *topk_w, int N, int E, int K,
-                                int norm_topk) {
+                                const float *logits, const int32_t *topk_idx, const float *topk_w,
+                                int N, int E, int K, int norm_topk, int score_fn) {
     router_backward(F_(dlogits), F_(dtopk_w), F_(dprob_bias), dz_coef, F_(probs), F_(lse),
-                    I_(topk_idx), F_(topk_w), N, E, K, norm_topk);
+                    F_(logits), I_(topk_idx), F_(topk_w), N, E, K, norm_topk, score_fn);
 }
 static void sh_router_aux_sums_(double *prob_sum_host, double *lse_sq_sum_host, const float *probs,
                                 const float *lse, int N, int E) {

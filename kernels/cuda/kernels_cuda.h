@@ -206,6 +206,17 @@ void cuda_router_backward(float *dlogits, const float *dtopk_w, const float *dpr
 void cuda_router_aux_sums(double *prob_sum_host, double *lse_sq_sum_host, const float *probs,
                           const float *lse, int N, int E, void *scratch);
 size_t cuda_router_aux_sums_scratch_bytes(int N, int E);
+// The router of kernels.h with all of its options (issue 11): score_fn ROUTER_SOFTMAX (0) or
+// ROUTER_SIGMOID (1), a selection bias (E floats, or NULL) added to the scores for the top-k
+// only, and the logits for the sigmoid's backward (NULL allowed for softmax). cuda_router_forward
+// and cuda_router_backward above are its softmax case without a bias.
+void cuda_router_forward_ext(float *probs, float *lse, int32_t *topk_idx, float *topk_w,
+                             const float *logits, const float *bias, int N, int E, int K,
+                             int norm_topk, int score_fn);
+void cuda_router_backward_ext(float *dlogits, const float *dtopk_w, const float *dprob_bias,
+                              float dz_coef, const float *probs, const float *lse,
+                              const float *logits, const int32_t *topk_idx, const float *topk_w,
+                              int N, int E, int K, int norm_topk, int score_fn);
 // Stable counting sort of the N*K assignments by expert, exactly the plan of moe_plan.
 void cuda_moe_plan(int32_t *counts, int32_t *offsets, int32_t *row_token, int32_t *assign_row,
                    const int32_t *topk_idx, int N, int K, int E, void *scratch);

@@ -230,20 +230,28 @@ void cuda_rope_backward(float *dinp, const float *dout, int B, int T, int H, int
 
 // ---------------------------------------------------------------------------------------
 // Router forward: one warp per token (E is small: 8 to 256).
-// Softmax as the CPU op: max in fp32, exp and sum in double, probs rounded to float once, so
-// that both backends give the same probabilities to within an ulp and, above all, exactly
-// equal probabilities for equal logits (which the tie rule below relies on).
-// Top-k: K passes; pass j takes the best expert in the order (prob descending, index
-// ascending) among those that come strictly after pass j-1's pick in that order. That is the
-// CPU's partial selection sort with its strict >, without a "taken" list. Each lane scans
-// its experts e = lane, lane + 32, ... (it reads back only the probs it wrote itself), then an
-// xor butterfly with the same total order leaves the winner in every lane.
-// probs, logits are (N,E); lse is (N); topk_idx, topk_w are (N,K)
-enum { ROUTER_WARPS = 8 }; // tokens per block
+// Scores as the CPU op: softmax with the max in fp32, exp and sum in double, probs rounded to
+// float once; or sigmoid in double rounded to float once. So both backends give the same
+// scores to within an ulp and, above all, exactly equal scores for equal logits (which the tie
+// rule below relies on).
+// Top-k on the key s + bias (one float addition; s without a bias): K passes; pass j takes the
+// best expert in the order (key descending, index ascending) among those that come strictly
+// after pass j-1's pick in that order. That is the CPU's partial selection sort with its
+// strict >, without a "taken" list. Each lane scans its experts e = lane, lane + 32, ... (it
+// reads back only the scores it wrote itself), then an xor butterfly with the same total order
+// leaves the winner (its key, index and score) in every lane.
+// Sigmoid: p holds the scores until the top-k is taken, then s / sum_e s (each lane its own).
+// probs, logits are (N,E); bias is (E) or NULL; lse is (N); topk_idx, topk_w are (N,K)
+enum { ROUTER_WARPS = 8 };                       // tokens per block
+enum { SCORE_SOFTMAX_ = 0, SCORE_SIGMOID_ = 1 }; // kernels.h's ROUTER_SOFTMAX, ROUTER_SIGMOID
+
+__device__ __forceinline__ float sigmoid_score_(float x) {
+    return (float)(1.0 / (1.0 + exp(-(double)x)));
+}
 
 static __global__ void router_forward_kernel(float *probs, float *lse, int32_t *topk_idx,
-                                             float *topk_w, const float *logits, int N, int E,
-                                             int K, int norm_topk) {
+                                             float *topk_w, const float *logits, const float *bias,
+                                             int N, int E, int K, int norm_topk, int sigmoid) {
     const int t = blockIdx.x * ROUTER_WARPS + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (t >= N) return; // the whole warp leaves together; no block barrier follows
@@ -256,58 +264,80 @@ static __global__ void router_forward_kernel(float *probs, float *lse, int32_t *
     double sum = 0.0;
     for (int e = lane; e < E; e += 32) sum += exp((double)l[e] - m);
     sum = warp_sum_f64(sum);
-    for (int e = lane; e < E; e += 32) p[e] = (float)(exp((double)l[e] - m) / sum);
+    for (int e = lane; e < E; e += 32)
+        p[e] = sigmoid ? sigmoid_score_(l[e]) : (float)(exp((double)l[e] - m) / sum);
     if (lane == 0) lse[t] = (float)((double)m + log(sum));
 
     int32_t *idx = topk_idx + (size_t)t * K;
     float *w = topk_w + (size_t)t * K;
-    float prev_p = 0.0f;
+    float prev_k = 0.0f;
     int prev_e = -1;
     double wsum = 0.0;
     for (int j = 0; j < K; j++) {
-        float bp = 0.0f;
-        int be = -1; // -1: no candidate yet
+        float bk = 0.0f, bs = 0.0f; // best key, its score
+        int be = -1;                // -1: no candidate yet
         for (int e = lane; e < E; e += 32) {
-            const float pe = p[e];
-            const bool after = j == 0 || pe < prev_p || (pe == prev_p && e > prev_e);
-            if (after && (be < 0 || pe > bp)) { // e ascends: the strict > keeps the lower index
-                bp = pe;
+            const float se = p[e];
+            const float ke = bias ? se + bias[e] : se;
+            const bool after = j == 0 || ke < prev_k || (ke == prev_k && e > prev_e);
+            if (after && (be < 0 || ke > bk)) { // e ascends: the strict > keeps the lower index
+                bk = ke;
+                bs = se;
                 be = e;
             }
         }
         for (int o = 16; o > 0; o >>= 1) {
-            const float op = __shfl_xor_sync(0xffffffffu, bp, o);
+            const float ok = __shfl_xor_sync(0xffffffffu, bk, o);
+            const float os = __shfl_xor_sync(0xffffffffu, bs, o);
             const int oe = __shfl_xor_sync(0xffffffffu, be, o);
-            if (oe >= 0 && (be < 0 || op > bp || (op == bp && oe < be))) {
-                bp = op;
+            if (oe >= 0 && (be < 0 || ok > bk || (ok == bk && oe < be))) {
+                bk = ok;
+                bs = os;
                 be = oe;
             }
         }
-        prev_p = bp;
+        prev_k = bk;
         prev_e = be;
-        wsum += bp;
+        wsum += bs;
         if (lane == 0) {
             idx[j] = be;
-            w[j] = bp;
+            w[j] = bs;
         }
     }
-    // w[j] holds p[idx[j]] exactly; lane 0 reads back what it wrote
+    // w[j] holds the score of idx[j] exactly; lane 0 reads back what it wrote. (wsum is 0 only
+    // for sigmoid scores that all underflow: equal weights then, as on the CPU.)
     if (norm_topk && lane == 0)
-        for (int j = 0; j < K; j++) w[j] = (float)(w[j] / wsum);
+        for (int j = 0; j < K; j++) w[j] = wsum > 0 ? (float)(w[j] / wsum) : 1.0f / K;
+    if (sigmoid) {
+        double S = 0.0;
+        for (int e = lane; e < E; e += 32) S += p[e];
+        S = warp_sum_f64(S);
+        for (int e = lane; e < E; e += 32) p[e] = S > 0 ? (float)(p[e] / S) : 1.0f / E;
+    }
+}
+
+void cuda_router_forward_ext(float *probs, float *lse, int32_t *topk_idx, float *topk_w,
+                             const float *logits, const float *bias, int N, int E, int K,
+                             int norm_topk, int score_fn) {
+    if (N <= 0 || E <= 0) return;
+    if (K < 0 || K > E) die_("cuda_router_forward", "top-k needs 0 <= K <= E");
+    if (score_fn != SCORE_SOFTMAX_ && score_fn != SCORE_SIGMOID_)
+        die_("cuda_router_forward", "score_fn is ROUTER_SOFTMAX or ROUTER_SIGMOID");
+    const unsigned blocks = (unsigned)((N + ROUTER_WARPS - 1) / ROUTER_WARPS);
+    router_forward_kernel<<<blocks, ROUTER_WARPS * 32>>>(
+        probs, lse, topk_idx, topk_w, logits, bias, N, E, K, norm_topk, score_fn == SCORE_SIGMOID_);
+    CUDA_CHECK_LAUNCH();
 }
 
 void cuda_router_forward(float *probs, float *lse, int32_t *topk_idx, float *topk_w,
                          const float *logits, int N, int E, int K, int norm_topk) {
-    if (N <= 0 || E <= 0) return;
-    if (K < 0 || K > E) die_("cuda_router_forward", "top-k needs 0 <= K <= E");
-    const unsigned blocks = (unsigned)((N + ROUTER_WARPS - 1) / ROUTER_WARPS);
-    router_forward_kernel<<<blocks, ROUTER_WARPS * 32>>>(probs, lse, topk_idx, topk_w, logits, N, E,
-                                                         K, norm_topk);
-    CUDA_CHECK_LAUNCH();
+    cuda_router_forward_ext(probs, lse, topk_idx, topk_w, logits, NULL, N, E, K, norm_topk,
+                            SCORE_SOFTMAX_);
 }
 
 // ---------------------------------------------------------------------------------------
-// Router backward: one warp per token, the CPU op's double-precision formulas:
+// Router backward: one warp per token, the CPU op's double-precision formulas.
+// Softmax:
 //   dprobs_e = dprob_bias_e + g_e, g nonzero only at the top-k experts:
 //     norm_topk 0: g_j = dw_j;  norm_topk 1: g_j = (dw_j - sum_k dw_k w_k) / s, s = sum_k p_k
 //   dlogits_e += p_e (dprobs_e - sum_f p_f dprobs_f) + dz_coef * 2 lse p_e
@@ -315,7 +345,13 @@ void cuda_router_forward(float *probs, float *lse, int32_t *topk_idx, float *top
 // order. The sum over E of p * dprob_bias is a lane-strided sum and a butterfly (double).
 // Like the CPU op, each top-k entry gets two float additions: the common term, then p_j g_j;
 // lane e % 32 owns dlogits[e] for both, so they happen in program order.
-// dlogits, probs are (N,E); dtopk_w, topk_idx are (N,K); dprob_bias is (E); lse is (N)
+// Sigmoid (s = sigmoid(l) recomputed from the logits as the forward computed it, S = sum s,
+// ssum = sum of the chosen s; c = dprob_bias):
+//   ds_f = (c_f - sum_e c_e s_e / S) / S
+//          + [f chosen as j] (dw_j, or (dw_j - sum_k dw_k w_k) / ssum)
+//   dlogits_f += s_f (1 - s_f) ds_f + dz_coef * 2 lse exp(l_f - lse)    (one float addition)
+// The sums over E (S, sum c s / S) are lane-strided sums and butterflies.
+// dlogits, probs, logits are (N,E); dtopk_w, topk_idx are (N,K); dprob_bias is (E); lse is (N)
 static __global__ void router_backward_kernel(float *dlogits, const float *dtopk_w,
                                               const float *dprob_bias, float dz_coef,
                                               const float *probs, const float *lse,
@@ -360,17 +396,76 @@ static __global__ void router_backward_kernel(float *dlogits, const float *dtopk
     }
 }
 
+static __global__ void router_backward_sigmoid_kernel(float *dlogits, const float *dtopk_w,
+                                                      const float *dprob_bias, float dz_coef,
+                                                      const float *lse, const float *logits,
+                                                      const int32_t *topk_idx, int N, int E, int K,
+                                                      int norm_topk) {
+    const int t = blockIdx.x * ROUTER_WARPS + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (t >= N) return; // whole warp
+    const float *l = logits + (size_t)t * E;
+    const int32_t *idx = topk_idx + (size_t)t * K;
+    const float *dw = dtopk_w ? dtopk_w + (size_t)t * K : NULL;
+    float *dl = dlogits + (size_t)t * E;
+
+    double S = 0.0;
+    for (int e = lane; e < E; e += 32) S += sigmoid_score_(l[e]);
+    S = warp_sum_f64(S);
+    double ssum = 0.0, dw_dot_w = 0.0; // every lane, in top-k order
+    if (dw) {
+        for (int j = 0; j < K; j++) ssum += sigmoid_score_(l[idx[j]]);
+        if (norm_topk && ssum > 0)
+            for (int j = 0; j < K; j++)
+                dw_dot_w += (double)dw[j] * (sigmoid_score_(l[idx[j]]) / ssum);
+    }
+    const bool lb = dprob_bias && S > 0;
+    double cq = 0.0;
+    if (lb) {
+        for (int e = lane; e < E; e += 32) cq += (double)dprob_bias[e] * (sigmoid_score_(l[e]) / S);
+        cq = warp_sum_f64(cq);
+    }
+    const float lt = lse[t];
+    const double zc = 2.0 * (double)dz_coef * lt;
+    for (int e = lane; e < E; e += 32) {
+        const double se = sigmoid_score_(l[e]);
+        double ds = lb ? (dprob_bias[e] - cq) / S : 0.0;
+        for (int j = 0; dw && j < K; j++) {
+            if (idx[j] != e) continue;
+            ds += !norm_topk ? dw[j] : ssum > 0 ? (dw[j] - dw_dot_w) / ssum : 0.0;
+        }
+        const double dz = zc != 0.0 ? zc * exp((double)l[e] - lt) : 0.0;
+        dl[e] += (float)(se * (1.0 - se) * ds + dz);
+    }
+}
+
+void cuda_router_backward_ext(float *dlogits, const float *dtopk_w, const float *dprob_bias,
+                              float dz_coef, const float *probs, const float *lse,
+                              const float *logits, const int32_t *topk_idx, const float *topk_w,
+                              int N, int E, int K, int norm_topk, int score_fn) {
+    (void)topk_w; // recomputed in double, as on the CPU
+    if (!dlogits || N <= 0 || E <= 0) return;
+    if (K < 0 || K > E) die_("cuda_router_backward", "top-k needs 0 <= K <= E");
+    const unsigned blocks = (unsigned)((N + ROUTER_WARPS - 1) / ROUTER_WARPS);
+    if (score_fn == SCORE_SIGMOID_) {
+        if (!logits) die_("cuda_router_backward", "the sigmoid router's backward needs the logits");
+        router_backward_sigmoid_kernel<<<blocks, ROUTER_WARPS * 32>>>(
+            dlogits, dtopk_w, dprob_bias, dz_coef, lse, logits, topk_idx, N, E, K, norm_topk);
+    } else if (score_fn == SCORE_SOFTMAX_) {
+        router_backward_kernel<<<blocks, ROUTER_WARPS * 32>>>(
+            dlogits, dtopk_w, dprob_bias, dz_coef, probs, lse, topk_idx, N, E, K, norm_topk);
+    } else {
+        die_("cuda_router_backward", "score_fn is ROUTER_SOFTMAX or ROUTER_SIGMOID");
+    }
+    CUDA_CHECK_LAUNCH();
+}
+
 void cuda_router_backward(float *dlogits, const float *dtopk_w, const float *dprob_bias,
                           float dz_coef, const float *probs, const float *lse,
                           const int32_t *topk_idx, const float *topk_w, int N, int E, int K,
                           int norm_topk) {
-    (void)topk_w; // recomputed from probs in double, as on the CPU
-    if (!dlogits || N <= 0 || E <= 0) return;
-    if (K < 0 || K > E) die_("cuda_router_backward", "top-k needs 0 <= K <= E");
-    const unsigned blocks = (unsigned)((N + ROUTER_WARPS - 1) / ROUTER_WARPS);
-    router_backward_kernel<<<blocks, ROUTER_WARPS * 32>>>(dlogits, dtopk_w, dprob_bias, dz_coef,
-                                                          probs, lse, topk_idx, N, E, K, norm_topk);
-    CUDA_CHECK_LAUNCH();
+    cuda_router_backward_ext(dlogits, dtopk_w, dprob_bias, dz_coef, probs, lse, NULL, topk_idx,
+                             topk_w, N, E, K, norm_topk, SCORE_SOFTMAX_);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -136,8 +136,8 @@ static void fill_table_(Ops *o) {
     o->swiglu_forward = cuda_swiglu_forward;
     o->swiglu_backward = cuda_swiglu_backward;
     o->add_forward = cuda_add_forward;
-    o->router_forward = cuda_router_forward;
-    o->router_backward = cuda_router_backward;
+    o->router_forward = cuda_router_forward_ext;
+    o->router_backward = cuda_router_backward_ext;
     o->router_aux_sums = router_aux_sums_;
     o->moe_plan = moe_plan_;
     o->permute_forward = cuda_permute_forward;

@@ -130,9 +130,17 @@ expect "malformed --set" 2 info "$tmp/base.ini" --set optim.lr -- \
 expect "missing config file" 2 info "$tmp/no-such.ini" -- \
     "$tmp/no-such.ini" "No such file"
 
+expect "sigmoid router without norm_topk_prob" 2 info "$tmp/base.ini" --set moe.router=sigmoid -- \
+    "base.ini: [moe] router = sigmoid needs norm_topk_prob = true"
+expect "unknown lb_scope" 2 info "$tmp/base.ini" --set moe.lb_scope=global -- \
+    "[moe] lb_scope = global" "micro_batch|global_batch"
+expect "negative bias_update_rate" 2 info "$tmp/base.ini" --set moe.bias_update_rate=-1 -- \
+    "[moe] bias_update_rate = -1: must be >= 0"
 expect "good config" 0 info "$tmp/base.ini" --
 expect "good config with --set" 0 info "$tmp/base.ini" --set optim.lr=1e-3 --set parallel.ep=2 --
 expect "shipped tiny-moe.ini" 0 info configs/tiny-moe.ini --
+expect "balancing options" 0 info "$tmp/base.ini" --set moe.router=sigmoid \
+    --set moe.norm_topk_prob=true --set moe.lb_scope=global_batch --set moe.bias_update_rate=1e-3 --
 
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]

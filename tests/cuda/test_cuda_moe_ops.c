@@ -216,14 +216,21 @@ typedef struct {
     int32_t *topk_idx;
 } RouterOut;
 
-static RouterOut router_cpu_(const float *logits, int N, int E, int K, int norm_topk) {
+// The CPU router with every option: bias (E) or NULL, score_fn ROUTER_SOFTMAX / ROUTER_SIGMOID.
+static RouterOut router_cpu_ext_(const float *logits, const float *bias, int N, int E, int K,
+                                 int norm_topk, int score_fn) {
     RouterOut r;
     r.probs = tcu_host_alloc((size_t)N * E);
     r.lse = tcu_host_alloc(N);
     r.topk_w = tcu_host_alloc((size_t)N * K);
     r.topk_idx = tcu_xmalloc((size_t)N * K * sizeof(int32_t));
-    router_forward(r.probs, r.lse, r.topk_idx, r.topk_w, logits, N, E, K, norm_topk);
+    router_forward(r.probs, r.lse, r.topk_idx, r.topk_w, logits, bias, N, E, K, norm_topk,
+                   score_fn);
     return r;
+}
+
+static RouterOut router_cpu_(const float *logits, int N, int E, int K, int norm_topk) {
+    return router_cpu_ext_(logits, NULL, N, E, K, norm_topk, ROUTER_SOFTMAX);
 }
 
 static void router_free_(RouterOut *r) {
@@ -272,7 +279,7 @@ static void router_backward_case_(int N, int E, int K, int norm_topk, int with_d
     float *dw = tcu_host_rand(nk, seed + 1, 1.0f), *bias = tcu_host_rand(E, seed + 2, 0.1f);
     float *dl0 = tcu_host_rand(ne, seed + 3, 0.5f), *want = tcu_host_copy(dl0, ne);
     router_backward(want, with_dw ? dw : NULL, with_bias ? bias : NULL, dz_coef, f.probs, f.lse,
-                    f.topk_idx, f.topk_w, N, E, K, norm_topk);
+                    NULL, f.topk_idx, f.topk_w, N, E, K, norm_topk, ROUTER_SOFTMAX);
 
     float *d_probs = tcu_dev_from(f.probs, ne), *d_lse = tcu_dev_from(f.lse, N);
     float *d_w = tcu_dev_from(f.topk_w, nk), *d_dw = tcu_dev_from(dw, nk),
@@ -298,6 +305,66 @@ static void test_router_backward(void) {
     router_backward_case_(300, 64, 8, 1, 0, 1, 1e-3f, 1400); // dtopk_w NULL
     router_backward_case_(300, 64, 8, 1, 1, 0, 0.0f, 1410);  // dprob_bias NULL, no z-loss
     router_backward_case_(300, 64, 8, 0, 0, 0, 2e-3f, 1420); // z-loss alone
+}
+
+// The router's options of issue 11 through cuda_router_forward_ext / cuda_router_backward_ext:
+// the sigmoid scores (probs = s / sum s, weights renormalised or not) and a selection bias
+// (added to the scores for the top-k only). The bias has ties of its own (experts 1 and E-1
+// share the largest value), so with the tied logit rows the lower-index rule decides through
+// the key s + bias. Same tolerances as above: the sigmoid is a double exp rounded to float once
+// on both sides (1 ulp), the normalisation by sum s another double division.
+static void router_ext_case_(int N, int E, int K, int norm_topk, int score_fn, int biased,
+                             uint64_t seed) {
+    const size_t ne = (size_t)N * E, nk = (size_t)N * K;
+    float *logits = make_router_logits_(N, E, seed);
+    float *bias = tcu_host_rand(E, seed + 1, score_fn == ROUTER_SIGMOID ? 0.2f : 0.05f);
+    if (E >= 2) bias[1] = bias[E - 1] = 0.3f;
+    const float *b = biased ? bias : NULL;
+    RouterOut want = router_cpu_ext_(logits, b, N, E, K, norm_topk, score_fn);
+
+    float *d_logits = tcu_dev_from(logits, ne), *d_bias = tcu_dev_from(bias, E);
+    float *d_probs = cuda_malloc(ne * sizeof(float)), *d_lse = cuda_malloc(N * sizeof(float));
+    float *d_w = cuda_malloc(nk * sizeof(float));
+    int32_t *d_idx = cuda_malloc(nk * sizeof(int32_t));
+    cuda_router_forward_ext(d_probs, d_lse, d_idx, d_w, d_logits, biased ? d_bias : NULL, N, E, K,
+                            norm_topk, score_fn);
+    CU_ASSERT_TRUE(check_i32_("router_forward_ext topk_idx", d_idx, want.topk_idx, nk));
+    CU_ASSERT_TRUE(
+        tcu_check("router_forward_ext probs", d_probs, want.probs, ne, RTOL_ROUTER, 0.0));
+    CU_ASSERT_TRUE(
+        tcu_check("router_forward_ext lse", d_lse, want.lse, N, RTOL_ROUTER, ATOL_FRAC_ROUTER));
+    CU_ASSERT_TRUE(tcu_check("router_forward_ext topk_w", d_w, want.topk_w, nk, RTOL_ROUTER, 0.0));
+
+    // backward from the CPU's forward outputs, every term
+    float *dw = tcu_host_rand(nk, seed + 2, 1.0f), *pb = tcu_host_rand(E, seed + 3, 0.1f);
+    float *dl0 = tcu_host_rand(ne, seed + 4, 0.5f), *dl = tcu_host_copy(dl0, ne);
+    router_backward(dl, dw, pb, 1e-3f, want.probs, want.lse, logits, want.topk_idx, want.topk_w, N,
+                    E, K, norm_topk, score_fn);
+    float *d_probs_w = tcu_dev_from(want.probs, ne), *d_lse_w = tcu_dev_from(want.lse, N);
+    float *d_dw = tcu_dev_from(dw, nk), *d_pb = tcu_dev_from(pb, E), *d_dl = tcu_dev_from(dl0, ne);
+    int32_t *d_idx_w = dev_i32_from_(want.topk_idx, nk);
+    cuda_router_backward_ext(d_dl, d_dw, d_pb, 1e-3f, d_probs_w, d_lse_w, d_logits, d_idx_w, NULL,
+                             N, E, K, norm_topk, score_fn);
+    CU_ASSERT_TRUE(
+        tcu_check("router_backward_ext dlogits", d_dl, dl, ne, RTOL_COMBINE, ATOL_FRAC_COMBINE));
+
+    cuda_free(d_logits), cuda_free(d_bias), cuda_free(d_probs), cuda_free(d_lse), cuda_free(d_w);
+    cuda_free(d_idx), cuda_free(d_probs_w), cuda_free(d_lse_w), cuda_free(d_dw), cuda_free(d_pb);
+    cuda_free(d_dl), cuda_free(d_idx_w);
+    router_free_(&want);
+    free(logits), free(bias), free(dw), free(pb), free(dl0), free(dl);
+}
+
+static void test_router_ext(void) {
+    for (size_t s = 0; s < sizeof router_shapes_ / sizeof router_shapes_[0]; s++)
+        for (int v = 0; v < 4; v++) { // sigmoid / softmax x biased / not
+            const int sig = v & 1, biased = v >> 1;
+            if (!sig && !biased) continue; // test_router_forward / _backward
+            for (int norm = 0; norm <= 1; norm++)
+                router_ext_case_(router_shapes_[s][0], router_shapes_[s][1], router_shapes_[s][2],
+                                 norm, sig ? ROUTER_SIGMOID : ROUTER_SOFTMAX, biased,
+                                 1600 + 40 * s + 10 * v + norm);
+        }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -653,6 +720,7 @@ int main(void) {
         {"rope forward and backward", test_rope},
         {"router_forward", test_router_forward},
         {"router_backward", test_router_backward},
+        {"router: sigmoid scores and the selection bias", test_router_ext},
         {"router_aux_sums", test_router_aux_sums},
         {"moe_plan", test_moe_plan},
         {"permute forward and backward", test_permute},

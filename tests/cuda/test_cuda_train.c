@@ -7,7 +7,10 @@
 //   - a GPU run checkpointed at step 10 and resumed (new model, optimizer loaded from the file)
 //     gives the uninterrupted GPU run's losses and weights bit for bit;
 //   - the GPU checkpoint of step 10 resumed on the CPU continues like the GPU run (RTOL_FP32):
-//     the file format does not depend on the device.
+//     the file format does not depend on the device;
+//   - the balancing options of issue 11 (sigmoid router, the expert bias updated after every
+//     step from the loads, the lb's f from a routing pre-pass as lb_scope = global_batch takes
+//     it) in fp32: within RTOL_FP32 of the CPU, and the bias on the GPU moved.
 // Exits 77 (ctest "skipped") where no CUDA device exists.
 #define _POSIX_C_SOURCE 200809L // mkdtemp
 #include <math.h>
@@ -42,12 +45,16 @@
 #define STEPS     20
 #define SAVE_AT   10
 
-static Config cfg_;
+static Config cfg_, cfg_bal_;
 
 static void load_config_(void) {
     MoetErr err;
     char *sets[] = {"optim.warmup_steps=5", "train.max_steps=20"};
-    if (config_from_cli(&cfg_, "configs/tiny-moe.ini", 2, sets, &err)) {
+    char *bal[] = {"optim.warmup_steps=5",      "train.max_steps=20",
+                   "moe.router=sigmoid",        "moe.norm_topk_prob=true",
+                   "moe.bias_update_rate=0.01", "moe.lb_scope=global_batch"};
+    if (config_from_cli(&cfg_, "configs/tiny-moe.ini", 2, sets, &err) ||
+        config_from_cli(&cfg_bal_, "configs/tiny-moe.ini", 6, bal, &err)) {
         fprintf(stderr, "test_cuda_train: %s\n", err.msg);
         exit(1);
     }
@@ -69,15 +76,19 @@ typedef struct {
     Optim o;
 } Run;
 
-static void run_open_(Run *r, const Ops *ops) {
+static void run_open_cfg_(Run *r, const Ops *ops, const Config *c) {
     MoetErr err;
-    r->c = cfg_;
+    r->c = *c;
     if (model_create_ops(&r->m, &r->c, ops, 0, 1, &err) ||
         model_set_batch(&r->m, r->c.micro_batch, r->c.seq_len, &err)) {
         fprintf(stderr, "test_cuda_train: %s\n", err.msg);
         exit(1);
     }
     optim_create(&r->o, &r->m);
+}
+
+static void run_open_(Run *r, const Ops *ops) {
+    run_open_cfg_(r, ops, &cfg_);
 }
 
 static void run_close_(Run *r) {
@@ -89,16 +100,28 @@ static void run_close_(Run *r) {
 static void run_steps_(Run *r, int first, int last, double *losses) {
     const int n = r->c.micro_batch * r->c.seq_len;
     int32_t *tok = malloc((size_t)n * sizeof *tok);
+    const int global = strcmp(r->c.lb_scope, "global_batch") == 0;
+    const size_t LE = (size_t)r->m.L * (r->m.E > 0 ? r->m.E : 1);
+    int64_t *counts = calloc(LE, sizeof *counts);
     for (int s = first + 1; s <= last; s++) {
         tokens_(tok, n, s);
         model_zero_grad(&r->m);
+        if (global) { // the trainer's routing pre-pass (here of the step's one micro-batch)
+            model_forward_route(&r->m, tok);
+            memcpy(counts, r->m.expert_tokens, LE * sizeof *counts);
+            r->m.lb_global_counts = counts;
+        }
         model_forward_train(&r->m, tok);
         model_backward(&r->m);
+        r->m.lb_global_counts = NULL;
         double gnorm = optim_grad_norm(&r->m, NULL);
         optim_step(&r->o, &r->m, &r->c, (float)optim_lr(&r->c, s),
                    optim_clip_scale(gnorm, r->c.grad_clip));
+        if (r->c.bias_update_rate > 0)
+            model_update_expert_bias(&r->m, r->m.expert_tokens, r->c.bias_update_rate);
         losses[s - 1] = r->m.loss;
     }
+    free(counts);
     free(tok);
 }
 
@@ -248,6 +271,35 @@ static void test_resume(void) {
     if (system(cmd) != 0) fprintf(stderr, "test_cuda_train: could not remove %s\n", dir);
 }
 
+// The balancing options of issue 11 on the GPU (fp32 GEMMs) against the CPU.
+static void test_balancing_vs_cpu(void) {
+    char info[512];
+    Run c, g;
+    double cpu[STEPS], gpu[STEPS];
+    run_open_cfg_(&c, ops_cpu(), &cfg_bal_);
+    model_init_weights(&c.m, c.c.seed);
+    run_steps_(&c, 0, STEPS, cpu);
+    CU_ASSERT_EQUAL_FATAL(ops_cuda_open(0, 0, info, sizeof info), 0);
+    run_open_cfg_(&g, ops_cuda(), &cfg_bal_);
+    model_init_weights(&g.m, g.c.seed);
+    run_steps_(&g, 0, STEPS, gpu);
+    CU_ASSERT_TRUE(losses_close_("gpu fp32 vs cpu, sigmoid + bias + global lb", gpu, cpu, 0, STEPS,
+                                 RTOL_FP32));
+    model_download_params(&g.m);
+    const ParamTensor *t = model_find_tensor(&g.m, "model.layers.1.mlp.gate.expert_bias");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+    int moved = 0, same = 1;
+    for (size_t e = 0; e < t->numel; e++) {
+        moved |= g.m.params_h[t->offset + e] != 0.0f;
+        same &= g.m.params_h[t->offset + e] == c.m.params_h[t->offset + e];
+    }
+    CU_ASSERT_TRUE(moved);
+    printf("  expert bias of layer 1 after %d steps: %s the CPU's\n", STEPS,
+           same ? "bit-identical to" : "differs from (a routing flip)");
+    run_close_(&c);
+    run_close_(&g);
+}
+
 int main(void) {
     if (ops_cuda() == NULL || ops_cuda_device_count() == 0) {
         printf("skipped: no CUDA device\n");
@@ -258,6 +310,8 @@ int main(void) {
         {"20 steps, GEMMs in fp32, vs the CPU", test_fp32_vs_cpu},
         {"20 steps, GEMMs in bf16, vs the CPU", test_bf16_vs_cpu},
         {"resume on the GPU (bitwise) and GPU -> CPU", test_resume},
+        {"20 steps, sigmoid router, expert bias, global-batch lb, vs the CPU",
+         test_balancing_vs_cpu},
     };
     return tu_run("cuda_train", tests, (int)(sizeof tests / sizeof tests[0]));
 }
