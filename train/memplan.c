@@ -82,6 +82,26 @@ void memplan_predict(const Config *c, int world, MemPlan *mp) {
     }
     // the CUDA attention keeps one sequence's (H,T,T) scores and their gradient
     if (strcmp(c->device, "cuda") == 0) mp->scratch = 2.0 * c->n_heads * (double)T * T * 4;
+    // bf16 GEMMs on cuda: the operand workspace of kernels/cuda/gemm.cu, one buffer as large as
+    // the largest op's bf16 copies, at most its 1 GiB chunk limit, in whole MiB. The largest
+    // ops are backward ones: a matmul converts its weights and the rows of dout and inp (the
+    // projections, the experts or dense MLP, the LM head per chunk of rows), the attention one
+    // sequence's q, k, v, dO and every head's P and dS. (Bound: the ops' 256-byte alignment
+    // of each slice is left out.)
+    if (strcmp(c->device, "cuda") == 0 && strcmp(c->precision, "fp32") != 0) {
+        const double N = (double)B * T, V = c->padded_vocab, H = c->n_heads;
+        const double El = E > 0 ? (double)E / ep : 1, rows = E > 0 ? (double)B * T * K : N;
+        const double hr = model_head_rows(c, B, T);
+        double need = (double)D * D + N * 2.0 * D;           // q, k, v, o projections
+        double mlp = El * F * D + rows * ((double)F + D);     // experts (or the dense MLP)
+        double head = V * D + hr * (V + D);                   // LM head, one chunk of rows
+        double att = 4.0 * T * D + 2.0 * H * T * T;           // attention backward
+        need = need > mlp ? need : mlp;
+        need = need > head ? need : head;
+        need = need > att ? need : att;
+        double ws = ceil_div_(need * 2, 1 << 20) * (1 << 20);
+        mp->scratch += ws < (double)(1 << 30) ? ws : (double)(1 << 30);
+    }
     mp->total = mp->params + mp->grads + mp->optim + mp->activations + mp->dispatch + mp->scratch;
 
     if (world == 1) return; // one rank: no collectives, no staging

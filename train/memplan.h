@@ -14,7 +14,8 @@ typedef struct {
     double optim;       // AdamW exp_avg + exp_avg_sq (zero = 1: this rank's shard)
     double activations; // the model's arena for one micro-batch (model_activation_floats)
     double dispatch;    // ep > 1: the dispatcher's received rows, saved and scratch (balanced)
-    double scratch;     // cuda: attention scores of one sequence, forward and backward
+    double scratch;     // cuda: attention scores of one sequence, forward and backward, and
+                        // (bf16 GEMMs) the bf16 operand workspace, at most 1 GiB
     double total;
     double host_stage; // host bytes: MPI staging of device buffers, per group its largest call
                        // (0 on cpu and over NCCL)
