@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH=${1:-90}
 OUT=${2:-gpu-bundle}
-BUILD=build-cuda-sm$ARCH
+BUILD=${BUILD:-build-cuda-sm$ARCH} # BUILD=DIR: an existing build folder of the same options
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMOET_CUDA=ON \
       -DCMAKE_CUDA_ARCHITECTURES="$ARCH" >/dev/null
 cmake --build "$BUILD" -j "$(nproc)" --target moet cuda_test_cuda_kernels cuda_test_cuda_gemm \

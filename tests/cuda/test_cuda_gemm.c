@@ -429,6 +429,26 @@ static void test_workspace_chunks(void) {
     cuda_set_gemm_workspace_limit(0); // the default again
 }
 
+// The workspace grows by whole MiB and at least doubles (so that needs that creep up, as the
+// experts' rows do from step to step, reallocate a few times, not at every op), within the
+// limit. Backward of a (N,256) x (256,256)^T matmul: 256*256 + N*512 bf16 values.
+static void test_workspace_growth(void) {
+    set_mode_(MODE_BF16);
+    cuda_set_gemm_workspace_limit(1); // frees the workspace of the tests before
+    CU_ASSERT_EQUAL(cuda_gemm_workspace_bytes(), 0);
+    cuda_set_gemm_workspace_limit((size_t)3 << 20);
+    matmul_case_(1024, 256, 256, 1, 1, MODE_BF16, 5100); // 1.125 MiB: 2 MiB
+    CU_ASSERT_EQUAL(cuda_gemm_workspace_bytes(), (size_t)2 << 20);
+    matmul_case_(1536, 256, 256, 1, 1, MODE_BF16, 5110); // 1.625 MiB: fits
+    CU_ASSERT_EQUAL(cuda_gemm_workspace_bytes(), (size_t)2 << 20);
+    matmul_case_(2048, 256, 256, 1, 1, MODE_BF16, 5120); // 2.125 MiB: doubling, capped at 3 MiB
+    CU_ASSERT_EQUAL(cuda_gemm_workspace_bytes(), (size_t)3 << 20);
+    cuda_set_gemm_workspace_limit((size_t)64 << 20);
+    matmul_case_(4096, 256, 256, 1, 1, MODE_BF16, 5130); // 4.125 MiB: twice 3 MiB = 6 MiB
+    CU_ASSERT_EQUAL(cuda_gemm_workspace_bytes(), (size_t)6 << 20);
+    cuda_set_gemm_workspace_limit(0);
+}
+
 // ---------------------------------------------------------------------------------------
 // bf16 operands, exactly. With bf16 operands a GEMM is the fp32 sum of exact products (8 x 8
 // significant bits fit fp32's 24) of the operands rounded to nearest even: it must equal a
@@ -718,6 +738,7 @@ int main(void) {
         {"grouped matmul forward and backward", test_grouped_matmul},
         {"attention forward and backward", test_attention},
         {"bf16 operands in chunks of a small workspace", test_workspace_chunks},
+        {"bf16 operand workspace: grows by at least doubling", test_workspace_growth},
         {"bf16 operands rounded to nearest even, exactly", test_bf16_operands_exact},
         {"determinism of the GEMM ops", test_determinism},
     };
