@@ -4,7 +4,6 @@
 // epoch rollover, read-ahead that changes nothing, loader_locate, and every error case.
 #include "data/loader.h"
 
-#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,20 +120,6 @@ static void make_shards_(void) {
     write_npy_(b_names[1], 2, "<u4", 4, B_TAG + 5000u, b_len[1]);
     snprintf(a_glob, sizeof a_glob, "%s/a*", tmpdir);
     snprintf(b_glob, sizeof b_glob, "%s/b*", tmpdir);
-}
-
-static void remove_shards_(void) {
-    DIR *d = opendir(tmpdir);
-    if (!d) return;
-    struct dirent *e;
-    char path[1200];
-    while ((e = readdir(d)) != NULL) {
-        if (e->d_name[0] == '.') continue;
-        snprintf(path, sizeof path, "%s/%s", tmpdir, e->d_name);
-        unlink(path);
-    }
-    closedir(d);
-    rmdir(tmpdir);
 }
 
 // ---- reading ----
@@ -704,6 +689,6 @@ int main(void) {
         {"close while the read-ahead thread runs", test_close_while_reading_ahead},
     };
     int rc = tu_run("loader", tests, (int)(sizeof tests / sizeof tests[0]));
-    remove_shards_();
+    tu_remove_dir(tmpdir);
     return rc;
 }

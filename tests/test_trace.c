@@ -7,7 +7,6 @@
 // (uint16 and uint32 ids, chunk boundaries, two patterns, --max-hits); metadata errors.
 #include "data/trace.h"
 
-#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,20 +105,6 @@ static void make_shards_(void) {
         write_gz_(name, csv);
     }
     snprintf(a_glob, sizeof a_glob, "%s/a*.npy", tmpdir);
-}
-
-static void remove_shards_(void) {
-    DIR *d = opendir(tmpdir);
-    if (!d) return;
-    struct dirent *e;
-    char path[1200];
-    while ((e = readdir(d)) != NULL) {
-        if (e->d_name[0] == '.') continue;
-        snprintf(path, sizeof path, "%s/%s", tmpdir, e->d_name);
-        unlink(path);
-    }
-    closedir(d);
-    rmdir(tmpdir);
 }
 
 static LoaderConfig a_config_(int mb, int G, int rank, int world) {
@@ -416,6 +401,6 @@ int main(void) {
         {"document rows: quoting, lookup, errors, missing", test_metadata},
     };
     int rc = tu_run("trace", tests, (int)(sizeof tests / sizeof tests[0]));
-    remove_shards_();
+    tu_remove_dir(tmpdir);
     return rc;
 }

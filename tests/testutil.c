@@ -2,9 +2,11 @@
 #include "tests/testutil.h"
 
 #include <CUnit/Basic.h>
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 int tu_run(const char *suite, const TuTest *tests, int n_tests) {
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;
@@ -63,4 +65,18 @@ int tu_allclose(const char *name, const float *got, const float *want, size_t n,
         return 0;
     }
     return 1;
+}
+
+void tu_remove_dir(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    char path[4200];
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        unlink(path);
+    }
+    closedir(d);
+    rmdir(dir);
 }

@@ -26,3 +26,6 @@ int tu_allclose(const char *name, const float *got, const float *want, size_t n,
                 double rtol);
 // Max |x| over n elements.
 double tu_max_abs(const float *x, size_t n);
+// Removes the files of a flat folder (names starting with '.' are left) and then the folder;
+// a folder that does not exist is fine.
+void tu_remove_dir(const char *dir);

@@ -24,14 +24,9 @@ tokenize_sample
 run() {
     local np=$1 name=$2
     shift 2
-    local cmd=("$MOET")
-    [[ $np -gt 1 ]] && cmd=(mpirun -np "$np" --oversubscribe --mca btl tcp,self -x OMP_NUM_THREADS
-                            "$MOET")
-    rc=0
-    timeout 300 "${cmd[@]}" train --config configs/tiny-moe.ini \
+    moet_np "$np" 300 "$name" train --config configs/tiny-moe.ini \
         --set "data.train=$tmp/train/*.npy" --set "data.valid=$tmp/valid/*.npy" \
-        --set train.eval_every=0 --set "checkpoint.dir=$tmp/$name" "$@" \
-        >"$tmp/$name.out" 2>"$tmp/err" || rc=$?
+        --set train.eval_every=0 --set "checkpoint.dir=$tmp/$name" "$@"
 }
 # fields RUN: step, loss, ce, lb, z and grad_norm of every logged step, as written (%.17g)
 fields() {

@@ -10,6 +10,10 @@
 #   losses RUN               the "loss" fields of $tmp/RUN/metrics.jsonl, as written (%.17g)
 #   same NAME A B [LINES]    ok NAME when run B logged exactly run A's losses (the last LINES
 #                            of A's when given), else bad NAME with the first differences
+#   moet_np NP TIMEOUT OUT ARGS...
+#                            moet ARGS on NP ranks (1: no mpirun; more: mpirun --oversubscribe
+#                            over TCP, passing OMP_NUM_THREADS and MOET_DEBUG_STALL if set), stopped
+#                            after TIMEOUT s; stdout to $tmp/OUT.out, stderr to $tmp/err; sets rc
 #   finish                   prints the counts; its status is the script's
 set -u
 CLI_NAME=$1
@@ -65,6 +69,19 @@ same() {
     else
         ok "$1"
     fi
+}
+
+moet_np() {
+    local np=$1 to=$2 out=$3
+    shift 3
+    local cmd=("$MOET")
+    if [[ $np -gt 1 ]]; then
+        cmd=(mpirun -np "$np" --oversubscribe --mca btl tcp,self -x OMP_NUM_THREADS)
+        [[ -n ${MOET_DEBUG_STALL+set} ]] && cmd+=(-x MOET_DEBUG_STALL)
+        cmd+=("$MOET")
+    fi
+    rc=0
+    timeout "$to" "${cmd[@]}" "$@" >"$tmp/$out.out" 2>"$tmp/err" || rc=$?
 }
 
 finish() {

@@ -17,14 +17,9 @@ tokenize_sample
 run() {
     local np=$1 name=$2
     shift 2
-    local cmd=("$MOET")
-    [[ $np -gt 1 ]] && cmd=(mpirun -np "$np" --oversubscribe --mca btl tcp,self -x OMP_NUM_THREADS
-                            "$MOET")
-    rc=0
-    timeout 240 "${cmd[@]}" train --config configs/tiny-moe.ini \
+    moet_np "$np" 240 "$name" train --config configs/tiny-moe.ini \
         --set "data.train=$tmp/train/*.npy" --set "data.valid=$tmp/valid/*.npy" \
-        --set train.eval_every=0 --set "checkpoint.dir=$tmp/$name" "$@" \
-        >"$tmp/$name.out" 2>"$tmp/err" || rc=$?
+        --set train.eval_every=0 --set "checkpoint.dir=$tmp/$name" "$@"
 }
 
 # (a) world 2 x accumulation 1 == world 1 x accumulation 2, bit for bit

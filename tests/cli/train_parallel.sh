@@ -20,14 +20,9 @@ tokenize_sample
 run() {
     local np=$1 name=$2
     shift 2
-    local cmd=("$MOET")
-    [[ $np -gt 1 ]] && cmd=(mpirun -np "$np" --oversubscribe --mca btl tcp,self
-                            -x OMP_NUM_THREADS -x MOET_DEBUG_STALL "$MOET")
-    rc=0
-    timeout 240 "${cmd[@]}" train --config configs/tiny-moe.ini \
+    moet_np "$np" 240 "$name" train --config configs/tiny-moe.ini \
         --set "data.train=$tmp/train/*.npy" --set train.eval_every=0 \
-        --set train.max_steps=6 --set checkpoint.every=3 --set "checkpoint.dir=$tmp/$name" "$@" \
-        >"$tmp/$name.out" 2>"$tmp/err" || rc=$?
+        --set train.max_steps=6 --set checkpoint.every=3 --set "checkpoint.dir=$tmp/$name" "$@"
 }
 export MOET_DEBUG_STALL=
 
