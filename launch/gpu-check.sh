@@ -95,6 +95,10 @@ check bench_gpu_olmoe "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 5 --
 # the path before 2026-11-26: the A/B of the bf16 operand conversion
 check bench_gpu_olmoe_fp32_operands env MOET_CUDA_GEMM_OPERANDS=fp32 \
   "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 5 --warmup 2
+# after 40 warm-up steps: the bf16 steps got faster step after step through a 13-step run
+# (0.54 -> 0.32 s, 2026-11-26-gpu-bf16-operands.md), the fp32-operand ones did not; this shows
+# where they settle
+check bench_gpu_olmoe_long "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 20 --warmup 40
 grep -H -E 'step time|MFU|peak' "$LOG"/bench_gpu_olmoe*.log || true
 if command -v compute-sanitizer >/dev/null; then
   for t in cuda_test_cuda_kernels cuda_test_cuda_gemm cuda_test_cuda_moe_ops; do
