@@ -44,7 +44,8 @@ def read_config(path, sets):
         F=e.getint("expert_d_ff", fallback=0) if e.getint("n_experts") > 0 else m.getint("d_ff"),
         norm_topk=e.getboolean("norm_topk_prob", fallback=False),
         lb=e.getfloat("lb_coef", fallback=0.01),
-        B=t.getint("micro_batch"), T=t.getint("seq_len"))
+        B=t.getint("micro_batch"), T=t.getint("seq_len"),
+        lr=ini["optim"].getfloat("lr", fallback=4e-4) if ini.has_section("optim") else 4e-4)
     c["Vpad"] = (c["V"] + 127) // 128 * 128
     return c
 
@@ -108,7 +109,11 @@ def run_torch(c, args, compile_model):
     attn = model.config._attn_implementation
     if compile_model:
         model = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-4, betas=(0.9, 0.95), eps=1e-8,
+    # at 1e-3 of the config's learning rate, as `moet bench` steps: the weights and the routing
+    # stay near their initial state, so every timed step does the same work in both. (At the
+    # full rate the model memorises the one batch within a few steps, its routing drifts, and
+    # the CPU steps of HF's expert loop got faster step after step: 15.9 -> 10.7 s.)
+    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"] * 1e-3, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=0.1)
     g = torch.Generator().manual_seed(1234)
     ids = torch.randint(0, c["V"], (c["B"], c["T"]), generator=g).to(dev)
