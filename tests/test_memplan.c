@@ -178,8 +178,9 @@ static void test_device_scratch_and_staging(void) {
     tiny_(&c, "[train]\ndevice = cuda\n[parallel]\ncomm = mpi\n");
     MemPlan mp;
     memplan_predict(&c, 2, &mp);
-    // + the bf16 GEMM operand workspace: its largest op here is well under 1 MiB
-    CU_ASSERT_DOUBLE_EQUAL(mp.scratch, 2 * 2 * 8 * 8 * 4 + (1 << 20), 0.0);
+    // + the bf16 GEMM operand workspace: its largest op here is well under 1 MiB, and growing
+    // by doubling it may reach twice that
+    CU_ASSERT_DOUBLE_EQUAL(mp.scratch, 2 * 2 * 8 * 8 * 4 + (2 << 20), 0.0);
     CU_ASSERT_DOUBLE_EQUAL(mp.host_stage, (2696 + 768) * 4, 0.0);
     strcpy(c.precision, "fp32"); // exact fp32 GEMMs: no workspace
     memplan_predict(&c, 2, &mp);

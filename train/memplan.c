@@ -82,8 +82,9 @@ void memplan_predict(const Config *c, int world, MemPlan *mp) {
     }
     // the CUDA attention keeps one sequence's (H,T,T) scores and their gradient
     if (strcmp(c->device, "cuda") == 0) mp->scratch = 2.0 * c->n_heads * (double)T * T * 4;
-    // bf16 GEMMs on cuda: the operand workspace of kernels/cuda/gemm.cu, one buffer as large as
-    // the largest op's bf16 copies, at most its 1 GiB chunk limit, in whole MiB. The largest
+    // bf16 GEMMs on cuda: the operand workspace of kernels/cuda/gemm.cu, one buffer that grows
+    // to hold the largest op's bf16 copies, in whole MiB and at least doubling each time, so at
+    // most twice that need, and at most its 1 GiB chunk limit (the bound is taken). The largest
     // ops are backward ones: a matmul converts its weights and the rows of dout and inp (the
     // projections, the experts or dense MLP, the LM head per chunk of rows), the attention one
     // sequence's q, k, v, dO and every head's P and dS. (Bound: the ops' 256-byte alignment
@@ -99,7 +100,7 @@ void memplan_predict(const Config *c, int world, MemPlan *mp) {
         need = need > mlp ? need : mlp;
         need = need > head ? need : head;
         need = need > att ? need : att;
-        double ws = ceil_div_(need * 2, 1 << 20) * (1 << 20);
+        double ws = 2 * ceil_div_(need * 2, 1 << 20) * (1 << 20);
         mp->scratch += ws < (double)(1 << 30) ? ws : (double)(1 << 30);
     }
     mp->total = mp->params + mp->grads + mp->optim + mp->activations + mp->dispatch + mp->scratch;
