@@ -10,15 +10,20 @@ moet measures on the CPU or the GPU's dense bf16 peak) and peak memory, with the
 ratio.
 
   CPU:  torch.set_num_threads(THREADS), fp32 (moet: fp32 + OpenBLAS).
+        --precision bf16: moet with bf16 GEMM operands (oneDNN, AVX512-BF16), against PyTorch
+        twice: fp32 (the peer above) and bf16 autocast on the CPU (the same arithmetic);
+        MFU is then against the bf16 GEMM peak moet measures.
   GPU:  bf16 autocast with fp32 master weights (moet: bf16 GEMMs with fp32 accumulation and
         fp32 master weights); --compile adds a torch.compile'd run of the same model.
 
 usage: python3 bench/vs_pytorch.py MOET CONFIG [--steps N] [--warmup W] [--threads T]
-                                   [--device cpu|cuda] [--compile] [--set k=v]...
+                                   [--device cpu|cuda] [--precision fp32|bf16] [--compile]
+                                   [--set k=v]...
 Needs torch and transformers (pip). Results: bench/results/.
 """
 import argparse
 import configparser
+import json
 import os
 import re
 import resource
@@ -60,6 +65,8 @@ def flops_per_token(c):
 def run_moet(moet, config, args):
     cmd = [moet, "bench", config, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--set", f"train.device={args.device}"]
+    if args.precision:
+        cmd += ["--set", f"train.precision={args.precision}"]
     for kv in args.set:
         cmd += ["--set", kv]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -74,14 +81,15 @@ def run_moet(moet, config, args):
         m = re.search(pattern, text)
         return cast(m.group(1)) if m else None
 
-    peak = grab(r"sgemm peak \([^)]*\): ([0-9.]+) GFLOP/s")
-    before_after = grab(r"measured sgemm peak \(([0-9.]+) GFLOP/s")
+    peak = grab(r"(?:sgemm|bf16 GEMM) peak \([^)]*\): ([0-9.]+) GFLOP/s")
+    before_after = grab(r"measured (?:sgemm|bf16 GEMM) peak \(([0-9.]+) GFLOP/s")
     gpu = grab(r"peak: ([0-9.]+) TFLOP/s")
     r = dict(step=grab(r"step time \(median of \d+\): ([0-9.]+) s"),
              tok=grab(r"tokens/s:\s+([0-9.]+)"), mfu=grab(r"MFU:\s+([0-9.]+)%"),
              rss=grab(r"peak memory \(RSS\):\s+([0-9.]+) MiB"),
              dev=grab(r"peak device memory:\s+([0-9.]+) GiB"))
     r["peak_gflops"] = before_after or peak or (gpu * 1e3 if gpu else None)
+    r["peak_kind"] = "measured bf16 GEMM peak" if "bf16 GEMM peak" in text else "measured sgemm peak"
     return r
 
 
@@ -100,7 +108,7 @@ def build_hf(c, device):
     return OlmoeForCausalLM(cfg).to(device).train()
 
 
-def run_torch(c, args, compile_model):
+def run_torch(c, args, compile_model, bf16):
     import torch
     torch.set_num_threads(args.threads)
     dev = args.device
@@ -124,7 +132,7 @@ def run_torch(c, args, compile_model):
         if dev == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev == "cuda"):
+        with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -134,7 +142,8 @@ def run_torch(c, args, compile_model):
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         label = "warm-up" if i < args.warmup else "timed"
-        print(f"  torch{' (compiled)' if compile_model else ''} step {i + 1} ({label}): "
+        print(f"  torch{' (compiled)' if compile_model else ''}{' bf16' if bf16 else ''} "
+              f"step {i + 1} ({label}): "
               f"{dt:.3f} s, loss {loss.item():.4f}", flush=True)
         if i >= args.warmup:
             times.append(dt)
@@ -143,8 +152,29 @@ def run_torch(c, args, compile_model):
              rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
              dev=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
              what=f"torch {torch.__version__}, transformers OlmoeForCausalLM (attention "
-                  f"{attn}, experts {impl}){', torch.compile' if compile_model else ''}")
+                  f"{attn}, experts {impl}){', torch.compile' if compile_model else ''}"
+                  f"{', bf16 autocast' if bf16 else ', fp32'}")
     return r
+
+
+def peer_(args, bf16, compile_model):
+    """One PyTorch run in a process of its own, so that its peak memory is its own."""
+    cmd = [sys.executable, os.path.abspath(__file__), args.moet, args.config,
+           "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads), "--device", args.device,
+           "--peer", ("bf16" if bf16 else "fp32") + ("-compile" if compile_model else "")]
+    for kv in args.set:
+        cmd += ["--set", kv]
+    result = None
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as p:
+        for line in p.stdout:  # its step lines as they come
+            if line.startswith("PEER_RESULT "):
+                result = json.loads(line[len("PEER_RESULT "):])
+            else:
+                print(line, end="", flush=True)
+    if p.returncode != 0 or result is None:
+        sys.exit(f"vs_pytorch: the PyTorch run failed ({p.returncode})")
+    return result
 
 
 def main():
@@ -156,29 +186,38 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                    help="GEMM precision (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--peer", help=argparse.SUPPRESS)  # internal: one PyTorch run, as JSON
     args = ap.parse_args()
     c = read_config(args.config, args.set)
     fpt = flops_per_token(c)
+    if args.peer:
+        try:
+            r = run_torch(c, args, args.peer.endswith("-compile"), args.peer.startswith("bf16"))
+        except ImportError as e:
+            sys.exit(f"vs_pytorch: {e} (pip install torch transformers)")
+        print("PEER_RESULT " + json.dumps(r), flush=True)
+        return
 
     m = run_moet(args.moet, args.config, args)
     runs = [("moet", m)]
-    try:
-        t = run_torch(c, args, False)
-        runs.append((t.pop("what"), t))
-        if args.compile:
-            tc = run_torch(c, args, True)
-            runs.append((tc.pop("what"), tc))
-    except ImportError as e:
-        sys.exit(f"vs_pytorch: {e} (pip install torch transformers)")
+    bf16 = (args.precision or ("bf16" if args.device == "cuda" else "fp32")) == "bf16"
+    # on the CPU the fp32 peer always runs; with --precision bf16 also the bf16 one
+    variants = [False, True] if args.device == "cpu" and bf16 else [bf16]
+    for v in variants:
+        for comp in [False, True] if args.compile else [False]:
+            t = peer_(args, v, comp)
+            runs.append((t.pop("what"), t))
 
     peak = m["peak_gflops"]
     print(f"\nmodel: {args.config} {' '.join(args.set)}: L {c['L']} d_model {c['D']} heads "
           f"{c['H']} experts {c['E']} top-{c['k']} expert width {c['F']} vocab {c['Vpad']}; "
           f"{c['B']} x {c['T']} tokens per step; {fpt / 1e9:.3f} GFLOP per token")
     print(f"device {args.device}, {args.threads} threads; MFU against "
-          f"{peak:.1f} GFLOP/s ({'measured sgemm peak' if args.device == 'cpu' else 'bf16 peak'})")
+          f"{peak:.1f} GFLOP/s ({m['peak_kind'] if args.device == 'cpu' else 'bf16 peak'})")
     mem = "peak device memory GiB" if args.device == "cuda" else "peak RSS MiB"
     print(f"\n| run | step time (median) s | tokens/s | MFU % | {mem} | moet / this |")
     print("|---|---|---|---|---|---|")

@@ -143,6 +143,26 @@ void grouped_matmul_backward(float *dinp, float *dw, const float *dout, const fl
                              const float *w, const int32_t *offsets, int E, int C, int OC);
 
 // ---------------------------------------------------------------------------------------
+// The same four matmuls with bf16 operands and fp32 accumulation (kernels/cpu/gemm_bf16.c,
+// [train] precision = bf16 on cpu, through oneDNN): the operands are rounded to bf16 (nearest
+// even), the products and the accumulation into out / dinp / dw are fp32.
+// cpu_bf16_gemm_open returns 0 where they can run, else 1 with the reason in why (a build
+// without oneDNN, a CPU without bf16 dot products); the matmuls exit with that reason.
+int cpu_bf16_gemm_open(char *why, int len);
+const char *cpu_bf16_gemm_info(void); // e.g. "oneDNN 2.6.3 bf16 matmul"
+void matmul_forward_bf16(float *out, const float *inp, const float *w, int N, int C, int OC);
+void matmul_backward_bf16(float *dinp, float *dw, const float *dout, const float *inp,
+                          const float *w, int N, int C, int OC);
+void grouped_matmul_forward_bf16(float *out, const float *inp, const float *w,
+                                 const int32_t *offsets, int E, int C, int OC);
+void grouped_matmul_backward_bf16(float *dinp, float *dw, const float *dout, const float *inp,
+                                  const float *w, const int32_t *offsets, int E, int C, int OC);
+// bf16 of n floats, round to nearest even (NaN stays NaN), as the GEMMs above see them
+void bf16_round(uint16_t *dst, const float *src, size_t n);
+// bytes the rounded-operand workspace holds now (it grows by doubling to the largest need)
+size_t cpu_bf16_gemm_workspace_bytes(void);
+
+// ---------------------------------------------------------------------------------------
 // Cross-entropy over the full padded vocabulary. targets[i] < 0 means "no target" (the last
 // position of each sequence). logits is (N,V); losses is (N) (0 where no target).
 // Returns the sum of the losses (double precision accumulation).

@@ -99,6 +99,12 @@ typedef struct Ops {
 
 // The CPU backend (always present).
 const Ops *ops_cpu(void);
+// The CPU backend with bf16 GEMM operands and fp32 accumulation in the dense, expert and
+// LM-head matmuls ([train] precision = bf16 on cpu; kernels/cpu/gemm_bf16.c). Everything
+// else is ops_cpu()'s. Call ops_cpu_bf16_open first: 0 where it can run, else 1 and the
+// reason in info.
+const Ops *ops_cpu_bf16(void);
+int ops_cpu_bf16_open(char *info, int infolen);
 // The CPU backend behind tagged "device" pointers that the host cannot dereference
 // (kernels/cpu/ops_shadow.c): bit-identical to ops_cpu(), it proves without a GPU that the
 // model, optimizer, trainer and checkpoints move backend memory only through the table.

@@ -9,6 +9,7 @@ PACKAGES=(
   libhdf5-openmpi-dev                 # parallel HDF5 (checkpoints)
   hdf5-tools                          # h5dump / h5ls: look inside checkpoints by hand
   libopenblas-openmp-dev              # sgemm (OpenMP build: no oversubscription in our loops)
+  libdnnl-dev                         # oneDNN: bf16 GEMMs on AVX512-BF16 CPUs (precision = bf16)
   libcunit1-dev                       # unit tests
   libinih-dev libcjson-dev            # INI configs, JSON (Dolma documents, HF files)
   zlib1g-dev libzstd-dev zstd         # .gz / .zst documents (the zstd tool: tokenize tests)

@@ -199,6 +199,22 @@ static void test_device_scratch_and_staging(void) {
     CU_ASSERT_DOUBLE_EQUAL(mp.host_stage, 0, 0.0);
 }
 
+// precision = bf16 on cpu: the two bf16 operand buffers of kernels/cpu/gemm_bf16.c at twice
+// their largest need. Here N = 16 rows, 8 rows per expert, D 8, F 4, V 128, one head chunk of
+// 16 rows: A = max(16x8, 8x8, 16x128) = 2048, B = max(8x8, 16x8, 4x8, 8x8, 128x8) = 1024
+// elements of 2 bytes, twice each.
+static void test_cpu_bf16_workspace(void) {
+    Config c;
+    tiny_(&c, "[train]\nprecision = bf16\n");
+    MemPlan mp;
+    memplan_predict(&c, 1, &mp);
+    CU_ASSERT_DOUBLE_EQUAL(mp.scratch, 2.0 * 2 * (2048 + 1024), 0.0);
+    check_total_(&mp);
+    strcpy(c.precision, "auto"); // fp32 on cpu: none
+    memplan_predict(&c, 1, &mp);
+    CU_ASSERT_DOUBLE_EQUAL(mp.scratch, 0, 0.0);
+}
+
 static void test_format_peak(void) {
     MemPlan mp = {.total = 3.0 * 1024 * 1024};
     char buf[128];
@@ -213,6 +229,7 @@ int main(void) {
         {"world 2, ep 1: the whole gradient buffer all-reduced", test_world2_ep1},
         {"world 2, ep 2: experts split, all-to-all of R rows, dispatcher", test_world2_ep2},
         {"recompute full: the forward exchanges again", test_recompute_a2a},
+        {"precision = bf16 on cpu: the operand buffers", test_cpu_bf16_workspace},
         {"world 4, ep 2, zero 1: moment shards, all-gather", test_zero1_ep2},
         {"world 3, zero 1: shards round up", test_zero1_ceil},
         {"cuda scratch, host staging over MPI", test_device_scratch_and_staging},

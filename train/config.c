@@ -100,8 +100,8 @@ static const Key KEYS[] = {
      .help = "backend: cpu or cuda (cpu-shadow: the CPU backend run like a GPU's, behind "
              "device pointers the host cannot touch; a test of the GPU code paths)"},
     {STR_("train", "precision", precision), .def = "auto", .choices = "auto|fp32|bf16",
-     .help = "GEMM precision: bf16 tensor cores with fp32 accumulation, or exact fp32; auto = "
-             "bf16 on cuda, fp32 on cpu (the CPU backend computes in fp32 only)"},
+     .help = "GEMM precision: bf16 operands with fp32 accumulation (tensor cores; on cpu "
+             "oneDNN on AVX512-BF16), or exact fp32; auto = bf16 on cuda, fp32 on cpu"},
     {INT_("train", "eval_every", eval_every), .def = "0", IGE_(0),
      .help = "steps between evaluations on data.valid (0 = off)"},
     {INT_("train", "eval_batches", eval_batches), .def = "16", IGE_(1),
@@ -878,10 +878,10 @@ int config_validate(Config *c, const char *origin, MoetErr *err) {
         format_float_(c->lr, b, sizeof b);
         return moet_errf(err, MOET_EUSAGE, "%s: [optim] min_lr = %s must be <= lr = %s", o, a, b);
     }
-    if (strcmp(c->device, "cuda") != 0 && strcmp(c->precision, "bf16") == 0)
+    if (strcmp(c->device, "cpu-shadow") == 0 && strcmp(c->precision, "bf16") == 0)
         return moet_errf(err, MOET_EUSAGE,
-                         "%s: [train] precision = bf16 needs device = cuda: the CPU backend "
-                         "computes in fp32 (set precision = auto or fp32)",
+                         "%s: [train] precision = bf16 needs device = cuda or cpu: cpu-shadow "
+                         "runs the fp32 reference (set precision = auto or fp32)",
                          o);
     if (strcmp(c->device, "cuda") != 0 && strcmp(c->comm, "nccl") == 0)
         return moet_errf(err, MOET_EUSAGE,

@@ -214,8 +214,11 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
     }
     if (mp.scratch > 0)
         info_mem_line_("scratch", mp.scratch,
-                       "cuda: attention scores of one sequence, forward and backward; bf16 "
-                       "GEMM operands (<= 1 GiB)");
+                       strcmp(c.device, "cuda") == 0
+                           ? "cuda: attention scores of one sequence, forward and backward; "
+                             "bf16 GEMM operands (<= 1 GiB)"
+                           : "cpu: the bf16 GEMM operands, two buffers (<= 2 x the largest "
+                             "op's)");
     info_mem_line_("total", mp.total, "");
     if (mp.host_stage > 0)
         info_mem_line_("host staging", mp.host_stage,
@@ -323,12 +326,13 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
     printf("moet bench %s: %d x %d tokens per step, %s\n", ca.config, B, T, binfo);
     double peak;
     const int gpu = strcmp(ops->name, "cuda") == 0;
+    const char *peak_kind = ops == ops_cpu_bf16() ? "bf16 GEMM" : "sgemm";
     if (gpu) {
         peak = model_peak_gflops(ops);
         printf("peak: %.0f TFLOP/s (dense bf16)\n", peak / 1e3);
     } else {
-        peak = cpu_sgemm_peak_gflops();
-        printf("sgemm peak (2048^3, %d threads, best of 9): %.1f GFLOP/s\n",
+        peak = cpu_peak_gflops(ops);
+        printf("%s peak (2048^3, %d threads, best of 9): %.1f GFLOP/s\n", peak_kind,
                kernels_num_threads(), peak);
     }
 
@@ -363,7 +367,7 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
         fflush(stdout);
     }
     if (!gpu) {
-        double peak_after = cpu_sgemm_peak_gflops();
+        double peak_after = cpu_peak_gflops(ops);
         if (peak_after > peak) peak = peak_after;
     }
     double med = median_(times, steps);
@@ -381,8 +385,8 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
         printf("MFU:                      %.1f%% of the dense bf16 peak (%.0f TFLOP/s)\n",
                100.0 * gflops / peak, peak / 1e3);
     else
-        printf("MFU:                      %.1f%% of the measured sgemm peak (%.1f GFLOP/s, "
-               "best before/after)\n", 100.0 * gflops / peak, peak);
+        printf("MFU:                      %.1f%% of the measured %s peak (%.1f GFLOP/s, "
+               "best before/after)\n", 100.0 * gflops / peak, peak_kind, peak);
     printf("peak memory (RSS):        %.1f MiB\n", (double)ru.ru_maxrss / 1024.0);
     if (gpu) {
         size_t in_use, dpeak;

@@ -15,7 +15,8 @@ typedef struct {
     double activations; // the model's arena for one micro-batch (model_activation_floats)
     double dispatch;    // ep > 1: the dispatcher's received rows, saved and scratch (balanced)
     double scratch;     // cuda: attention scores of one sequence, forward and backward, and
-                        // (bf16 GEMMs) the bf16 operand workspace, at most 1 GiB
+                        // (bf16 GEMMs) the bf16 operand workspace, at most 1 GiB; cpu with
+                        // precision = bf16: the two bf16 operand buffers of gemm_bf16.c
     double total;
     double host_stage; // host bytes: MPI staging of device buffers, per group its largest call
                        // (0 on cpu and over NCCL)

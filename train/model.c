@@ -344,6 +344,15 @@ static void bind_pointers_(Model *m, float *base, ParamPointers *pp) {
 
 int model_open_backend(const Config *c, int local_rank, const Ops **ops, char *info, int infolen,
                        MoetErr *err) {
+    if (strcmp(c->device, "cpu") == 0 && strcmp(c->precision, "bf16") == 0) {
+        char why[512];
+        if (ops_cpu_bf16_open(why, sizeof why))
+            return moet_errf(err, MOET_EFAIL, "[train] precision = bf16 on cpu: %s", why);
+        *ops = ops_cpu_bf16();
+        snprintf(info, (size_t)infolen, "cpu: %s; GEMMs in bf16 with fp32 accumulation (%s), "
+                 "attention in fp32", kernels_blas_info(), why);
+        return MOET_OK;
+    }
     if (strcmp(c->device, "cuda") != 0) {
         int shadow = strcmp(c->device, "cpu-shadow") == 0;
         *ops = shadow ? ops_cpu_shadow() : ops_cpu();

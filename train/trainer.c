@@ -23,9 +23,10 @@
 // ---------------------------------------------------------------------------------------
 // helpers
 
-double cpu_sgemm_peak_gflops(void) {
-    // The best, not the median: shared machines lose throughput to their neighbours now and
-    // then, and a peak is what the hardware can do.
+// The best of 9 timed n^3 products C = A B^T (a first call warms up the threads). The best,
+// not the median: shared machines lose throughput to their neighbours now and then, and a
+// peak is what the hardware can do.
+static double best_gflops_(void (*product)(float *C, const float *A, const float *B, int n)) {
     const int n = 2048;
     float *A = moet_malloc((size_t)n * n * sizeof(float));
     float *B = moet_malloc((size_t)n * n * sizeof(float));
@@ -37,15 +38,35 @@ double cpu_sgemm_peak_gflops(void) {
     double best = 0;
     for (int r = 0; r < 10; r++) {
         double t0 = moet_time();
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, A, n, B, n, 0.0f, C, n);
+        product(C, A, B, n);
         double dt = moet_time() - t0;
         double gf = 2.0 * n * n * (double)n / dt / 1e9;
-        if (r > 0 && gf > best) best = gf; // the first call warms up the threads
+        if (r > 0 && gf > best) best = gf;
     }
     free(A);
     free(B);
     free(C);
     return best;
+}
+
+static void sgemm_nt_(float *C, const float *A, const float *B, int n) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, A, n, B, n, 0.0f, C, n);
+}
+
+static void bf16_nt_(float *C, const float *A, const float *B, int n) {
+    matmul_forward_bf16(C, A, B, n, n, n); // its operand rounding included
+}
+
+double cpu_sgemm_peak_gflops(void) {
+    return best_gflops_(sgemm_nt_);
+}
+
+double cpu_bf16_peak_gflops(void) {
+    return best_gflops_(bf16_nt_);
+}
+
+double cpu_peak_gflops(const Ops *ops) {
+    return ops == ops_cpu_bf16() ? cpu_bf16_peak_gflops() : cpu_sgemm_peak_gflops();
 }
 
 // The signal that asked us to stop (0: none). Set by the handler, read between steps: the
@@ -378,14 +399,15 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     // the job's peak: each rank measures its own cores; MFU compares the job's tokens/s with
     // their sum
     const int gpu = strcmp(ops->name, "cuda") == 0;
-    double peak = gpu ? model_peak_gflops(ops) : cpu_sgemm_peak_gflops();
+    double peak = gpu ? model_peak_gflops(ops) : cpu_peak_gflops(ops);
     if (world > 1 && (rc = comm_allreduce_sum_f64(par->world, &peak, 1, err))) goto done;
     const double flops_tok = model_flops_per_token(c);
     const int64_t tok_step = (int64_t)c->global_batch * T;
     printf("moet train: %zu parameters, %d x %d tokens per micro-batch, %d micro-batches per "
            "step (%lld tokens), steps %lld..%lld of %d; %s; %s peak %.1f GFLOP/s\n",
            m.n_params, B, T, accum, (long long)tok_step, (long long)step + 1, (long long)end,
-           c->max_steps, binfo, gpu ? "bf16" : "sgemm", peak);
+           c->max_steps, binfo, gpu ? "bf16" : ops == ops_cpu_bf16() ? "bf16 GEMM" : "sgemm",
+           peak);
     if (LE && (lb_global || bias_on || m.score_fn == ROUTER_SIGMOID))
         printf("balancing: %s router, lb_coef %g over the %s%s%s\n", c->router, (double)c->lb_coef,
                lb_global ? "global batch" : "micro-batch",

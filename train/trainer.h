@@ -4,6 +4,7 @@
 #pragma once
 #include <stdint.h>
 
+#include "kernels/ops.h"
 #include "train/comm.h"
 #include "train/common.h"
 #include "train/config.h"
@@ -39,3 +40,8 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
 // The machine's sgemm peak in GFLOP/s, measured now: the best of 9 timed 2048^3 sgemm calls
 // with the kernels' threads (the first call only warms up). The MFU denominator on CPU (§10).
 double cpu_sgemm_peak_gflops(void);
+// The same through the bf16 matmul of precision = bf16 on cpu (kernels/cpu/gemm_bf16.c).
+double cpu_bf16_peak_gflops(void);
+// The measured peak of the CPU backend `ops` does its GEMMs with: bf16 for ops_cpu_bf16(),
+// else sgemm (ARCHITECTURE §10: MFU on cpu is against the machine's measured GEMM peak).
+double cpu_peak_gflops(const Ops *ops);

@@ -85,6 +85,28 @@ const Ops *ops_cpu(void) {
     return &cpu_ops_;
 }
 
+static Ops cpu_bf16_ops_;
+
+int ops_cpu_bf16_open(char *info, int infolen) {
+    if (cpu_bf16_gemm_open(info, infolen)) return 1;
+    snprintf(info, (size_t)infolen, "%s", cpu_bf16_gemm_info());
+    return 0;
+}
+
+const Ops *ops_cpu_bf16(void) {
+    // the reference table with the four matmuls swapped; filled on first use (C has no
+    // designated copy-and-override initialiser), always with the same values
+    if (!cpu_bf16_ops_.name) {
+        Ops o = cpu_ops_;
+        o.matmul_forward = matmul_forward_bf16;
+        o.matmul_backward = matmul_backward_bf16;
+        o.grouped_matmul_forward = grouped_matmul_forward_bf16;
+        o.grouped_matmul_backward = grouped_matmul_backward_bf16;
+        cpu_bf16_ops_ = o;
+    }
+    return &cpu_bf16_ops_;
+}
+
 #ifndef MOET_CUDA
 // A build without the CUDA backend (MOET_CUDA=OFF or no nvcc).
 const Ops *ops_cuda(void) {
