@@ -183,6 +183,17 @@ else
     else
         bad "f: bf16 on the CPU" "ce at step 60: bf16 '$ce60f', fp32 '$ce60a' (want within 0.05 and not equal)"
     fi
+    # resume is bit-exact in bf16 too: stopped at step 10 (all warmup, as in b), resumed to 60
+    train fB --set train.max_steps=10 --set checkpoint.every=100 --set train.precision=bf16
+    rc1=$rc
+    train fB --set train.max_steps=60 --set checkpoint.every=100 --set train.precision=bf16 --resume latest
+    if [[ $rc1 -ne 0 || $rc -ne 0 ]]; then
+        bad "f: bf16 resume" "exit status $rc1 / $rc"
+    elif cmp -s <(losses f 11 60) <(losses fB 11 60) && [[ $(losses fB 11 60 | wc -l) -eq 50 ]]; then
+        ok "f: bf16 resumed at step 10: losses of steps 11..60 bit-identical to the uninterrupted run"
+    else
+        bad "f: bf16 resume" "losses differ: $(diff <(losses f 11 60) <(losses fB 11 60) | head -n 4 | tr '\n' ' ')"
+    fi
 fi
 
 # a CPU without bf16 dot products (oneDNN capped to AVX-512 without BF16): refused at start,
