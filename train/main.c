@@ -276,7 +276,8 @@ static const char *BENCH_HELP =
     "tokens (micro_batch x seq_len from the config) on the config's [train] device, and prints\n"
     "the median step time of N steps after W warm-up steps (defaults 5 and 2), tokens/s,\n"
     "achieved TFLOP/s and MFU (ARCHITECTURE 10: on cpu against the sgemm peak it measures on\n"
-    "this machine with the same threads; on cuda against the GPU's dense bf16 peak, 989\n"
+    "this machine with the same threads, or with precision = bf16 the bf16 GEMM peak measured\n"
+    "the same way; on cuda against the GPU's dense bf16 peak, 989\n"
     "TFLOP/s on H100 / H200), and the peak memory (host RSS; on cuda also device memory).\n";
 
 static int cmp_double_(const void *a, const void *b) {
