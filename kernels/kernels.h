@@ -159,8 +159,6 @@ void grouped_matmul_backward_bf16(float *dinp, float *dw, const float *dout, con
                                   const float *w, const int32_t *offsets, int E, int C, int OC);
 // bf16 of n floats, round to nearest even (NaN stays NaN), as the GEMMs above see them
 void bf16_round(uint16_t *dst, const float *src, size_t n);
-// bytes the rounded-operand workspace holds now (it grows by doubling to the largest need)
-size_t cpu_bf16_gemm_workspace_bytes(void);
 
 // ---------------------------------------------------------------------------------------
 // Cross-entropy over the full padded vocabulary. targets[i] < 0 means "no target" (the last

@@ -62,7 +62,11 @@ static void test_round(void) {
     tu_fill_uniform(x, len, 9, 3.0f);
     bf16_round(h, x, len);
     int same = 1;
-    for (size_t i = 0; i < len; i += 97) same &= h[i] == bits_(*(uint32_t *)&x[i]);
+    for (size_t i = 0; i < len; i += 97) {
+        uint32_t u;
+        memcpy(&u, &x[i], sizeof u);
+        same &= h[i] == bits_(u);
+    }
     CU_ASSERT(same);
     free(x);
     free(h);

@@ -327,7 +327,7 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
     printf("moet bench %s: %d x %d tokens per step, %s\n", ca.config, B, T, binfo);
     double peak;
     const int gpu = strcmp(ops->name, "cuda") == 0;
-    const char *peak_kind = ops == ops_cpu_bf16() ? "bf16 GEMM" : "sgemm";
+    const char *peak_kind = cpu_peak_kind(ops);
     if (gpu) {
         peak = model_peak_gflops(ops);
         printf("peak: %.0f TFLOP/s (dense bf16)\n", peak / 1e3);

@@ -69,6 +69,10 @@ double cpu_peak_gflops(const Ops *ops) {
     return ops == ops_cpu_bf16() ? cpu_bf16_peak_gflops() : cpu_sgemm_peak_gflops();
 }
 
+const char *cpu_peak_kind(const Ops *ops) {
+    return ops == ops_cpu_bf16() ? "bf16 GEMM" : "sgemm";
+}
+
 // The signal that asked us to stop (0: none). Set by the handler, read between steps: the
 // only global state of the trainer, as a signal handler can reach nothing else.
 static volatile sig_atomic_t stop_signal_ = 0;
@@ -406,8 +410,7 @@ int trainer_run(const Config *c, const TrainOpts *o, Parallel *par, MoetErr *err
     printf("moet train: %zu parameters, %d x %d tokens per micro-batch, %d micro-batches per "
            "step (%lld tokens), steps %lld..%lld of %d; %s; %s peak %.1f GFLOP/s\n",
            m.n_params, B, T, accum, (long long)tok_step, (long long)step + 1, (long long)end,
-           c->max_steps, binfo, gpu ? "bf16" : ops == ops_cpu_bf16() ? "bf16 GEMM" : "sgemm",
-           peak);
+           c->max_steps, binfo, gpu ? "bf16" : cpu_peak_kind(ops), peak);
     if (LE && (lb_global || bias_on || m.score_fn == ROUTER_SIGMOID))
         printf("balancing: %s router, lb_coef %g over the %s%s%s\n", c->router, (double)c->lb_coef,
                lb_global ? "global batch" : "micro-batch",

@@ -45,3 +45,5 @@ double cpu_bf16_peak_gflops(void);
 // The measured peak of the CPU backend `ops` does its GEMMs with: bf16 for ops_cpu_bf16(),
 // else sgemm (ARCHITECTURE §10: MFU on cpu is against the machine's measured GEMM peak).
 double cpu_peak_gflops(const Ops *ops);
+// Its name in the output: "bf16 GEMM" or "sgemm".
+const char *cpu_peak_kind(const Ops *ops);

@@ -21,10 +21,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef MOET_DNNL
-#include <oneapi/dnnl/dnnl.h>
-#include <pthread.h>
-
 #define PAR_MIN (1 << 16)
 
 void bf16_round(uint16_t *dst, const float *src, size_t n) {
@@ -40,6 +36,10 @@ void bf16_round(uint16_t *dst, const float *src, size_t n) {
         }
     }
 }
+
+#ifdef MOET_DNNL
+#include <oneapi/dnnl/dnnl.h>
+#include <pthread.h>
 
 static struct {
     pthread_once_t once;
@@ -207,45 +207,7 @@ void matmul_backward_bf16(float *dinp, float *dw, const float *dout, const float
     }
 }
 
-void grouped_matmul_forward_bf16(float *out, const float *inp, const float *w,
-                                 const int32_t *offsets, int E, int C, int OC) {
-    for (int e = 0; e < E; e++) {
-        const int r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n <= 0) continue;
-        matmul_forward_bf16(out + (size_t)r0 * OC, inp + (size_t)r0 * C, w + (size_t)e * OC * C,
-                            n, C, OC);
-    }
-}
-
-void grouped_matmul_backward_bf16(float *dinp, float *dw, const float *dout, const float *inp,
-                                  const float *w, const int32_t *offsets, int E, int C, int OC) {
-    for (int e = 0; e < E; e++) {
-        const int r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n <= 0) continue;
-        matmul_backward_bf16(dinp ? dinp + (size_t)r0 * C : NULL,
-                             dw ? dw + (size_t)e * OC * C : NULL, dout + (size_t)r0 * OC,
-                             inp + (size_t)r0 * C, w + (size_t)e * OC * C, n, C, OC);
-    }
-}
-
-size_t cpu_bf16_gemm_workspace_bytes(void) {
-    return (g_.ws_cap[0] + g_.ws_cap[1]) * sizeof(uint16_t);
-}
-
 #else // a build without oneDNN: precision = bf16 on cpu is refused at open
-
-void bf16_round(uint16_t *dst, const float *src, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &src[i], sizeof u);
-        if ((u & 0x7fffffffu) > 0x7f800000u) {
-            dst[i] = (uint16_t)((u >> 16) | 0x40u);
-        } else {
-            u += 0x7fffu + ((u >> 16) & 1u);
-            dst[i] = (uint16_t)(u >> 16);
-        }
-    }
-}
 
 int cpu_bf16_gemm_open(char *why, int len) {
     if (why)
@@ -270,19 +232,5 @@ void matmul_backward_bf16(float *dinp, float *dw, const float *dout, const float
                           const float *w, int N, int C, int OC) {
     (void)dinp, (void)dw, (void)dout, (void)inp, (void)w, (void)N, (void)C, (void)OC;
     absent_();
-}
-void grouped_matmul_forward_bf16(float *out, const float *inp, const float *w,
-                                 const int32_t *offsets, int E, int C, int OC) {
-    (void)out, (void)inp, (void)w, (void)offsets, (void)E, (void)C, (void)OC;
-    absent_();
-}
-void grouped_matmul_backward_bf16(float *dinp, float *dw, const float *dout, const float *inp,
-                                  const float *w, const int32_t *offsets, int E, int C, int OC) {
-    (void)dinp, (void)dw, (void)dout, (void)inp, (void)w, (void)offsets, (void)E, (void)C,
-        (void)OC;
-    absent_();
-}
-size_t cpu_bf16_gemm_workspace_bytes(void) {
-    return 0;
 }
 #endif

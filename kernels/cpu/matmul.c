@@ -1,6 +1,7 @@
 // CPU kernels: dense matmul (torch.nn.Linear without bias) and the grouped expert matmul over
 // rows permuted by expert. Every product is one OpenBLAS sgemm on row-major storage; called
-// outside our own parallel regions, sgemm uses all threads itself.
+// outside our own parallel regions, sgemm uses all threads itself. The grouped loop also
+// serves the bf16 matmuls of gemm_bf16.c.
 #include "kernels/kernels.h"
 
 #include <cblas.h>
@@ -31,26 +32,50 @@ void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp
     }
 }
 
-// One sgemm per expert over its contiguous row range; experts without rows are skipped.
+// The grouped matmuls, fp32 and bf16: one matmul per expert over its contiguous row range;
+// experts without rows are skipped.
+typedef void (*MatmulFwd)(float *out, const float *inp, const float *w, int N, int C, int OC);
+typedef void (*MatmulBwd)(float *dinp, float *dw, const float *dout, const float *inp,
+                          const float *w, int N, int C, int OC);
+
 // out is (R,OC), inp is (R,C), w is (E,OC,C), offsets is (E+1)
-void grouped_matmul_forward(float *out, const float *inp, const float *w, const int32_t *offsets,
-                            int E, int C, int OC) {
+static void grouped_forward_(MatmulFwd mm, float *out, const float *inp, const float *w,
+                             const int32_t *offsets, int E, int C, int OC) {
     for (int e = 0; e < E; e++) {
         const int r0 = offsets[e], n = offsets[e + 1] - r0;
         if (n <= 0) continue;
-        matmul_forward(out + (size_t)r0 * OC, inp + (size_t)r0 * C, w + (size_t)e * OC * C, n, C,
-                       OC);
+        mm(out + (size_t)r0 * OC, inp + (size_t)r0 * C, w + (size_t)e * OC * C, n, C, OC);
     }
 }
 
 // dinp is (R,C), dw is (E,OC,C), dout is (R,OC), inp is (R,C), w is (E,OC,C)
-void grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
-                             const float *w, const int32_t *offsets, int E, int C, int OC) {
+static void grouped_backward_(MatmulBwd mm, float *dinp, float *dw, const float *dout,
+                              const float *inp, const float *w, const int32_t *offsets, int E,
+                              int C, int OC) {
     for (int e = 0; e < E; e++) {
         const int r0 = offsets[e], n = offsets[e + 1] - r0;
         if (n <= 0) continue;
-        matmul_backward(dinp ? dinp + (size_t)r0 * C : NULL, dw ? dw + (size_t)e * OC * C : NULL,
-                        dout + (size_t)r0 * OC, inp + (size_t)r0 * C, w + (size_t)e * OC * C, n, C,
-                        OC);
+        mm(dinp ? dinp + (size_t)r0 * C : NULL, dw ? dw + (size_t)e * OC * C : NULL,
+           dout + (size_t)r0 * OC, inp + (size_t)r0 * C, w + (size_t)e * OC * C, n, C, OC);
     }
+}
+
+void grouped_matmul_forward(float *out, const float *inp, const float *w, const int32_t *offsets,
+                            int E, int C, int OC) {
+    grouped_forward_(matmul_forward, out, inp, w, offsets, E, C, OC);
+}
+
+void grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                             const float *w, const int32_t *offsets, int E, int C, int OC) {
+    grouped_backward_(matmul_backward, dinp, dw, dout, inp, w, offsets, E, C, OC);
+}
+
+void grouped_matmul_forward_bf16(float *out, const float *inp, const float *w,
+                                 const int32_t *offsets, int E, int C, int OC) {
+    grouped_forward_(matmul_forward_bf16, out, inp, w, offsets, E, C, OC);
+}
+
+void grouped_matmul_backward_bf16(float *dinp, float *dw, const float *dout, const float *inp,
+                                  const float *w, const int32_t *offsets, int E, int C, int OC) {
+    grouped_backward_(matmul_backward_bf16, dinp, dw, dout, inp, w, offsets, E, C, OC);
 }
