@@ -120,6 +120,13 @@ int ops_cuda_device_count(void);
 // The dense bf16 tensor-core peak of the open GPU in TFLOP/s for MFU (ARCHITECTURE §10):
 // 989 for H100 / H200 (sm_90), 312 for A100 (sm_80), else 0 (unknown).
 double ops_cuda_peak_tflops(void);
+// The CUDA backend's host-side accounting (CudaHostStats in kernels/cuda/kernels_cuda.h): reset
+// it, and write one line about the `steps` steps since the reset into buf: GEMM calls, how
+// many cuBLASLt ran from its algorithm cache, heuristic queries, fallbacks, host time inside
+// the GEMM calls and host time waiting for the GPU, per step. Returns 0 and writes nothing in
+// a build without CUDA.
+void ops_cuda_host_stats_reset(void);
+int ops_cuda_host_stats_line(char *buf, int len, int steps);
 
 #ifdef __cplusplus
 }

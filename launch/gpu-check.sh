@@ -90,16 +90,22 @@ check olmoe4_checkpoint "$BIN/moet" train --config configs/bench-gpu-olmoe.ini \
   --set checkpoint.every=1 --set checkpoint.model_only=true --set checkpoint.dir="$CK/olmoe4"
 check generate_olmoe4 "$BIN/moet" generate "$CK/olmoe4" --prompt "The Debian package" \
   --max-new-tokens 200 --seed 1
-check bench_gpu_olmoe "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 5 --warmup 2
-# the same benchmark with the bf16-mode GEMMs on fp32 operands (FAST_16BF: TF32 on the H100),
-# the path before 2026-11-26: the A/B of the bf16 operand conversion
-check bench_gpu_olmoe_fp32_operands env MOET_CUDA_GEMM_OPERANDS=fp32 \
-  "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 5 --warmup 2
-# after 40 warm-up steps: the bf16 steps got faster step after step through a 13-step run
-# (0.54 -> 0.32 s, 2026-11-26-gpu-bf16-operands.md), the fp32-operand ones did not; this shows
-# where they settle
+check bench_gpu_olmoe "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3
+# The A/B of the cuBLASLt algorithm cache (2026-11-27-gpu-lt-cache.md): the bf16-operand GEMMs
+# through cublasGemmEx (a host heuristic per new shape), on the same tokens every step and on
+# new tokens every step (--vary-tokens: the experts' row counts change as in training). Each
+# log's "host, per timed step" line says how much host time went into the GEMM calls and how
+# long the host waited for the GPU.
+check bench_gpu_olmoe_gemmex env MOET_CUDA_GEMM_LT=0 \
+  "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3
+check bench_gpu_olmoe_vary "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3 \
+  --vary-tokens
+check bench_gpu_olmoe_vary_gemmex env MOET_CUDA_GEMM_LT=0 \
+  "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3 --vary-tokens
+# where the steps settle after 40 warm-up steps (round 2's bf16 steps got faster through the
+# run: 0.54 -> 0.32 s, 2026-11-26-gpu-bf16-operands.md)
 check bench_gpu_olmoe_long "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 20 --warmup 40
-grep -H -E 'step time|MFU|peak' "$LOG"/bench_gpu_olmoe*.log || true
+grep -H -E 'step time|MFU|peak|host, per' "$LOG"/bench_gpu_olmoe*.log || true
 if command -v compute-sanitizer >/dev/null; then
   for t in cuda_test_cuda_kernels cuda_test_cuda_gemm cuda_test_cuda_moe_ops; do
     check "memcheck_$t" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/$t"

@@ -271,14 +271,20 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
 
 static const char *BENCH_HELP =
     "usage: moet bench CONFIG [--set section.key=value]... [--steps N] [--warmup W]\n"
+    "                  [--vary-tokens]\n"
     "\n"
     "Times training steps (forward, backward and the AdamW update) of the model on random\n"
-    "tokens (micro_batch x seq_len from the config) on the config's [train] device, and prints\n"
+    "tokens (micro_batch x seq_len from the config; the same tokens every step, or new ones\n"
+    "each step with --vary-tokens, as in training, where the experts' row counts change from\n"
+    "step to step) on the config's [train] device, and prints\n"
     "the median step time of N steps after W warm-up steps (defaults 5 and 2), tokens/s,\n"
     "achieved TFLOP/s and MFU (ARCHITECTURE 10: on cpu against the sgemm peak it measures on\n"
     "this machine with the same threads, or with precision = bf16 the bf16 GEMM peak measured\n"
     "the same way; on cuda against the GPU's dense bf16 peak, 989\n"
-    "TFLOP/s on H100 / H200), and the peak memory (host RSS; on cuda also device memory).\n";
+    "TFLOP/s on H100 / H200), and the peak memory (host RSS; on cuda also device memory).\n"
+    "On cuda it also prints where the host's time went in the timed steps: GEMM calls (and\n"
+    "how many cuBLASLt ran from its algorithm cache), host time inside them, and time spent\n"
+    "waiting for the GPU. A step whose wait is near 0 is bound by the host, not the GPU.\n";
 
 static int cmp_double_(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -296,7 +302,7 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
         return MOET_OK;
     }
     ConfigArgs ca = {0};
-    int steps = 5, warmup = 2, rc = MOET_OK;
+    int steps = 5, warmup = 2, vary = 0, rc = MOET_OK;
     for (int i = 1; i < argc; i++) {
         if (take_set_(&ca, argc, argv, &i, err, &rc)) {
             if (rc) return rc;
@@ -304,6 +310,8 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
             steps = atoi(argv[++i]);
         } else if (strcmp(argv[i], "--warmup") == 0 && i + 1 < argc) {
             warmup = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--vary-tokens") == 0) {
+            vary = 1;
         } else if (argv[i][0] == '-') {
             return moet_errf(err, MOET_EUSAGE, "bench: unknown option %s (see moet bench "
                              "--help)", argv[i]);
@@ -348,12 +356,14 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
     optim_create(&opt, &m);
     int32_t *tokens = moet_malloc((size_t)B * T * sizeof(int32_t));
     uint64_t s = c.seed;
-    for (int i = 0; i < B * T; i++) {
-        s = s * 6364136223846793005ull + 1442695040888963407ull;
-        tokens[i] = (int32_t)((s >> 33) % (uint64_t)c.vocab_size);
-    }
     double *times = malloc(sizeof(double) * (size_t)steps);
     for (int i = 0; i < warmup + steps; i++) {
+        if (i == 0 || vary) // drawn outside the timed part of the step
+            for (int j = 0; j < B * T; j++) {
+                s = s * 6364136223846793005ull + 1442695040888963407ull;
+                tokens[j] = (int32_t)((s >> 33) % (uint64_t)c.vocab_size);
+            }
+        if (i == warmup) ops_cuda_host_stats_reset(); // count the timed steps only
         double t0 = moet_time();
         model_zero_grad(&m);
         model_forward_train(&m, tokens);
@@ -394,6 +404,9 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
         ops->mem_stats(&in_use, &dpeak);
         printf("peak device memory:       %.2f GiB (moet's allocations; cuBLAS workspace "
                "not included)\n", (double)dpeak / (1 << 30));
+        char line[512];
+        if (ops_cuda_host_stats_line(line, sizeof line, steps) > 0)
+            printf("host, per timed step:     %s\n", line);
     }
     free(times);
     free(tokens);

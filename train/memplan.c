@@ -102,6 +102,7 @@ void memplan_predict(const Config *c, int world, MemPlan *mp) {
         need = need > att ? need : att;
         double ws = 2 * ceil_div_(need * 2, 1 << 20) * (1 << 20);
         mp->scratch += ws < (double)(1 << 30) ? ws : (double)(1 << 30);
+        mp->scratch += 32 << 20; // cuBLASLt's workspace (gemm.cu, LT_WORKSPACE_BYTES)
     }
     // bf16 GEMMs on cpu (kernels/cpu/gemm_bf16.c): two bf16 buffers that grow by doubling, so
     // at most twice their largest need. A holds an op's rows (inp forward, dout backward), B its

@@ -118,6 +118,13 @@ int ops_cuda_device_count(void) {
 double ops_cuda_peak_tflops(void) {
     return 0.0;
 }
+void ops_cuda_host_stats_reset(void) {}
+int ops_cuda_host_stats_line(char *buf, int len, int steps) {
+    (void)buf;
+    (void)len;
+    (void)steps;
+    return 0;
+}
 int ops_cuda_open(int device, int gemm_bf16, char *info, int infolen) {
     (void)device;
     (void)gemm_bf16;

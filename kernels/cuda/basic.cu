@@ -287,7 +287,7 @@ double cuda_sum_squares(const float *x, size_t n, void *scratch) {
     sum_squares_final_kernel<<<1, SS_THREADS>>>(partial, (int)G);
     CUDA_CHECK_LAUNCH();
     double total = 0.0;
-    CUDA_CHECK(cudaMemcpy(&total, partial + G, sizeof total, cudaMemcpyDeviceToHost));
+    cuda_memcpy_d2h(&total, partial + G, sizeof total);
     return total;
 }
 

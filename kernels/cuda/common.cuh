@@ -8,6 +8,19 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
+
+struct CudaHostStats; // kernels_cuda.h
+
+// ---------------------------------------------------------------------------------------
+// Host-side accounting (CudaHostStats in kernels_cuda.h): the process's counters, defined in
+// device.cu, and a monotonic clock in seconds for the timed sections.
+struct CudaHostStats *cuda_host_stats_acc_(void);
+static inline double cuda_host_now_(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 // ---------------------------------------------------------------------------------------
 // Error checks

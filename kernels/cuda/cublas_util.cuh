@@ -1,7 +1,8 @@
 // cublas_util.cuh: private cuBLAS helpers shared by gemm.cu and attention.cu (not part of the
 // public API): the CUBLAS_CHECK error check, the one cuBLAS handle of the process, the two
 // fp32 GEMM entry points that apply the precision chosen by cuda_set_gemm_bf16, and the bf16
-// operand path (conversion workspace, fp32 -> bf16 conversion, GEMMs on bf16 operands).
+// operand path (conversion workspace, fp32 -> bf16 conversion, GEMMs on bf16 operands). Every
+// entry point counts its calls and host time in CudaHostStats.
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -76,6 +77,9 @@ void f32_to_bf16_rn_(__nv_bfloat16 *out, const float *in, size_t n);
 
 // gemm_f32_ on bf16 operands: C (m,n) fp32 = alpha * op(A) * op(B) + beta * C, A and B
 // CUDA_R_16BF, CUBLAS_COMPUTE_32F (products of bf16 values are exact in fp32; the sums are fp32).
+// Through cuBLASLt with an algorithm cached per shape class (cuda_set_gemm_lt, the default), or
+// cublasGemmEx. The dimension that varies from call to call (an expert's row count) must be
+// n, or k with transa N and transb T, so that the class rounds it (see gemm.cu).
 void gemm_bf16_(cublasOperation_t transa, cublasOperation_t transb, int m, int n, int k,
                 float alpha, const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb,
                 float beta, float *C, int ldc);

@@ -1,6 +1,8 @@
 // device.cu: device discovery and selection for the CUDA backend, and the device memory
 // helpers. cuda_device_count is safe on machines without a driver or GPU (it returns 0), so
 // that callers and tests can fall back to the CPU backend or skip.
+#include <string.h>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/kernels_cuda.h"
 
@@ -75,7 +77,26 @@ int cuda_init(int device, char *info, int infolen) {
 }
 
 void cuda_synchronize(void) {
+    const double t0 = cuda_host_now_();
     CUDA_CHECK(cudaDeviceSynchronize());
+    cuda_host_stats_acc_()->wait_s += cuda_host_now_() - t0;
+}
+
+// ---------------------------------------------------------------------------------------
+// Host-side accounting (kernels_cuda.h): one set of counters for the process, as there is one
+// host thread driving the device.
+static CudaHostStats host_stats_;
+
+CudaHostStats *cuda_host_stats_acc_(void) {
+    return &host_stats_;
+}
+
+void cuda_host_stats(CudaHostStats *s) {
+    *s = host_stats_;
+}
+
+void cuda_host_stats_reset(void) {
+    memset(&host_stats_, 0, sizeof host_stats_);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -145,14 +166,23 @@ void cuda_zero(void *dptr, size_t bytes) {
     if (bytes) CUDA_CHECK(cudaMemset(dptr, 0, bytes));
 }
 
+// From pageable host memory the copy starts after the ops before it ("API synchronization
+// behavior" in the CUDA runtime docs), so its time counts as waiting too.
 void cuda_memcpy_h2d(void *dst, const void *src, size_t bytes) {
-    if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+    if (!bytes) return;
+    const double t0 = cuda_host_now_();
+    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+    cuda_host_stats_acc_()->wait_s += cuda_host_now_() - t0;
 }
 
 void cuda_memcpy_d2d(void *dst, const void *src, size_t bytes) {
     if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
 }
 
+// Waits for every op before it (the legacy default stream), so its time counts as waiting.
 void cuda_memcpy_d2h(void *dst, const void *src, size_t bytes) {
-    if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+    if (!bytes) return;
+    const double t0 = cuda_host_now_();
+    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+    cuda_host_stats_acc_()->wait_s += cuda_host_now_() - t0;
 }

@@ -27,6 +27,8 @@
 // (rows, experts, heads) so that a chunk fits GEMM_WORKSPACE_LIMIT (1 GiB by default,
 // cuda_set_gemm_workspace_limit); only a single weight matrix plus one row, or one sequence's
 // q, k, v, dO plus one head's (T,T) scores, can exceed it, and then the workspace holds that.
+#include <cublasLt.h>
+#include <limits.h>
 #include <string.h>
 
 #include "kernels/cuda/cublas_util.cuh"
@@ -50,20 +52,29 @@ int cuda_gemm_bf16(void) {
 // read from MOET_CUDA_GEMM_OPERANDS (read at the first GEMM, or by cuda_set_gemm_bf16_operands).
 static int operands_bf16_ = -1;
 
-static int operands_from_env_(void) {
-    const char *s = getenv("MOET_CUDA_GEMM_OPERANDS");
-    if (!s || !*s || strcmp(s, "bf16") == 0) return 1;
-    if (strcmp(s, "fp32") == 0) {
-        fprintf(stderr, "moet: note: MOET_CUDA_GEMM_OPERANDS=fp32: the bf16-mode GEMMs take fp32 "
-                        "operands (CUBLAS_COMPUTE_32F_FAST_16BF; cuBLAS may run TF32)\n");
+// An A/B switch read from the environment variable `name`: unset, empty or on_value give 1;
+// off_value gives 0 and the note "name=off_value: off_note" on stderr, so that each log shows
+// which path it ran; anything else is fatal, with a hint to run off_hint.
+static int env_switch_(const char *name, const char *on_value, const char *off_value,
+                       const char *off_note, const char *off_hint) {
+    const char *s = getenv(name);
+    if (!s || !*s || strcmp(s, on_value) == 0) return 1;
+    if (strcmp(s, off_value) == 0) {
+        fprintf(stderr, "moet: note: %s=%s: %s\n", name, off_value, off_note);
         return 0;
     }
     fprintf(stderr,
-            "moet: fatal: MOET_CUDA_GEMM_OPERANDS=%s: expected bf16 (the default) or fp32\n"
-            "---> HINT: unset it, or set it to fp32 to run the bf16-mode GEMMs on fp32 "
-            "operands (the A/B comparison)\n",
-            s);
+            "moet: fatal: %s=%s: expected %s (the default) or %s\n"
+            "---> HINT: unset it, or set it to %s to run %s (the A/B comparison)\n",
+            name, s, on_value, off_value, off_value, off_hint);
     exit(EXIT_FAILURE);
+}
+
+static int operands_from_env_(void) {
+    return env_switch_("MOET_CUDA_GEMM_OPERANDS", "bf16", "fp32",
+                       "the bf16-mode GEMMs take fp32 operands (CUBLAS_COMPUTE_32F_FAST_16BF; "
+                       "cuBLAS may run TF32)",
+                       "the bf16-mode GEMMs on fp32 operands");
 }
 
 void cuda_set_gemm_bf16_operands(int on) {
@@ -106,29 +117,250 @@ cublasHandle_t cublas_handle_(void) {
     return handle;
 }
 
+// Every GEMM entry point below counts its call and the host time it spends in the library
+// (CudaHostStats): a cuBLAS call returns once its kernels are queued, so this is host work
+// (argument checks, the algorithm heuristic, launches), not GPU time.
+static void count_gemm_(double t0) {
+    CudaHostStats *st = cuda_host_stats_acc_();
+    st->gemm_calls++;
+    st->gemm_host_s += cuda_host_now_() - t0;
+}
+
 void gemm_f32_(cublasOperation_t transa, cublasOperation_t transb, int m, int n, int k, float alpha,
                const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    const double t0 = cuda_host_now_();
     CUBLAS_CHECK(cublasGemmEx(cublas_handle_(), transa, transb, m, n, k, &alpha, A, CUDA_R_32F, lda,
                               B, CUDA_R_32F, ldb, &beta, C, CUDA_R_32F, ldc, gemm_compute_type_(),
                               CUBLAS_GEMM_DEFAULT));
+    count_gemm_(t0);
 }
 
 void gemm_f32_strided_batched_(cublasOperation_t transa, cublasOperation_t transb, int m, int n,
                                int k, float alpha, const float *A, int lda, long long strideA,
                                const float *B, int ldb, long long strideB, float beta, float *C,
                                int ldc, long long strideC, int batch_count) {
+    const double t0 = cuda_host_now_();
     CUBLAS_CHECK(cublasGemmStridedBatchedEx(cublas_handle_(), transa, transb, m, n, k, &alpha, A,
                                             CUDA_R_32F, lda, strideA, B, CUDA_R_32F, ldb, strideB,
                                             &beta, C, CUDA_R_32F, ldc, strideC, batch_count,
                                             gemm_compute_type_(), CUBLAS_GEMM_DEFAULT));
+    count_gemm_(t0);
+}
+
+// ---------------------------------------------------------------------------------------
+// bf16-operand GEMMs through cuBLASLt with a cache of algorithms (cuda_set_gemm_lt).
+//
+// cublasGemmEx chooses an algorithm for each call on the host: a heuristic query, cached by
+// cuBLAS per exact shape. The experts' row counts change every step, so in training nearly
+// every expert GEMM is a new shape (64 experts x 6 GEMMs x layers per step); on the H100 the
+// steps of bench-gpu-olmoe took 0.32-0.54 s of wall time for 0.28 s of kernels, the time
+// shrinking as cuBLAS's cache filled (bench/results/2026-11-26-gpu-bf16-operands.md).
+//
+// Here the algorithm is chosen once per shape class: the exact shape, leading dimensions and
+// operand alignments, with each dimension that no leading dimension bounds rounded up by
+// lt_bucket_ (the heuristic is asked for that larger shape; an algorithm runs any smaller
+// problem of the same layout, and cublasLtMatmul checks that it can). For the row-major ops
+// of this file that dimension is the row count: n of the forward and dinp GEMMs, k of the dw
+// GEMM. Which algorithm a call gets depends on its class alone, never on the calls before it,
+// so two runs (or a run and its resume) compute the same bits.
+
+// 1: cuBLASLt with cached algorithms (the default), 0: cublasGemmEx, -1: not yet read from
+// MOET_CUDA_GEMM_LT (read at the first bf16-operand GEMM, or by cuda_set_gemm_lt(-1)).
+static int lt_mode_ = -1;
+
+static int lt_from_env_(void) {
+    return env_switch_("MOET_CUDA_GEMM_LT", "1", "0",
+                       "the bf16-operand GEMMs go through cublasGemmEx (an algorithm heuristic "
+                       "per new shape)",
+                       "the bf16-operand GEMMs through cublasGemmEx");
+}
+
+void cuda_set_gemm_lt(int on) {
+    lt_mode_ = on < 0 ? lt_from_env_() : on != 0;
+}
+
+int cuda_gemm_lt(void) {
+    if (lt_mode_ < 0) lt_mode_ = lt_from_env_();
+    return lt_mode_;
+}
+
+// x rounded up to 8 steps per octave: exact up to 64, then to a multiple of 2^(floor(log2(x-1))-3)
+// (65 -> 72, 129 -> 144, 2560 -> 2560, 2561 -> 2816): at most 12.5 % above x.
+static int lt_bucket_(int x) {
+    if (x <= 64) return x;
+    int lg = 0;
+    while (((long long)(x - 1) >> (lg + 1)) != 0) lg++; // floor(log2(x - 1))
+    const long long step = 1LL << (lg - 3);
+    const long long r = ((long long)x + step - 1) / step * step;
+    return r > INT_MAX ? INT_MAX : (int)r;
+}
+
+// The alignment class of a pointer for cuBLASLt's preferences: its largest power-of-two
+// divisor, at most 256 (cuBLASLt's default assumption).
+static uint32_t lt_align_(const void *p) {
+    const uintptr_t u = (uintptr_t)p;
+    const uintptr_t low = u & (~u + 1);
+    return low == 0 || low > 256 ? 256u : (uint32_t)low;
+}
+
+typedef struct {
+    int32_t ta, tb, m, n, k, lda, ldb, ldc; // n and k as classes (lt_bucket_) where free
+    uint32_t align_a, align_b, align_c;
+} LtKey;
+
+typedef struct {
+    LtKey key;
+    int used;  // 0: an empty slot
+    int ok;    // 1: algo below; 0: the heuristic had none, cublasGemmEx runs this class
+    cublasLtMatmulAlgo_t algo;
+} LtEntry;
+
+// Open addressing, linear probing. A full table stops caching (every further new class queries
+// the heuristic at each call, still giving the same algorithm); at about 150 classes per model
+// shape it never fills in practice.
+enum { LT_SLOTS = 4096 };
+static LtEntry lt_cache_[LT_SLOTS];
+static int lt_used_ = 0;
+
+// 32 MiB, cuBLAS's own default on Hopper: split-k and stream-k algorithms need some.
+#define LT_WORKSPACE_BYTES ((size_t)32 << 20)
+static void *lt_ws_ = NULL;
+
+static cublasLtHandle_t lt_handle_(void) {
+    static cublasLtHandle_t h = NULL;
+    if (!h) {
+        CUBLAS_CHECK(cublasLtCreate(&h));
+        lt_ws_ = cuda_malloc(LT_WORKSPACE_BYTES); // counted by cuda_mem_stats; kept like h
+    }
+    return h;
+}
+
+static uint64_t lt_hash_(const LtKey *k) {
+    uint64_t h = 1469598103934665603ull; // FNV-1a over the key's bytes
+    const unsigned char *b = (const unsigned char *)k;
+    for (size_t i = 0; i < sizeof *k; i++) h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
+// The descriptors of one call: op(A) (m,k) and op(B) (k,n) bf16, C = D (m,n) fp32, column-major;
+// a layout describes the stored matrix (before the transpose).
+typedef struct {
+    cublasLtMatmulDescOpaque_t op;
+    cublasLtMatrixLayoutOpaque_t a, b, c;
+} LtDescs;
+
+static void lt_descs_(LtDescs *d, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                      int lda, int ldb, int ldc) {
+    CUBLAS_CHECK(cublasLtMatmulDescInit(&d->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const int32_t opa = (int32_t)ta, opb = (int32_t)tb;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(&d->op, CUBLASLT_MATMUL_DESC_TRANSA, &opa,
+                                                sizeof opa));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(&d->op, CUBLASLT_MATMUL_DESC_TRANSB, &opb,
+                                                sizeof opb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutInit(&d->a, CUDA_R_16BF, ta == CUBLAS_OP_N ? m : k,
+                                          ta == CUBLAS_OP_N ? k : m, lda));
+    CUBLAS_CHECK(cublasLtMatrixLayoutInit(&d->b, CUDA_R_16BF, tb == CUBLAS_OP_N ? k : n,
+                                          tb == CUBLAS_OP_N ? n : k, ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutInit(&d->c, CUDA_R_32F, m, n, ldc));
+}
+
+// The cache entry of the key, asking cuBLASLt's heuristic on a miss.
+static const LtEntry *lt_lookup_(const LtKey *key) {
+    size_t i = (size_t)(lt_hash_(key) % LT_SLOTS);
+    for (int probe = 0; probe < LT_SLOTS && lt_cache_[i].used; probe++) {
+        if (memcmp(&lt_cache_[i].key, key, sizeof *key) == 0) return &lt_cache_[i];
+        i = (i + 1) % LT_SLOTS;
+    }
+    static LtEntry miss; // the table is full: answer without storing
+    LtEntry *e = lt_used_ < LT_SLOTS * 3 / 4 ? &lt_cache_[i] : &miss;
+    memset(e, 0, sizeof *e);
+    e->key = *key;
+    LtDescs d;
+    lt_descs_(&d, (cublasOperation_t)key->ta, (cublasOperation_t)key->tb, key->m, key->n, key->k,
+              key->lda, key->ldb, key->ldc);
+    cublasLtMatmulPreferenceOpaque_t pref;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceInit(&pref));
+    const uint64_t ws = LT_WORKSPACE_BYTES;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        &pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        &pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key->align_a, sizeof key->align_a));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        &pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key->align_b, sizeof key->align_b));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        &pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key->align_c, sizeof key->align_c));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        &pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key->align_c, sizeof key->align_c));
+    cublasLtMatmulHeuristicResult_t res;
+    memset(&res, 0, sizeof res);
+    int got = 0;
+    const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(
+        lt_handle_(), &d.op, &d.a, &d.b, &d.c, &d.c, &pref, 1, &res, &got);
+    cuda_host_stats_acc_()->lt_queries++;
+    e->ok = s == CUBLAS_STATUS_SUCCESS && got > 0 && res.state == CUBLAS_STATUS_SUCCESS;
+    if (e->ok) e->algo = res.algo;
+    else if (s != CUBLAS_STATUS_SUCCESS && s != CUBLAS_STATUS_NOT_SUPPORTED)
+        CUBLAS_CHECK(s);
+    if (e != &miss) {
+        e->used = 1;
+        lt_used_++;
+    }
+    return e;
+}
+
+// C (m,n) = alpha op(A) op(B) + beta C through cuBLASLt with the class's cached algorithm.
+// Returns 1 when done; 0 when the class has no algorithm or cuBLASLt refused it for this
+// shape: the caller then runs cublasGemmEx.
+static int lt_gemm_bf16_(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                         float alpha, const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B,
+                         int ldb, float beta, float *C, int ldc) {
+    LtKey key;
+    memset(&key, 0, sizeof key); // no padding bytes left undefined: the key is hashed bytewise
+    key.ta = (int32_t)ta;
+    key.tb = (int32_t)tb;
+    key.m = m; // ldc >= m: never rounded
+    key.n = tb == CUBLAS_OP_N ? lt_bucket_(n) : n;                       // else ldb >= n
+    key.k = ta == CUBLAS_OP_N && tb == CUBLAS_OP_T ? lt_bucket_(k) : k; // else lda or ldb >= k
+    key.lda = lda;
+    key.ldb = ldb;
+    key.ldc = ldc;
+    key.align_a = lt_align_(A);
+    key.align_b = lt_align_(B);
+    key.align_c = lt_align_(C);
+    const LtEntry *e = lt_lookup_(&key);
+    if (!e->ok) return 0;
+    LtDescs d;
+    lt_descs_(&d, ta, tb, m, n, k, lda, ldb, ldc);
+    const cublasStatus_t s =
+        cublasLtMatmul(lt_handle_(), &d.op, &alpha, A, &d.a, B, &d.b, &beta, C, &d.c, C, &d.c,
+                       &e->algo, lt_ws_, LT_WORKSPACE_BYTES, 0);
+    if (s == CUBLAS_STATUS_SUCCESS) {
+        cuda_host_stats_acc_()->lt_calls++;
+        return 1;
+    }
+    if (s != CUBLAS_STATUS_NOT_SUPPORTED && s != CUBLAS_STATUS_INVALID_VALUE) CUBLAS_CHECK(s);
+    cuda_host_stats_acc_()->lt_fallbacks++;
+    static int noted = 0; // once per process (the counters are reset between measurements)
+    if (!noted++)
+        fprintf(stderr,
+                "moet: note: cuBLASLt refused the cached algorithm for a %c%c GEMM m %d n %d k %d "
+                "(class n %d k %d): %s; that call ran through cublasGemmEx (counted in moet "
+                "bench's host line)\n",
+                ta == CUBLAS_OP_N ? 'N' : 'T', tb == CUBLAS_OP_N ? 'N' : 'T', m, n, k, key.n,
+                key.k, cublasGetStatusName(s));
+    return 0;
 }
 
 void gemm_bf16_(cublasOperation_t transa, cublasOperation_t transb, int m, int n, int k,
                 float alpha, const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb,
                 float beta, float *C, int ldc) {
-    CUBLAS_CHECK(cublasGemmEx(cublas_handle_(), transa, transb, m, n, k, &alpha, A, CUDA_R_16BF,
-                              lda, B, CUDA_R_16BF, ldb, &beta, C, CUDA_R_32F, ldc,
-                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    const double t0 = cuda_host_now_();
+    if (!(cuda_gemm_lt() &&
+          lt_gemm_bf16_(transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)))
+        CUBLAS_CHECK(cublasGemmEx(cublas_handle_(), transa, transb, m, n, k, &alpha, A,
+                                  CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta, C, CUDA_R_32F, ldc,
+                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    count_gemm_(t0);
 }
 
 void gemm_bf16_strided_batched_(cublasOperation_t transa, cublasOperation_t transb, int m, int n,
@@ -136,10 +368,12 @@ void gemm_bf16_strided_batched_(cublasOperation_t transa, cublasOperation_t tran
                                 long long strideA, const __nv_bfloat16 *B, int ldb,
                                 long long strideB, float beta, float *C, int ldc, long long strideC,
                                 int batch_count) {
+    const double t0 = cuda_host_now_();
     CUBLAS_CHECK(cublasGemmStridedBatchedEx(cublas_handle_(), transa, transb, m, n, k, &alpha, A,
                                             CUDA_R_16BF, lda, strideA, B, CUDA_R_16BF, ldb, strideB,
                                             &beta, C, CUDA_R_32F, ldc, strideC, batch_count,
                                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    count_gemm_(t0);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -144,6 +144,33 @@ int cuda_gemm_bf16_operands(void);
 // cuda_gemm_workspace_bytes gives the bytes allocated now.
 void cuda_set_gemm_workspace_limit(size_t bytes);
 size_t cuda_gemm_workspace_bytes(void);
+// How the bf16-operand GEMMs reach cuBLAS. 1 (the default): through cuBLASLt, with the
+//   algorithm chosen once per shape class and kept in a cache of gemm.cu. The class is the
+//   exact shape, except that a dimension no leading dimension bounds (an expert's row count)
+//   is rounded up to 8 steps per octave (2560 stays, 2561..2816 become 2816): the experts' row
+//   counts change every step, and cublasGemmEx runs its host-side heuristic for every new
+//   shape. A cached algorithm that cuBLASLt refuses for the exact shape falls back to
+//   cublasGemmEx for that call (counted, see CudaHostStats). The choice depends on the shape
+//   class only, never on the order of calls, so results stay run-to-run identical.
+// 0: cublasGemmEx on every call, as before 2026-11-27.
+// -1: as MOET_CUDA_GEMM_LT says: 0 -> 0; 1, empty or unset -> 1; anything else is fatal (also
+//   the initial state, read at the first GEMM: MOET_CUDA_GEMM_LT=0 moet bench CONFIG is the A/B).
+void cuda_set_gemm_lt(int on);
+int cuda_gemm_lt(void);
+
+// Host-side accounting of the GEMM calls and of the waits for the device, for `moet bench` to
+// tell a host-bound step (the host busy issuing work while the GPU idles) from a device-bound
+// one (the host waiting in copies to the host). Counted since the last reset.
+typedef struct CudaHostStats {
+    unsigned long long gemm_calls; // cuBLAS / cuBLASLt GEMM calls (a batched call counts once)
+    unsigned long long lt_calls;   // of these, run by cuBLASLt with a cached algorithm
+    unsigned long long lt_queries; // cuBLASLt heuristic queries (algorithm cache misses)
+    unsigned long long lt_fallbacks; // cached algorithm refused: cublasGemmEx ran instead
+    double gemm_host_s;            // host seconds inside the GEMM library calls
+    double wait_s;                 // host seconds in copies to the host and device syncs
+} CudaHostStats;
+void cuda_host_stats(CudaHostStats *s);
+void cuda_host_stats_reset(void);
 
 // Matmul (cuBLAS, row-major as kernels.h): out = inp @ w^T; backward accumulates
 // dinp += dout @ w and dw += dout^T @ inp (either may be NULL).

@@ -136,7 +136,7 @@ void cuda_embedding_backward(float *dwte, const float *dout, const int32_t *toke
     // Synchronous copy on the default stream: ordered after any earlier op that used this
     // scratch, and the host buffer may be freed when it returns.
     int32_t *d_plan = (int32_t *)scratch;
-    CUDA_CHECK(cudaMemcpy(d_plan, plan, plan_n * sizeof(int32_t), cudaMemcpyHostToDevice));
+    cuda_memcpy_h2d(d_plan, plan, plan_n * sizeof(int32_t));
     free(plan);
     embedding_backward_kernel<<<row_blocks_((size_t)nu), row_threads_(D)>>>(
         dwte, dout, d_plan, d_plan + N, d_plan + 2 * (size_t)N + 1, nu, D);
@@ -531,9 +531,8 @@ void cuda_router_aux_sums(double *prob_sum_host, double *lse_sq_sum_host, const 
     CUDA_CHECK_LAUNCH();
     aux_sums_final_kernel<<<(unsigned)(E + 1), AUX_THREADS>>>(result, partial, G, E);
     CUDA_CHECK_LAUNCH();
-    CUDA_CHECK(
-        cudaMemcpy(prob_sum_host, result, (size_t)E * sizeof(double), cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(lse_sq_sum_host, result + E, sizeof(double), cudaMemcpyDeviceToHost));
+    cuda_memcpy_d2h(prob_sum_host, result, (size_t)E * sizeof(double));
+    cuda_memcpy_d2h(lse_sq_sum_host, result + E, sizeof(double));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -850,7 +849,7 @@ static double crossentropy_rows_(const char *fn, float *dlogits, float *losses, 
     crossentropy_sum_kernel<<<1, CE_SUM_THREADS>>>(row_loss, N);
     CUDA_CHECK_LAUNCH();
     double total = 0.0;
-    CUDA_CHECK(cudaMemcpy(&total, row_loss + N, sizeof total, cudaMemcpyDeviceToHost));
+    cuda_memcpy_d2h(&total, row_loss + N, sizeof total);
     return total;
 }
 

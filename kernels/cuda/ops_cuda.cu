@@ -186,3 +186,19 @@ extern "C" double ops_cuda_peak_tflops(void) {
     if (p.major == 8 && p.minor == 0) return 312.0; // A100
     return 0.0;
 }
+
+extern "C" void ops_cuda_host_stats_reset(void) {
+    cuda_host_stats_reset();
+}
+
+extern "C" int ops_cuda_host_stats_line(char *buf, int len, int steps) {
+    CudaHostStats st;
+    cuda_host_stats(&st);
+    const double n = steps > 0 ? (double)steps : 1.0;
+    return snprintf(buf, (size_t)len,
+                    "%.0f GEMM calls (%.0f by cuBLASLt from its algorithm cache, %.1f heuristic "
+                    "queries, %.1f fallbacks), %.1f ms of host time in GEMM calls, %.1f ms "
+                    "waiting for the GPU",
+                    (double)st.gemm_calls / n, (double)st.lt_calls / n, (double)st.lt_queries / n,
+                    (double)st.lt_fallbacks / n, 1e3 * st.gemm_host_s / n, 1e3 * st.wait_s / n);
+}

@@ -1,7 +1,8 @@
 // test_cuda_gemm: the cuBLAS ops of kernels/cuda/gemm.cu and attention.cu (matmul, grouped
 // expert matmul, causal attention; forward and backward) against the CPU ops of the same name
 // in kernels.h, in both GEMM precisions (cuda_set_gemm_bf16 0 and 1; bf16 on bf16 copies of the
-// operands, the default, and on fp32 operands, MOET_CUDA_GEMM_OPERANDS=fp32), the bf16 operand
+// operands, the default, through cuBLASLt or cublasGemmEx, and on fp32 operands,
+// MOET_CUDA_GEMM_OPERANDS=fp32), the cuBLASLt algorithm cache, the bf16 operand
 // path in chunks of a small workspace, its rounding checked exactly against bf16-rounded
 // operands, plus run-to-run bitwise determinism. Exits 77 (ctest "skipped") where no CUDA device
 // exists; never passes without one.
@@ -121,17 +122,22 @@ static double attn_atol_(int bf16, const float *want, size_t n, double term_scal
 }
 
 // The GEMM modes every case runs in: fp32 (cuda_set_gemm_bf16(0)); bf16 on bf16 copies of the
-// operands (the default); bf16 on fp32 operands with CUBLAS_COMPUTE_32F_FAST_16BF (the
-// MOET_CUDA_GEMM_OPERANDS=fp32 path). Both bf16 modes have the bf16 tolerances.
-enum { MODE_FP32, MODE_BF16, MODE_BF16_F32_OPERANDS, N_MODES };
+// operands through cuBLASLt with cached algorithms (the default); the same through cublasGemmEx
+// (MOET_CUDA_GEMM_LT=0); bf16 on fp32 operands with CUBLAS_COMPUTE_32F_FAST_16BF (the
+// MOET_CUDA_GEMM_OPERANDS=fp32 path). The bf16 modes have the bf16 tolerances.
+enum { MODE_FP32, MODE_BF16, MODE_BF16_GEMMEX, MODE_BF16_F32_OPERANDS, N_MODES };
 
 static void set_mode_(int mode) {
     cuda_set_gemm_bf16(mode != MODE_FP32);
     cuda_set_gemm_bf16_operands(mode != MODE_BF16_F32_OPERANDS);
+    cuda_set_gemm_lt(mode != MODE_BF16_GEMMEX);
 }
 
 static const char *mode_name_(int mode) {
-    return mode == MODE_FP32 ? "fp32" : mode == MODE_BF16 ? "bf16" : "bf16-fp32-operands";
+    return mode == MODE_FP32               ? "fp32"
+           : mode == MODE_BF16             ? "bf16"
+           : mode == MODE_BF16_GEMMEX      ? "bf16-gemmex"
+                                           : "bf16-fp32-operands";
 }
 
 // ---------------------------------------------------------------------------------------
@@ -372,8 +378,31 @@ static void test_attention(void) {
 // ---------------------------------------------------------------------------------------
 // GEMM precision switch
 
+// An A/B switch read from the environment by setter(-1): each value in turn must give its
+// setting (NULL: unset); the variable is restored afterwards.
+typedef struct {
+    const char *value;
+    int want;
+} EnvCase;
+
+static void env_switch_cases_(const char *name, void (*setter)(int), int (*getter)(void),
+                              const EnvCase *cases, int n) {
+    const char *env = getenv(name);
+    char *saved = env ? strdup(env) : NULL;
+    for (int i = 0; i < n; i++) {
+        if (cases[i].value)
+            setenv(name, cases[i].value, 1);
+        else
+            unsetenv(name);
+        setter(-1);
+        CU_ASSERT_EQUAL(getter(), cases[i].want);
+    }
+    if (saved) setenv(name, saved, 1);
+    free(saved);
+}
+
 static void test_gemm_mode(void) {
-    // main() checks the defaults (1, 1) before any test runs; here the setters and getters
+    // main() checks the defaults (1, 1, 1) before any test runs; here the setters and getters
     cuda_set_gemm_bf16(0);
     CU_ASSERT_EQUAL(cuda_gemm_bf16(), 0);
     cuda_set_gemm_bf16(5); // any non-zero value means on
@@ -382,23 +411,69 @@ static void test_gemm_mode(void) {
     CU_ASSERT_EQUAL(cuda_gemm_bf16_operands(), 0);
     cuda_set_gemm_bf16_operands(7);
     CU_ASSERT_EQUAL(cuda_gemm_bf16_operands(), 1);
-    // -1: as MOET_CUDA_GEMM_OPERANDS says (fp32 -> 0; bf16, empty or unset -> 1)
-    const char *env = getenv("MOET_CUDA_GEMM_OPERANDS");
-    char *saved = env ? strdup(env) : NULL;
-    static const struct {
-        const char *value;
-        int want;
-    } cases[] = {{"fp32", 0}, {"bf16", 1}, {"", 1}, {NULL, 1}};
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        if (cases[i].value)
-            setenv("MOET_CUDA_GEMM_OPERANDS", cases[i].value, 1);
-        else
-            unsetenv("MOET_CUDA_GEMM_OPERANDS");
-        cuda_set_gemm_bf16_operands(-1);
-        CU_ASSERT_EQUAL(cuda_gemm_bf16_operands(), cases[i].want);
-    }
-    if (saved) setenv("MOET_CUDA_GEMM_OPERANDS", saved, 1);
-    free(saved);
+    cuda_set_gemm_lt(0);
+    CU_ASSERT_EQUAL(cuda_gemm_lt(), 0);
+    cuda_set_gemm_lt(3);
+    CU_ASSERT_EQUAL(cuda_gemm_lt(), 1);
+    // -1: as the environment says (MOET_CUDA_GEMM_OPERANDS: fp32 -> 0; bf16, empty or unset
+    // -> 1. MOET_CUDA_GEMM_LT: 0 -> 0; 1, empty or unset -> 1)
+    static const EnvCase operands[] = {{"fp32", 0}, {"bf16", 1}, {"", 1}, {NULL, 1}};
+    env_switch_cases_("MOET_CUDA_GEMM_OPERANDS", cuda_set_gemm_bf16_operands,
+                      cuda_gemm_bf16_operands, operands, 4);
+    static const EnvCase lt[] = {{"0", 0}, {"1", 1}, {"", 1}, {NULL, 1}};
+    env_switch_cases_("MOET_CUDA_GEMM_LT", cuda_set_gemm_lt, cuda_gemm_lt, lt, 4);
+    set_mode_(MODE_BF16);
+}
+
+// ---------------------------------------------------------------------------------------
+// The cuBLASLt algorithm cache (gemm.cu): one heuristic query per shape class, where an
+// expert's row count is rounded up to 8 steps per octave. Every result is checked against the
+// CPU as in the other cases; the counters of CudaHostStats show what the cache did. C = OC =
+// 64 and even start rows keep every operand 256-byte aligned, so that the classes differ only
+// where the row counts do.
+
+// Runs grouped_case_ and returns the host counters it added.
+static CudaHostStats grouped_counted_(const int *rows, int E, int mode, uint64_t seed) {
+    cuda_host_stats_reset();
+    grouped_case_(rows, E, 64, 64, mode, seed);
+    CudaHostStats st;
+    cuda_host_stats(&st);
+    return st;
+}
+
+static void test_lt_cache(void) {
+    // 70, 66, 68 -> class 72; 100, 98 -> 104; 200 -> 208 (and the dense dw of grouped_case_'s
+    // "dw only" pass has the same classes)
+    static const int first[5] = {70, 0, 66, 100, 68}, same[5] = {68, 0, 70, 98, 66};
+    static const int other[5] = {70, 0, 66, 200, 68};
+    // EMU_LT_REFUSE=1 makes the host emulator's cublasLtMatmul refuse every algorithm
+    // (tools/cuda-emu/run.sh gemm_lt_refused): every call must then fall back to cublasGemmEx,
+    // with the same results
+    const char *refuse = getenv("EMU_LT_REFUSE");
+    const int refused = refuse && strcmp(refuse, "1") == 0;
+    CudaHostStats a = grouped_counted_(first, 5, MODE_BF16, 7000);
+    if (refused)
+        CU_ASSERT_TRUE(a.gemm_calls > 0 && a.lt_calls == 0 && a.lt_fallbacks == a.gemm_calls);
+    if (!refused)
+        CU_ASSERT_TRUE(a.lt_calls > 0 && a.lt_calls == a.gemm_calls && a.lt_fallbacks == 0);
+    // other row counts in the same classes: every algorithm comes from the cache
+    CudaHostStats b = grouped_counted_(same, 5, MODE_BF16, 7010);
+    CU_ASSERT_EQUAL(b.lt_queries, 0);
+    CU_ASSERT_TRUE(b.lt_calls == a.lt_calls && b.gemm_calls == a.gemm_calls);
+    // a row count in a new class: new queries, for that expert's GEMMs only
+    CudaHostStats c = grouped_counted_(other, 5, MODE_BF16, 7020);
+    CU_ASSERT_TRUE(c.lt_queries > 0 && c.lt_queries < a.lt_queries);
+    // the same again: cached
+    CudaHostStats d = grouped_counted_(other, 5, MODE_BF16, 7030);
+    CU_ASSERT_EQUAL(d.lt_queries, 0);
+    // MOET_CUDA_GEMM_LT=0: the same GEMMs, none through cuBLASLt
+    CudaHostStats e = grouped_counted_(first, 5, MODE_BF16_GEMMEX, 7040);
+    CU_ASSERT_TRUE(e.gemm_calls == a.gemm_calls && e.lt_calls == 0 && e.lt_queries == 0);
+    // the host time is measured (every call takes some)
+    CU_ASSERT_TRUE(a.gemm_host_s > 0.0 && e.gemm_host_s > 0.0);
+    if (b.lt_queries != 0 || d.lt_queries != 0 || c.lt_queries == 0)
+        fprintf(stderr, "  heuristic queries: first %llu, same classes %llu, new class %llu, "
+                        "again %llu\n", a.lt_queries, b.lt_queries, c.lt_queries, d.lt_queries);
     set_mode_(MODE_BF16);
 }
 
@@ -620,10 +695,11 @@ static void exact_attention_case_(int kind, uint64_t seed) {
 }
 
 static void test_bf16_operands_exact(void) {
-    set_mode_(MODE_BF16);
     // dense, 16-byte aligned operands with sizes in multiples of 4 (the vectorised conversion)
     static const int one[1] = {64}, rows[4] = {20, 0, 45, 3};
+    for (int m = 0; m < 2; m++) // through cuBLASLt (the default) and through cublasGemmEx
     for (int kind = ABOVE_HALF; kind <= TIE_EVEN; kind++) {
+        set_mode_(m == 0 ? MODE_BF16 : MODE_BF16_GEMMEX);
         exact_matmul_case_(one, 1, 512, 48, kind, 1, 6000 + 10 * kind);
         // experts of odd sizes (45 x 33 weights: the conversion's tail), in the default
         // workspace, then one expert per chunk in pieces of 8 (forward) and 3 (backward) rows
@@ -636,6 +712,7 @@ static void test_bf16_operands_exact(void) {
         cuda_set_gemm_workspace_limit(0);
         exact_attention_case_(kind, 6400 + 10 * kind);
     }
+    set_mode_(MODE_BF16);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -727,6 +804,11 @@ int main(void) {
         fprintf(stderr, "test_cuda_gemm: the GEMM precision must default to bf16 (1)\n");
         return 1;
     }
+    if (cuda_gemm_lt() != 1) {
+        fprintf(stderr, "test_cuda_gemm: the bf16-operand GEMMs must default to cuBLASLt (1)%s\n",
+                getenv("MOET_CUDA_GEMM_LT") ? ": unset MOET_CUDA_GEMM_LT" : "");
+        return 1;
+    }
     if (cuda_gemm_bf16_operands() != 1) {
         fprintf(stderr, "test_cuda_gemm: the bf16 GEMMs must default to bf16 operands (1)%s\n",
                 getenv("MOET_CUDA_GEMM_OPERANDS") ? ": unset MOET_CUDA_GEMM_OPERANDS" : "");
@@ -741,6 +823,7 @@ int main(void) {
         {"bf16 operand workspace: grows by at least doubling", test_workspace_growth},
         {"bf16 operands rounded to nearest even, exactly", test_bf16_operands_exact},
         {"determinism of the GEMM ops", test_determinism},
+        {"cuBLASLt algorithms cached per shape class", test_lt_cache},
     };
     return tcu_main("cuda_gemm", tests, (int)(sizeof tests / sizeof tests[0]));
 }

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "inc/cublasLt.h"
 #include "inc/cublas_v2.h"
 #include "inc/cuda_runtime.h"
 
@@ -1053,10 +1054,256 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta
     return CUBLAS_STATUS_SUCCESS;
 }
 
+// ---------------------------------------------------------------------------------------
+// Fake cuBLASLt (inc/cublasLt.h): descriptors live in the caller's opaque structs, written
+// and read here through memcpy of the structs below; a magic number marks an initialised one.
+struct EmuCublasLtContext {
+    int magic;
+};
+enum : uint32_t { LT_DESC_MAGIC = 0x6c746d64, LT_LAYOUT_MAGIC = 0x6c746c79,
+                  LT_PREF_MAGIC = 0x6c747066, LT_ALGO_MAGIC = 0x6c74616c };
+struct LtDesc {
+    uint32_t magic;
+    int compute, scale, ta, tb;
+};
+struct LtLayout {
+    uint32_t magic;
+    int type;
+    uint64_t rows, cols;
+    int64_t ld;
+};
+struct LtPref {
+    uint32_t magic;
+    uint32_t align[4]; // A, B, C, D
+    uint64_t max_ws;
+};
+struct LtAlgo { // what the heuristic chose the algorithm for (64 bytes at most)
+    uint32_t magic;
+    int ta, tb, m, n, k;
+    int32_t lda, ldb, ldc;
+    uint32_t align[4];
+    uint32_t ws; // workspace it needs, bytes
+};
+static_assert(sizeof(LtDesc) <= sizeof(cublasLtMatmulDescOpaque_t), "LtDesc");
+static_assert(sizeof(LtLayout) <= sizeof(cublasLtMatrixLayoutOpaque_t), "LtLayout");
+static_assert(sizeof(LtPref) <= sizeof(cublasLtMatmulPreferenceOpaque_t), "LtPref");
+static_assert(sizeof(LtAlgo) <= sizeof(cublasLtMatmulAlgo_t), "LtAlgo");
+static size_t lt_queries_, lt_matmuls_;
+
+template <class T, class O> static T lt_read_(const O *o) {
+    T t;
+    memcpy(&t, o, sizeof t);
+    return t;
+}
+
+cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) {
+    *h = new EmuCublasLtContext{0x63424c74};
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) {
+    delete h;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatrixLayoutInit_internal(cublasLtMatrixLayout_t l, size_t size,
+                                                 cudaDataType type, uint64_t rows, uint64_t cols,
+                                                 int64_t ld) {
+    if (!l || size != sizeof *l) return CUBLAS_STATUS_INVALID_VALUE;
+    // column-major: ld >= rows (cuBLASLt rejects less)
+    if (ld < (int64_t)std::max<uint64_t>(rows, 1)) {
+        fprintf(stderr, "*** cuda-emu: cublasLtMatrixLayoutInit: ld %lld < rows %llu\n",
+                (long long)ld, (unsigned long long)rows);
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    LtLayout v{LT_LAYOUT_MAGIC, (int)type, rows, cols, ld};
+    memset(l, 0, sizeof *l);
+    memcpy(l, &v, sizeof v);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulDescInit_internal(cublasLtMatmulDesc_t d, size_t size,
+                                               cublasComputeType_t compute,
+                                               cudaDataType_t scale) {
+    if (!d || size != sizeof *d) return CUBLAS_STATUS_INVALID_VALUE;
+    LtDesc v{LT_DESC_MAGIC, (int)compute, (int)scale, CUBLAS_OP_N, CUBLAS_OP_N};
+    memset(d, 0, sizeof *d);
+    memcpy(d, &v, sizeof v);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
+                                              cublasLtMatmulDescAttributes_t attr, const void *buf,
+                                              size_t size) {
+    LtDesc v = lt_read_<LtDesc>(d);
+    if (v.magic != LT_DESC_MAGIC) emu_fatal_("cublasLtMatmulDescSetAttribute: not initialised");
+    if ((attr != CUBLASLT_MATMUL_DESC_TRANSA && attr != CUBLASLT_MATMUL_DESC_TRANSB) ||
+        size != sizeof(int32_t)) {
+        fprintf(stderr, "*** cuda-emu: cublasLtMatmulDescSetAttribute: attribute %d (size %zu) is "
+                        "not modelled (TRANSA, TRANSB: int32_t)\n", (int)attr, size);
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    int32_t op;
+    memcpy(&op, buf, sizeof op);
+    if (op != CUBLAS_OP_N && op != CUBLAS_OP_T) return CUBLAS_STATUS_INVALID_VALUE;
+    (attr == CUBLASLT_MATMUL_DESC_TRANSA ? v.ta : v.tb) = op;
+    memcpy(d, &v, sizeof v);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceInit_internal(cublasLtMatmulPreference_t p, size_t size) {
+    if (!p || size != sizeof *p) return CUBLAS_STATUS_INVALID_VALUE;
+    LtPref v{LT_PREF_MAGIC, {256, 256, 256, 256}, 0}; // cuBLASLt's defaults
+    memset(p, 0, sizeof *p);
+    memcpy(p, &v, sizeof v);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
+                                                    cublasLtMatmulPreferenceAttributes_t attr,
+                                                    const void *buf, size_t size) {
+    LtPref v = lt_read_<LtPref>(p);
+    if (v.magic != LT_PREF_MAGIC) emu_fatal_("cublasLtMatmulPreferenceSetAttribute: not initialised");
+    if (attr == CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES && size == sizeof(uint64_t)) {
+        memcpy(&v.max_ws, buf, size);
+    } else if (attr >= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES &&
+               attr <= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES && size == sizeof(uint32_t)) {
+        uint32_t a;
+        memcpy(&a, buf, size);
+        if (a == 0 || (a & (a - 1)) != 0) return CUBLAS_STATUS_INVALID_VALUE;
+        v.align[attr - CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES] = a;
+    } else {
+        fprintf(stderr, "*** cuda-emu: cublasLtMatmulPreferenceSetAttribute: attribute %d (size "
+                        "%zu) is not modelled\n", (int)attr, size);
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    memcpy(p, &v, sizeof v);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+// The problem the descriptors describe, or CUBLAS_STATUS_NOT_SUPPORTED / INVALID_VALUE.
+struct LtProblem {
+    int ta, tb, m, n, k;
+    int64_t lda, ldb, ldc;
+};
+static cublasStatus_t lt_problem_(const char *api, cublasLtHandle_t h, cublasLtMatmulDesc_t d,
+                                  cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                  cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t dd,
+                                  LtProblem *pr) {
+    if (!h || h->magic != 0x63424c74) return CUBLAS_STATUS_NOT_INITIALIZED;
+    const LtDesc v = lt_read_<LtDesc>(d);
+    const LtLayout la = lt_read_<LtLayout>(a), lb = lt_read_<LtLayout>(b),
+                   lc = lt_read_<LtLayout>(c), ld = lt_read_<LtLayout>(dd);
+    if (v.magic != LT_DESC_MAGIC || la.magic != LT_LAYOUT_MAGIC || lb.magic != LT_LAYOUT_MAGIC ||
+        lc.magic != LT_LAYOUT_MAGIC || ld.magic != LT_LAYOUT_MAGIC)
+        emu_fatal_("%s: a descriptor is not initialised", api);
+    if (v.compute != CUBLAS_COMPUTE_32F || v.scale != CUDA_R_32F || la.type != CUDA_R_16BF ||
+        lb.type != CUDA_R_16BF || lc.type != CUDA_R_32F) {
+        fprintf(stderr, "*** cuda-emu: %s: only A, B CUDA_R_16BF, C CUDA_R_32F, "
+                        "CUBLAS_COMPUTE_32F, scale CUDA_R_32F is modelled\n", api);
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+    if (memcmp(&lc, &ld, sizeof lc) != 0) {
+        fprintf(stderr, "*** cuda-emu: %s: Cdesc != Ddesc is not modelled\n", api);
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+    // op(A) (m,k), op(B) (k,n), C (m,n)
+    const uint64_t am = v.ta == CUBLAS_OP_N ? la.rows : la.cols,
+                   ak = v.ta == CUBLAS_OP_N ? la.cols : la.rows;
+    const uint64_t bk = v.tb == CUBLAS_OP_N ? lb.rows : lb.cols,
+                   bn = v.tb == CUBLAS_OP_N ? lb.cols : lb.rows;
+    if (am != lc.rows || bn != lc.cols || ak != bk || am == 0 || bn == 0 || ak == 0) {
+        fprintf(stderr, "*** cuda-emu: %s: inconsistent shapes: op(A) %llux%llu, op(B) "
+                        "%llux%llu, C %llux%llu\n", api, (unsigned long long)am,
+                (unsigned long long)ak, (unsigned long long)bk, (unsigned long long)bn,
+                (unsigned long long)lc.rows, (unsigned long long)lc.cols);
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    *pr = LtProblem{v.ta, v.tb, (int)am, (int)bn, (int)ak, la.ld, lb.ld, lc.ld};
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
+                                              cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                              cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t dd,
+                                              cublasLtMatmulPreference_t p, int requested,
+                                              cublasLtMatmulHeuristicResult_t res[], int *got) {
+    if (requested <= 0 || !res || !got) return CUBLAS_STATUS_INVALID_VALUE;
+    LtProblem pr;
+    cublasStatus_t s = lt_problem_("cublasLtMatmulAlgoGetHeuristic", h, d, a, b, c, dd, &pr);
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+    const LtPref pf = lt_read_<LtPref>(p);
+    if (pf.magic != LT_PREF_MAGIC) emu_fatal_("cublasLtMatmulAlgoGetHeuristic: preference not "
+                                              "initialised");
+    lt_queries_++;
+    // a split-k algorithm, with workspace, for long sums when the preference allows 4 MiB
+    const uint64_t want_ws = pr.k >= 1024 && pf.max_ws >= ((uint64_t)4 << 20) ? (4u << 20) : 0;
+    LtAlgo al{LT_ALGO_MAGIC, pr.ta, pr.tb, pr.m, pr.n, pr.k, (int32_t)pr.lda, (int32_t)pr.ldb,
+              (int32_t)pr.ldc, {pf.align[0], pf.align[1], pf.align[2], pf.align[3]},
+              (uint32_t)want_ws};
+    memset(&res[0], 0, sizeof res[0]);
+    memcpy(&res[0].algo, &al, sizeof al);
+    res[0].workspaceSize = want_ws;
+    res[0].state = CUBLAS_STATUS_SUCCESS;
+    res[0].wavesCount = 1.0f;
+    *got = 1;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+static uint32_t lt_align_of_(const void *p) {
+    const uintptr_t u = (uintptr_t)p;
+    const uintptr_t low = u & (~u + 1);
+    return low == 0 || low > 256 ? 256u : (uint32_t)low;
+}
+
+cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const void *alpha,
+                              const void *A, cublasLtMatrixLayout_t a, const void *B,
+                              cublasLtMatrixLayout_t b, const void *beta, const void *C,
+                              cublasLtMatrixLayout_t c, void *D, cublasLtMatrixLayout_t dd,
+                              const cublasLtMatmulAlgo_t *algo, void *ws, size_t ws_bytes,
+                              cudaStream_t stream) {
+    LtProblem pr;
+    cublasStatus_t s = lt_problem_("cublasLtMatmul", h, d, a, b, c, dd, &pr);
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+    if (!algo) emu_fatal_("cublasLtMatmul: algo NULL (the heuristic's choice is not modelled)");
+    const LtAlgo al = lt_read_<LtAlgo>(algo);
+    if (al.magic != LT_ALGO_MAGIC) emu_fatal_("cublasLtMatmul: algo not from the heuristic");
+    if (stream != nullptr) fprintf(stderr, "*** cuda-emu: cublasLtMatmul: a non-default stream\n");
+    if (!alpha || !beta || is_device_(alpha) || is_device_(beta))
+        return CUBLAS_STATUS_INVALID_VALUE; // pointer mode host
+    if (C != D) {
+        fprintf(stderr, "*** cuda-emu: cublasLtMatmul: C != D is not modelled\n");
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+    // stricter than cuBLASLt: the algorithm must come from this layout, with n, k no larger
+    if (al.ta != pr.ta || al.tb != pr.tb || al.m != pr.m || al.lda != pr.lda ||
+        al.ldb != pr.ldb || al.ldc != pr.ldc || pr.n > al.n || pr.k > al.k)
+        emu_fatal_("cublasLtMatmul: the algorithm was chosen for %c%c m %d n %d k %d lda %lld "
+                   "ldb %lld ldc %lld, not for this %c%c m %d n %d k %d lda %lld ldb %lld "
+                   "ldc %lld (a wrong algorithm cache key?)",
+                   al.ta ? 'T' : 'N', al.tb ? 'T' : 'N', al.m, al.n, al.k, (long long)al.lda,
+                   (long long)al.ldb, (long long)al.ldc, pr.ta ? 'T' : 'N', pr.tb ? 'T' : 'N',
+                   pr.m, pr.n, pr.k, (long long)pr.lda, (long long)pr.ldb, (long long)pr.ldc);
+    // as cuBLASLt: buffers less aligned than the algorithm was chosen for are refused
+    if (lt_align_of_(A) < al.align[0] || lt_align_of_(B) < al.align[1] ||
+        lt_align_of_(C) < al.align[2] || lt_align_of_(D) < al.align[3])
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (ws_bytes < al.ws) return CUBLAS_STATUS_INVALID_VALUE;
+    if (al.ws > 0 && !dev_range_ok_(ws, al.ws))
+        emu_fatal_("cublasLtMatmul: the workspace (%zu bytes at %p) is not device memory the "
+                   "algorithm can use", ws_bytes, ws);
+    const char *refuse = getenv("EMU_LT_REFUSE");
+    if (refuse && strcmp(refuse, "1") == 0) return CUBLAS_STATUS_NOT_SUPPORTED;
+    DevScope scope("cublasLtMatmul");
+    lt_matmuls_++;
+    return gemm_one_("cublasLtMatmul", (cublasOperation_t)pr.ta, (cublasOperation_t)pr.tb, pr.m,
+                     pr.n, pr.k, *(const float *)alpha, A, (int)pr.lda, B, (int)pr.ldb,
+                     CUDA_R_16BF, *(const float *)beta, (float *)D, (int)pr.ldc, false);
+}
+
 __attribute__((destructor)) static void stats_(void) {
     if (getenv("EMU_STATS"))
         fprintf(stderr,
-                "cuda-emu: %zu kernel launches, %zu GEMMs (%zu on bf16 operands), %zu bytes "
-                "still allocated\n",
-                launches_, gemms_, gemms_bf16_, in_use_);
+                "cuda-emu: %zu kernel launches, %zu GEMMs (%zu on bf16 operands; %zu by "
+                "cublasLtMatmul after %zu heuristic queries), %zu bytes still allocated\n",
+                launches_, gemms_, gemms_bf16_, lt_matmuls_, lt_queries_, in_use_);
 }

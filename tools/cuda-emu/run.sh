@@ -2,7 +2,9 @@
 # run.sh: builds moet's CUDA backend for the host emulator (tools/cuda-emu/README.md) into
 # /tmp/cuda-emu-build and runs the CUDA tests under it, printing their summaries.
 #   tools/cuda-emu/run.sh [test ...]
-# Tests (default: all): kernels gemm moe_ops train nccl_comm nccl_stall nccl_error train_gpu.
+# Tests (default: all): kernels gemm gemm_lt_refused moe_ops train nccl_comm nccl_stall nccl_error
+# train_gpu. gemm_lt_refused runs the gemm test with EMU_LT_REFUSE=1 (cuBLASLt refuses every
+# algorithm: gemm.cu's fallback to cublasGemmEx).
 # nccl_comm runs tests/cuda/test_nccl_comm.c on 2 ranks (mpirun, the emulated NCCL over MPI);
 # nccl_stall checks that a hung NCCL all-reduce ends the job with the timeout message, and
 # nccl_error that an error NCCL reports (a dead peer) while a rank waits ends it at once;
@@ -22,7 +24,7 @@ JOBS=${JOBS:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export TU_VERBOSE=${TU_VERBOSE:-1}
 TESTS=("$@")
-[ ${#TESTS[@]} -eq 0 ] && TESTS=(kernels gemm moe_ops train nccl_comm nccl_stall nccl_error train_gpu)
+[ ${#TESTS[@]} -eq 0 ] && TESTS=(kernels gemm gemm_lt_refused moe_ops train nccl_comm nccl_stall nccl_error train_gpu)
 mkdir -p "$BUILD/src" "$BUILD/obj"
 
 BLAS_INC=/usr/include/x86_64-linux-gnu/openblas-openmp
@@ -57,13 +59,13 @@ for cu in "$ROOT"/kernels/cuda/*.cu; do
   out="$BUILD/src/$name.cpp"; obj="$BUILD/obj/cu_$name.o"
   if stale "$src" "$obj" || [ "$ROOT/kernels/cuda/common.cuh" -nt "$obj" ] ||
      [ "$ROOT/kernels/cuda/cublas_util.cuh" -nt "$obj" ] || [ "$ROOT/kernels/cuda/kernels_cuda.h" -nt "$obj" ] ||
-     [ "$HERE/inc/cublas_v2.h" -nt "$obj" ] || [ -n "${PATCHED_CU_DIR:-}" ]; then
+     [ "$HERE/inc/cublas_v2.h" -nt "$obj" ] || [ "$HERE/inc/cublasLt.h" -nt "$obj" ] || [ -n "${PATCHED_CU_DIR:-}" ]; then
     "$CONVERT" "$src" "$out"
     echo "g++ $CXXFLAGS -c $out -o $obj" >> "$jobs_file"
   fi
 done
 obj="$BUILD/obj/emu_runtime.o"
-if stale "$HERE/emu_runtime.cpp" "$obj" || [ "$HERE/inc/cublas_v2.h" -nt "$obj" ]; then
+if stale "$HERE/emu_runtime.cpp" "$obj" || [ "$HERE/inc/cublas_v2.h" -nt "$obj" ] || [ "$HERE/inc/cublasLt.h" -nt "$obj" ]; then
   echo "g++ $CXXFLAGS -c $HERE/emu_runtime.cpp -o $obj" >> "$jobs_file"
 fi
 obj="$BUILD/obj/emu_nccl.o"
@@ -90,7 +92,7 @@ ar rcs "$BUILD/libmoet_core_emu.a" $(for c in $CSRC; do rel=${c#$ROOT/}; echo "$
   "$BUILD"/obj/cu_*.o "$BUILD/obj/emu_runtime.o" "$BUILD/obj/emu_nccl.o"
 # test name -> program: kernels -> cuda_test_cuda_kernels (tests/cuda/test_cuda_kernels.c),
 # nccl_comm and nccl_stall -> cuda_test_nccl_comm (tests/cuda/test_nccl_comm.c)
-prog() { case $1 in nccl_*) echo cuda_test_nccl_comm ;; train_gpu) echo moet ;;
+prog() { case $1 in nccl_*) echo cuda_test_nccl_comm ;; train_gpu) echo moet ;; gemm_lt_refused) echo cuda_test_cuda_gemm ;;
           *) echo "cuda_test_cuda_$1" ;; esac; }
 for t in kernels gemm moe_ops train nccl_comm; do
   p=$(prog "$t")
@@ -114,6 +116,11 @@ for t in "${TESTS[@]}"; do
   nccl_comm) # 2 ranks, one emulated GPU each
     EMU_DEVICES=2 "${MPIRUN[@]}" "$BUILD/$(prog "$t")" > "$log" 2>&1
     rc=$? ;;
+  gemm_lt_refused) # cuBLASLt refusing every cached algorithm: each GEMM falls back, same results
+    EMU_LT_REFUSE=1 "$BUILD/$(prog gemm)" > "$log" 2>&1
+    rc=$?
+    grep -q "cuBLASLt refused the cached algorithm" "$log" ||
+      { echo "  FAIL: no note about the refused algorithm"; rc=1; } ;;
   train_gpu) # moet train on cuda under mpirun: MPI and NCCL transports, ZeRO-1, ep 2
     EMU_DEVICES=2 OMP_NUM_THREADS=1 bash tests/cli/train_gpu.sh "$BUILD/moet" > "$log" 2>&1
     rc=$? ;;
