@@ -16,9 +16,13 @@ ratio.
   GPU:  bf16 autocast with fp32 master weights (moet: bf16 GEMMs with fp32 accumulation and
         fp32 master weights); --compile adds a torch.compile'd run of the same model.
 
+  --vary-tokens: new random tokens every step in both (moet bench --vary-tokens), so that the
+        experts' row counts change from step to step as in training; by default both train on
+        one batch.
+
 usage: python3 bench/vs_pytorch.py MOET CONFIG [--steps N] [--warmup W] [--threads T]
                                    [--device cpu|cuda] [--precision fp32|bf16] [--compile]
-                                   [--set k=v]...
+                                   [--vary-tokens] [--set k=v]...
 Needs torch and transformers (pip). Results: bench/results/.
 """
 import argparse
@@ -67,6 +71,8 @@ def run_moet(moet, config, args):
            "--set", f"train.device={args.device}"]
     if args.precision:
         cmd += ["--set", f"train.precision={args.precision}"]
+    if args.vary_tokens:
+        cmd += ["--vary-tokens"]
     for kv in args.set:
         cmd += ["--set", kv]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -129,6 +135,8 @@ def run_torch(c, args, compile_model, bf16):
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i in range(args.warmup + args.steps):
+        if args.vary_tokens and i > 0:  # drawn outside the timed part, as moet bench does
+            ids = torch.randint(0, c["V"], (c["B"], c["T"]), generator=g).to(dev)
         if dev == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -163,6 +171,8 @@ def peer_(args, bf16, compile_model):
            "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--device", args.device,
            "--peer", ("bf16" if bf16 else "fp32") + ("-compile" if compile_model else "")]
+    if args.vary_tokens:
+        cmd += ["--vary-tokens"]
     for kv in args.set:
         cmd += ["--set", kv]
     result = None
@@ -189,6 +199,8 @@ def main():
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                     help="GEMM precision (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--vary-tokens", action="store_true",
+                    help="new random tokens every step in both runs (as in training)")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--peer", help=argparse.SUPPRESS)  # internal: one PyTorch run, as JSON
     args = ap.parse_args()
@@ -216,6 +228,7 @@ def main():
     print(f"\nmodel: {args.config} {' '.join(args.set)}: L {c['L']} d_model {c['D']} heads "
           f"{c['H']} experts {c['E']} top-{c['k']} expert width {c['F']} vocab {c['Vpad']}; "
           f"{c['B']} x {c['T']} tokens per step; {fpt / 1e9:.3f} GFLOP per token")
+    print(f"tokens: {'new every step' if args.vary_tokens else 'the same batch every step'}")
     print(f"device {args.device}, {args.threads} threads; MFU against "
           f"{peak:.1f} GFLOP/s ({m['peak_kind'] if args.device == 'cpu' else 'bf16 peak'})")
     mem = "peak device memory GiB" if args.device == "cuda" else "peak RSS MiB"

@@ -11,10 +11,14 @@
 //             P = exp(S - lse) (causal), D_t = rowsum(dO * O), dS = P * (dP - D_t)
 //                                           in place, one block per row
 //             dV += P^T dO, dQ += scale dS K, dK += scale dS^T Q   cuBLAS, beta = 1
-// First version: the GEMMs compute the whole (T,T) square and the softmax zeroes the causal
-// upper triangle, so half of the score FLOPs are wasted (2x), and scratch holds full (H,T,T)
-// matrices (2 GiB of backward scratch at T = 4096, H = 16). A flash-attention kernel that
-// walks key blocks up to the diagonal would remove both.
+// Causal query blocks (cuda_set_attention_query_block): the queries go in blocks of qb rows,
+// and every GEMM above runs per block against keys [0, t0 + qb) only: the scores, P and dS of
+// block [t0, t0 + qb) are its rows of the (T,T) matrices, columns below t0 + qb. The row
+// kernels write P and dS up to the block's last key (exact zeros past the diagonal), and
+// nothing beyond, which no GEMM reads. With 4 blocks the GEMMs do 5/8 of the square's work;
+// the masked triangle inside each block is still computed and zeroed. Scratch still holds full
+// (H,T,T) matrices (2 GiB of backward scratch at T = 4096, H = 16). A flash-attention kernel
+// that walks key tiles up to the diagonal would do only the causal half, in on-chip memory.
 //
 // Layout: q, k, v, out and their gradients are (B,T,H,Dh) row-major: for sequence b and head h
 // the (T,Dh) matrix starts at q + b*T*H*Dh + h*Dh with row stride ld = H*Dh, and the next
@@ -41,6 +45,53 @@
 
 enum { ATTN_ROW_THREADS = 128 }; // threads per softmax row (a multiple of 32)
 
+// ---------------------------------------------------------------------------------------
+// Causal query blocks
+
+// 0: the default rule of cuda_attention_query_block; -1: not yet read from
+// MOET_CUDA_ATTN_QBLOCK (read at the first attention)
+static int query_block_ = -1;
+
+static int query_block_from_env_(void) {
+    const char *s = getenv("MOET_CUDA_ATTN_QBLOCK");
+    if (!s || !*s) return 0;
+    char *end = NULL;
+    const long v = strtol(s, &end, 10);
+    if (*end != '\0' || v < 0 || v > (1L << 30)) {
+        fprintf(stderr,
+                "moet: fatal: MOET_CUDA_ATTN_QBLOCK=%s: expected a number of query rows >= 0\n"
+                "---> HINT: unset it (or 0) for the default blocks; a value >= seq_len runs the "
+                "attention as one block (the A/B comparison)\n",
+                s);
+        exit(EXIT_FAILURE);
+    }
+    if (v > 0)
+        fprintf(stderr, "moet: note: MOET_CUDA_ATTN_QBLOCK=%ld: attention in query blocks of %ld "
+                        "rows\n", v, v);
+    return (int)v;
+}
+
+void cuda_set_attention_query_block(int qb) {
+    query_block_ = qb < 0 ? query_block_from_env_() : qb;
+}
+
+int cuda_attention_query_block(int T) {
+    if (query_block_ < 0) query_block_ = query_block_from_env_();
+    if (query_block_ > 0) return query_block_ < T ? query_block_ : T;
+    if (T < 512) return T;
+    const int qb = ((T + 3) / 4 + 63) / 64 * 64;
+    return qb < T ? qb : T;
+}
+
+// The keys the rows of query t's block reach: [0, kend) with kend = min(Tk, (t / qb + 1) * qb),
+// or Tk when qb >= Tq (one block: every row whole; generation, where Tq < Tk, always). The row
+// kernels write that far, the GEMMs read that far.
+static __device__ __forceinline__ int block_key_end_(int t, int qb, int Tq, int Tk) {
+    if (qb >= Tq) return Tk;
+    const long long e = ((long long)(t / qb) + 1) * qb;
+    return e < Tk ? (int)e : Tk;
+}
+
 size_t cuda_attention_scratch_bytes(int T, int H) {
     if (T <= 0 || H <= 0) return 0;
     // two (H,T,T) float matrices: scores / probabilities, and dP / dS (backward only)
@@ -54,14 +105,16 @@ size_t cuda_attention_scratch_bytes(int T, int H) {
 // of length Tk). Query t is position off + t, off = Tk - Tq (0 in training; the cached
 // positions in generation), and sees keys [0, off + t]: p_j = exp(s_j - m) / sum over those,
 // with m the row max (stability); later keys get exactly 0, so that O = P V over the full
-// rectangle adds nothing from the future. lse (NULL: not wanted) = m + log(sum) is the
+// rectangle adds nothing from the future; the row is written up to its query block's last key
+// (block_key_end_; qb >= Tq: the whole row). lse (NULL: not wanted) = m + log(sum) is the
 // log-sum-exp of the scaled scores, as on the CPU. The sum is an fp32 tree over <= Tk terms in
 // (0, 1]: relative error ~ log2(Tk) ulp.
-static __global__ void attention_softmax_kernel(float *s, float *lse, int Tq, int Tk) {
+static __global__ void attention_softmax_kernel(float *s, float *lse, int Tq, int Tk, int qb) {
     __shared__ float red[32];
     const int row = blockIdx.x; // h*Tq + t
     const int t = row % Tq;
     const int nk = Tk - Tq + t + 1;
+    const int kend = block_key_end_(t, qb, Tq, Tk);
     float *sr = s + (size_t)row * Tk;
     float m = -INFINITY;
     for (int j = threadIdx.x; j < nk; j += blockDim.x) m = fmaxf(m, sr[j]);
@@ -74,7 +127,7 @@ static __global__ void attention_softmax_kernel(float *s, float *lse, int Tq, in
     }
     sum = block_sum_f32(sum, red); // >= 1: the max term is exp(0)
     const float inv = 1.0f / sum;
-    for (int j = threadIdx.x; j < Tk; j += blockDim.x) sr[j] = j < nk ? sr[j] * inv : 0.0f;
+    for (int j = threadIdx.x; j < kend; j += blockDim.x) sr[j] = j < nk ? sr[j] * inv : 0.0f;
     if (lse && threadIdx.x == 0) lse[row] = m + logf(sum);
 }
 
@@ -84,11 +137,12 @@ static __global__ void attention_softmax_kernel(float *s, float *lse, int Tq, in
 // The exponentials are recomputed in the last pass instead of stored (the row is in cache), so
 // P's values are exactly the fp32 kernel's, then rounded. lse (NULL: not wanted) as there.
 static __global__ void attention_softmax_bf16_kernel(__nv_bfloat16 *p16, float *lse, const float *s,
-                                                     int Tq, int Tk) {
+                                                     int Tq, int Tk, int qb) {
     __shared__ float red[32];
     const int row = blockIdx.x;
     const int t = row % Tq;
     const int nk = Tk - Tq + t + 1;
+    const int kend = block_key_end_(t, qb, Tq, Tk);
     const float *sr = s + (size_t)row * Tk;
     __nv_bfloat16 *pr = p16 + (size_t)row * Tk;
     float m = -INFINITY;
@@ -98,7 +152,7 @@ static __global__ void attention_softmax_bf16_kernel(__nv_bfloat16 *p16, float *
     for (int j = threadIdx.x; j < nk; j += blockDim.x) sum += expf(sr[j] - m);
     sum = block_sum_f32(sum, red);
     const float inv = 1.0f / sum;
-    for (int j = threadIdx.x; j < Tk; j += blockDim.x)
+    for (int j = threadIdx.x; j < kend; j += blockDim.x)
         pr[j] = __float2bfloat16_rn(j < nk ? expf(sr[j] - m) * inv : 0.0f);
     if (lse && threadIdx.x == 0) lse[row] = m + logf(sum);
 }
@@ -122,17 +176,23 @@ static int head_chunk_(size_t fixed, size_t TqTk, int nslices, int H) {
 // the chunk's heads multiply it. s is the sequence's (H,Tq,Tk) scores, lse its (H,Tq) or NULL,
 // v16 the bf16 copy of its (Tk,H*Dh) values, out its (Tq,H*Dh) output.
 // Per head, column-major: O^T (Dh,Tq) = V^T (Dh,Tk) * P^T (Tk,Tq), as the fp32 path.
+// qb: the query blocks (qb >= Tq: one block; generation, where Tq != Tk, always passes Tq);
+// block [t0, t0 + nq) multiplies keys [0, t0 + nq) only.
 static void softmax_pv_bf16_(float *out, float *lse, const float *s, const __nv_bfloat16 *v16,
-                             __nv_bfloat16 *p16, int Tq, int Tk, int H, int Dh, int hc) {
+                             __nv_bfloat16 *p16, int Tq, int Tk, int H, int Dh, int hc, int qb) {
     const int ld = H * Dh;
     const long long TqTk = (long long)Tq * Tk;
     for (int h0 = 0; h0 < H; h0 += hc) {
         const int nh = hc < H - h0 ? hc : H - h0;
         attention_softmax_bf16_kernel<<<(unsigned)(nh * Tq), ATTN_ROW_THREADS>>>(
-            p16, lse ? lse + (size_t)h0 * Tq : NULL, s + (size_t)h0 * TqTk, Tq, Tk);
+            p16, lse ? lse + (size_t)h0 * Tq : NULL, s + (size_t)h0 * TqTk, Tq, Tk, qb);
         CUDA_CHECK_LAUNCH();
-        gemm_bf16_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_N, Dh, Tq, Tk, 1.0f, v16 + h0 * Dh, ld,
-                                   Dh, p16, Tk, TqTk, 0.0f, out + h0 * Dh, ld, Dh, nh);
+        for (int t0 = 0; t0 < Tq; t0 += qb) {
+            const int nq = qb < Tq - t0 ? qb : Tq - t0, nk = qb >= Tq ? Tk : t0 + nq;
+            gemm_bf16_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_N, Dh, nq, nk, 1.0f, v16 + h0 * Dh,
+                                       ld, Dh, p16 + (size_t)t0 * Tk, Tk, TqTk, 0.0f,
+                                       out + (size_t)t0 * ld + h0 * Dh, ld, Dh, nh);
+        }
     }
 }
 
@@ -148,11 +208,30 @@ static void need_scratch_(const char *fn, const void *scratch) {
 // (H,T,T). Forward and backward both call this one GEMM, so the backward recomputes exactly the
 // forward's scores. Per head h, column-major: S^T (T,T) = scale * K (T,Dh) * Q^T (Dh,T) (K is
 // stored as the column-major (Dh,T) K^T: op T; Q as Q^T: op N). qb, kb point at the sequence.
-static void scores_(float *s, const float *qb, const float *kb, int T, int H, int Dh,
-                    float scale) {
+// Per query block [t0, t0 + nq) of size qblk, only its keys [0, t0 + nq): S^T's rows below
+// t0 + nq in its columns t0 .. t0 + nq - 1.
+static void scores_(float *s, const float *qb, const float *kb, int T, int H, int Dh, float scale,
+                    int qblk) {
     const int ld = H * Dh;
-    gemm_f32_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, T, T, Dh, scale, kb, ld, Dh, qb, ld, Dh,
-                              0.0f, s, T, (long long)T * T, H);
+    for (int t0 = 0; t0 < T; t0 += qblk) {
+        const int nq = qblk < T - t0 ? qblk : T - t0;
+        gemm_f32_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, t0 + nq, nq, Dh, scale, kb, ld, Dh,
+                                  qb + (size_t)t0 * ld, ld, Dh, 0.0f, s + (size_t)t0 * T, T,
+                                  (long long)T * T, H);
+    }
+}
+
+// scores_ on bf16 operands (q16, k16: the sequence's bf16 copies); also dP^T = V dO^T, the same
+// form, with (v16, do16) for (k16, q16) and scale 1.
+static void scores_bf16_(float *s, const __nv_bfloat16 *q16, const __nv_bfloat16 *k16, int T,
+                         int H, int Dh, float scale, int qblk) {
+    const int ld = H * Dh;
+    for (int t0 = 0; t0 < T; t0 += qblk) {
+        const int nq = qblk < T - t0 ? qblk : T - t0;
+        gemm_bf16_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, t0 + nq, nq, Dh, scale, k16, ld, Dh,
+                                   q16 + (size_t)t0 * ld, ld, Dh, 0.0f, s + (size_t)t0 * T, T,
+                                   (long long)T * T, H);
+    }
 }
 
 // cuda_attention_forward on bf16 operands; s is the (H,T,T) scratch.
@@ -163,6 +242,7 @@ static void attention_forward_bf16_(float *out, float *lse, const float *q, cons
     const float scale = 1.0f / sqrtf((float)Dh);
     const size_t blk = ws_align_((size_t)T * ld); // one sequence's q, k or v in bf16
     const int hc = head_chunk_(3 * blk, (size_t)TT, 1, H);
+    const int qblk = cuda_attention_query_block(T);
     __nv_bfloat16 *q16 = gemm_workspace_(3 * blk + ws_align_((size_t)hc * TT));
     __nv_bfloat16 *k16 = q16 + blk, *v16 = k16 + blk, *p16 = v16 + blk;
     for (int b = 0; b < B; b++) {
@@ -171,9 +251,8 @@ static void attention_forward_bf16_(float *out, float *lse, const float *q, cons
         f32_to_bf16_rn_(k16, k + base, (size_t)T * ld);
         f32_to_bf16_rn_(v16, v + base, (size_t)T * ld);
         // the scores as scores_ computes them: S^T (T,T) = scale * K (T,Dh) * Q^T (Dh,T)
-        gemm_bf16_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, T, T, Dh, scale, k16, ld, Dh, q16, ld,
-                                   Dh, 0.0f, s, T, TT, H);
-        softmax_pv_bf16_(out + base, lse + (size_t)b * H * T, s, v16, p16, T, T, H, Dh, hc);
+        scores_bf16_(s, q16, k16, T, H, Dh, scale, qblk);
+        softmax_pv_bf16_(out + base, lse + (size_t)b * H * T, s, v16, p16, T, T, H, Dh, hc, qblk);
     }
 }
 
@@ -190,18 +269,24 @@ void cuda_attention_forward(float *out, float *lse, const float *q, const float 
     const long long TT = (long long)T * T;
     const float scale = 1.0f / sqrtf((float)Dh);
     float *s = (float *)scratch; // (H,T,T)
+    const int qblk = cuda_attention_query_block(T);
     for (int b = 0; b < B; b++) {
         const size_t base = (size_t)b * T * ld;
         const float *qb = q + base, *kb = k + base, *vb = v + base;
-        scores_(s, qb, kb, T, H, Dh, scale);
+        scores_(s, qb, kb, T, H, Dh, scale, qblk);
         attention_softmax_kernel<<<(unsigned)(H * T), ATTN_ROW_THREADS>>>(
-            s, lse + (size_t)b * H * T, T, T);
+            s, lse + (size_t)b * H * T, T, T, qblk);
         CUDA_CHECK_LAUNCH();
         // Per head, column-major: O^T (Dh,T) = V^T (Dh,T) * P^T (T,T)
         // (V stored as V^T: op N; row-major P read column-major is P^T: op N); O^T with
-        // leading dimension ld is exactly the head's columns of out (B,T,H,Dh).
-        gemm_f32_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_N, Dh, T, T, 1.0f, vb, ld, Dh, s, T, TT,
-                                  0.0f, out + base, ld, Dh, H);
+        // leading dimension ld is exactly the head's columns of out (B,T,H,Dh). Per query
+        // block: O^T's columns t0 .. t0 + nq - 1 from V^T's first t0 + nq columns.
+        for (int t0 = 0; t0 < T; t0 += qblk) {
+            const int nq = qblk < T - t0 ? qblk : T - t0;
+            gemm_f32_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_N, Dh, nq, t0 + nq, 1.0f, vb, ld, Dh,
+                                      s + (size_t)t0 * T, T, TT, 0.0f,
+                                      out + base + (size_t)t0 * ld, ld, Dh, H);
+        }
     }
 }
 
@@ -213,13 +298,14 @@ void cuda_attention_forward(float *out, float *lse, const float *q, const float 
 // to rounding since lse is their normaliser). When ds is set it holds dP = dO V^T and receives
 // dS = P * (dP - D_t) (0 beyond t), where D_t = dO_t . O_t = sum_j P_tj dP_tj is the softmax
 // Jacobian's correction, an fp32 tree over the Dh products. dout_b and out_b point at the
-// sequence's (T,H,Dh) block.
+// sequence's (T,H,Dh) block. Rows are written up to their query block's last key (qb).
 static __global__ void attention_backward_rows_kernel(float *p, float *ds, const float *lse_b,
                                                       const float *dout_b, const float *out_b,
-                                                      int T, int H, int Dh) {
+                                                      int T, int H, int Dh, int qb) {
     __shared__ float red[32];
     const int row = blockIdx.x; // h*T + t
     const int h = row / T, t = row % T;
+    const int kend = block_key_end_(t, qb, T, T);
     float *pr = p + (size_t)row * T;
     float *dsr = ds ? ds + (size_t)row * T : NULL;
     float d = 0.0f;
@@ -229,7 +315,7 @@ static __global__ void attention_backward_rows_kernel(float *p, float *ds, const
         d = block_sum_f32(d, red);
     }
     const float l = lse_b[row];
-    for (int j = threadIdx.x; j < T; j += blockDim.x) {
+    for (int j = threadIdx.x; j < kend; j += blockDim.x) {
         const float pj = j <= t ? expf(pr[j] - l) : 0.0f;
         pr[j] = pj;
         if (dsr) dsr[j] = j <= t ? pj * (dsr[j] - d) : 0.0f;
@@ -245,10 +331,11 @@ static __global__ void attention_backward_rows_bf16_kernel(__nv_bfloat16 *p16, _
                                                            const float *s, const float *dp,
                                                            const float *lse_b, const float *dout_b,
                                                            const float *out_b, int T, int H, int Dh,
-                                                           int h0) {
+                                                           int h0, int qb) {
     __shared__ float red[32];
     const int row = blockIdx.x; // (h - h0)*T + t
     const int h = h0 + row / T, t = row % T;
+    const int kend = block_key_end_(t, qb, T, T);
     const size_t g = ((size_t)h * T + t) * T; // the row in the sequence's (H,T,T) scratch
     const float *sr = s + g;
     const float *dpr = dp ? dp + g : NULL;
@@ -261,7 +348,7 @@ static __global__ void attention_backward_rows_bf16_kernel(__nv_bfloat16 *p16, _
         d = block_sum_f32(d, red);
     }
     const float l = lse_b[h * T + t];
-    for (int j = threadIdx.x; j < T; j += blockDim.x) {
+    for (int j = threadIdx.x; j < kend; j += blockDim.x) {
         const float pj = j <= t ? expf(sr[j] - l) : 0.0f;
         if (pr) pr[j] = __float2bfloat16_rn(pj);
         if (dsr) dsr[j] = __float2bfloat16_rn(j <= t ? pj * (dpr[j] - d) : 0.0f);
@@ -281,6 +368,7 @@ static void attention_backward_bf16_(float *dq, float *dk, float *dv, const floa
     const size_t nblk = need_ds ? 4 : 3; // q, k, dO, and v for dP
     const int nslices = (dv != NULL) + need_ds;
     const int hc = head_chunk_(nblk * blk, (size_t)TT, nslices, H);
+    const int qblk = cuda_attention_query_block(T);
     const size_t sl = ws_align_((size_t)hc * TT); // one chunk's P or dS
     // the workspace: q, k, dO (and v) of a sequence, then a chunk's P (for dv) and dS (dq, dk)
     __nv_bfloat16 *q16 = gemm_workspace_(nblk * blk + (size_t)nslices * sl);
@@ -293,33 +381,36 @@ static void attention_backward_bf16_(float *dq, float *dk, float *dv, const floa
         f32_to_bf16_rn_(q16, q + base, (size_t)T * ld);
         f32_to_bf16_rn_(k16, k + base, (size_t)T * ld);
         f32_to_bf16_rn_(do16, dout + base, (size_t)T * ld);
-        // S, exactly as the forward computed it (the same GEMM on the same bf16 operands)
-        gemm_bf16_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, T, T, Dh, scale, k16, ld, Dh, q16, ld,
-                                   Dh, 0.0f, s, T, TT, H);
+        // S, exactly as the forward computed it (the same GEMMs on the same bf16 operands)
+        scores_bf16_(s, q16, k16, T, H, Dh, scale, qblk);
         if (need_ds) {
             f32_to_bf16_rn_(v16, v + base, (size_t)T * ld);
-            // dP^T (T,T) = V (T,Dh) * dO^T (Dh,T)
-            gemm_bf16_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, T, T, Dh, 1.0f, v16, ld, Dh, do16,
-                                       ld, Dh, 0.0f, dp, T, TT, H);
+            // dP^T (T,T) = V (T,Dh) * dO^T (Dh,T), per query block as S
+            scores_bf16_(dp, do16, v16, T, H, Dh, 1.0f, qblk);
         }
         for (int h0 = 0; h0 < H; h0 += hc) {
             const int nh = hc < H - h0 ? hc : H - h0;
             attention_backward_rows_bf16_kernel<<<(unsigned)(nh * T), ATTN_ROW_THREADS>>>(
                 p16, ds16, s, need_ds ? dp : NULL, lse + (size_t)b * H * T, dout + base, out + base,
-                T, H, Dh, h0);
+                T, H, Dh, h0, qblk);
             CUDA_CHECK_LAUNCH();
-            if (dv) // dV^T (Dh,T) += dO^T (Dh,T) * P (T,T)
-                gemm_bf16_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_T, Dh, T, T, 1.0f, do16 + h0 * Dh,
-                                           ld, Dh, p16, T, TT, 1.0f, dv + base + h0 * Dh, ld, Dh,
-                                           nh);
-            if (dq) // dQ^T (Dh,T) += scale * K^T (Dh,T) * dS^T (T,T)
-                gemm_bf16_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_N, Dh, T, T, scale, k16 + h0 * Dh,
-                                           ld, Dh, ds16, T, TT, 1.0f, dq + base + h0 * Dh, ld, Dh,
-                                           nh);
-            if (dk) // dK^T (Dh,T) += scale * Q^T (Dh,T) * dS (T,T)
-                gemm_bf16_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_T, Dh, T, T, scale, q16 + h0 * Dh,
-                                           ld, Dh, ds16, T, TT, 1.0f, dk + base + h0 * Dh, ld, Dh,
-                                           nh);
+            // per query block [t0, t0 + nq): its rows of P and dS, keys [0, nk)
+            for (int t0 = 0; t0 < T; t0 += qblk) {
+                const int nq = qblk < T - t0 ? qblk : T - t0, nk = t0 + nq;
+                const size_t r = (size_t)t0 * ld + h0 * Dh; // the block's first row, chunk's head
+                if (dv) // dV^T (Dh,nk) += dO^T (Dh,nq) * P (nq,nk)
+                    gemm_bf16_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_T, Dh, nk, nq, 1.0f, do16 + r,
+                                               ld, Dh, p16 + (size_t)t0 * T, T, TT, 1.0f,
+                                               dv + base + h0 * Dh, ld, Dh, nh);
+                if (dq) // dQ^T (Dh,nq) += scale * K^T (Dh,nk) * dS^T (nk,nq)
+                    gemm_bf16_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_N, Dh, nq, nk, scale,
+                                               k16 + h0 * Dh, ld, Dh, ds16 + (size_t)t0 * T, T, TT,
+                                               1.0f, dq + base + r, ld, Dh, nh);
+                if (dk) // dK^T (Dh,nk) += scale * Q^T (Dh,nq) * dS (nq,nk)
+                    gemm_bf16_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_T, Dh, nk, nq, scale, q16 + r,
+                                               ld, Dh, ds16 + (size_t)t0 * T, T, TT, 1.0f,
+                                               dk + base + h0 * Dh, ld, Dh, nh);
+            }
         }
     }
 }
@@ -342,35 +433,41 @@ void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout,
     float *p = (float *)scratch;                  // (H,T,T): S, then P
     float *ds = p + (size_t)H * T * T;            // (H,T,T): dP, then dS
     const int need_ds = dq != NULL || dk != NULL; // dv needs P only
+    const int qblk = cuda_attention_query_block(T);
     for (int b = 0; b < B; b++) {
         const size_t base = (size_t)b * T * ld;
         const float *qb = q + base, *kb = k + base, *vb = v + base, *dob = dout + base;
-        scores_(p, qb, kb, T, H, Dh, scale);
-        if (need_ds) {
-            // dP = dO V^T, the same form as S: column-major dP^T (T,T) = V (T,Dh) * dO^T (Dh,T)
-            gemm_f32_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, T, T, Dh, 1.0f, vb, ld, Dh, dob, ld,
-                                      Dh, 0.0f, ds, T, TT, H);
-        }
+        scores_(p, qb, kb, T, H, Dh, scale, qblk);
+        // dP = dO V^T, the same form as S: column-major dP^T (T,T) = V (T,Dh) * dO^T (Dh,T)
+        if (need_ds) scores_(ds, dob, vb, T, H, Dh, 1.0f, qblk);
         attention_backward_rows_kernel<<<(unsigned)(H * T), ATTN_ROW_THREADS>>>(
-            p, need_ds ? ds : NULL, lse + (size_t)b * H * T, dob, out + base, T, H, Dh);
+            p, need_ds ? ds : NULL, lse + (size_t)b * H * T, dob, out + base, T, H, Dh, qblk);
         CUDA_CHECK_LAUNCH();
-        if (dv) {
-            // dV += P^T dO. Column-major: dV^T (Dh,T) += dO^T (Dh,T) * P (T,T)
-            // (dO stored as dO^T: op N; row-major P read column-major is P^T, so op T gives P)
-            gemm_f32_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_T, Dh, T, T, 1.0f, dob, ld, Dh, p, T,
-                                      TT, 1.0f, dv + base, ld, Dh, H);
-        }
-        if (dq) {
-            // dQ += scale dS K. Column-major: dQ^T (Dh,T) += scale * K^T (Dh,T) * dS^T (T,T)
-            // (K stored as K^T: op N; row-major dS read column-major is dS^T: op N)
-            gemm_f32_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_N, Dh, T, T, scale, kb, ld, Dh, ds, T,
-                                      TT, 1.0f, dq + base, ld, Dh, H);
-        }
-        if (dk) {
-            // dK += scale dS^T Q. Column-major: dK^T (Dh,T) += scale * Q^T (Dh,T) * dS (T,T)
-            // (Q stored as Q^T: op N; dS read column-major is dS^T, so op T gives dS)
-            gemm_f32_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_T, Dh, T, T, scale, qb, ld, Dh, ds, T,
-                                      TT, 1.0f, dk + base, ld, Dh, H);
+        // per query block [t0, t0 + nq): its rows of P and dS, keys [0, nk)
+        for (int t0 = 0; t0 < T; t0 += qblk) {
+            const int nq = qblk < T - t0 ? qblk : T - t0, nk = t0 + nq;
+            const size_t r = base + (size_t)t0 * ld; // the block's first row
+            if (dv) {
+                // dV += P^T dO. Column-major: dV^T (Dh,nk) += dO^T (Dh,nq) * P (nq,nk)
+                // (dO stored as dO^T: op N; row-major P read column-major is P^T, so op T
+                // gives P)
+                gemm_f32_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_T, Dh, nk, nq, 1.0f, dout + r, ld,
+                                          Dh, p + (size_t)t0 * T, T, TT, 1.0f, dv + base, ld, Dh,
+                                          H);
+            }
+            if (dq) {
+                // dQ += scale dS K. Column-major: dQ^T (Dh,nq) += scale * K^T (Dh,nk) * dS^T
+                // (nk,nq) (K stored as K^T: op N; row-major dS read column-major is dS^T: op N)
+                gemm_f32_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_N, Dh, nq, nk, scale, kb, ld, Dh,
+                                          ds + (size_t)t0 * T, T, TT, 1.0f, dq + r, ld, Dh, H);
+            }
+            if (dk) {
+                // dK += scale dS^T Q. Column-major: dK^T (Dh,nk) += scale * Q^T (Dh,nq) * dS
+                // (nq,nk) (Q stored as Q^T: op N; dS read column-major is dS^T, op T gives dS)
+                gemm_f32_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_T, Dh, nk, nq, scale, q + r, ld,
+                                          Dh, ds + (size_t)t0 * T, T, TT, 1.0f, dk + base, ld, Dh,
+                                          H);
+            }
         }
     }
 }
@@ -402,13 +499,13 @@ void cuda_attention_forward_cached(float *out, const float *q, const float *k, c
         f32_to_bf16_rn_(v16, v, (size_t)Tk * ld);
         gemm_bf16_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, Dh, scale, k16, ld, Dh, q16,
                                    ld, Dh, 0.0f, s, Tk, (long long)Tq * Tk, H);
-        softmax_pv_bf16_(out, NULL, s, v16, p16, Tq, Tk, H, Dh, hc);
+        softmax_pv_bf16_(out, NULL, s, v16, p16, Tq, Tk, H, Dh, hc, Tq); // one query block
         return;
     }
     // per head, column-major: S^T (Tk,Tq) = scale * K (Tk,Dh) * Q^T (Dh,Tq)
     gemm_f32_strided_batched_(CUBLAS_OP_T, CUBLAS_OP_N, Tk, Tq, Dh, scale, k, ld, Dh, q, ld, Dh,
                               0.0f, s, Tk, (long long)Tq * Tk, H);
-    attention_softmax_kernel<<<(unsigned)(H * Tq), ATTN_ROW_THREADS>>>(s, NULL, Tq, Tk);
+    attention_softmax_kernel<<<(unsigned)(H * Tq), ATTN_ROW_THREADS>>>(s, NULL, Tq, Tk, Tq);
     CUDA_CHECK_LAUNCH();
     // O^T (Dh,Tq) = V^T (Dh,Tk) * P^T (Tk,Tq)
     gemm_f32_strided_batched_(CUBLAS_OP_N, CUBLAS_OP_N, Dh, Tq, Tk, 1.0f, v, ld, Dh, s, Tk,

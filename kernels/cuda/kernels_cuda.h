@@ -198,6 +198,18 @@ void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                              const float *lse, const float *q, const float *k, const float *v,
                              int B, int T, int H, int Dh, void *scratch);
 size_t cuda_attention_scratch_bytes(int T, int H);
+// Causal query blocks of the training attention: the queries go in blocks of qb rows, and
+// block [t0, t0 + qb) computes its scores, probabilities and products against keys [0, t0 + qb)
+// only, so the GEMMs skip most of the masked upper triangle (with 4 blocks they do 5/8 of the
+// square's work). 0 (the default) picks qb: T itself below T = 512 (one block), else
+// ceil(T / 4) rounded up to a multiple of 64. Any qb >= 1 forces that size (for the tests).
+// -1, also the initial setting (read at the first attention): as MOET_CUDA_ATTN_QBLOCK says
+// (unset or 0: the default rule; N: blocks of N rows, so N >= seq_len runs one block, the A/B
+// comparison; anything else is fatal).
+// Results equal the unblocked ones up to fp32 summation order (the backward's dK and dV sum
+// over the blocks in block order: still the same bits from run to run).
+void cuda_set_attention_query_block(int qb);
+int cuda_attention_query_block(int T);
 // Generation (kernels.h attention_forward_cached): Tq queries over Tk cached keys of one
 // sequence; scratch holds the (H,Tq,Tk) scores: cuda_attention_cached_scratch_bytes bytes.
 void cuda_attention_forward_cached(float *out, const float *q, const float *k, const float *v,

@@ -375,6 +375,50 @@ static void test_attention(void) {
     set_mode_(MODE_BF16);
 }
 
+// Causal query blocks (cuda_set_attention_query_block): the default rule, and forced blocks
+// that divide T unevenly (17 = 5 + 5 + 5 + 2) or evenly (128 = 4 x 32), with a forward and
+// every backward subset; each against the CPU as above. Then the generation path, which must
+// ignore the setting (one block over all Tk keys).
+static void test_attention_query_blocks(void) {
+    CU_ASSERT_EQUAL(cuda_attention_query_block(128), 128); // below 512: one block
+    CU_ASSERT_EQUAL(cuda_attention_query_block(512), 128);
+    CU_ASSERT_EQUAL(cuda_attention_query_block(4096), 1024);
+    CU_ASSERT_EQUAL(cuda_attention_query_block(1000), 256); // ceil(1000/4) = 250 -> 256
+    cuda_set_attention_query_block(5);
+    CU_ASSERT_EQUAL(cuda_attention_query_block(17), 5);
+    CU_ASSERT_EQUAL(cuda_attention_query_block(3), 3);
+    for (int mode = 0; mode < N_MODES; mode++) {
+        cuda_set_attention_query_block(5);
+        attention_case_(2, 17, 3, 16, 7, mode, 3700);
+        attention_case_(2, 17, 3, 16, 4, mode, 3710); // dv only
+        attention_case_(2, 17, 3, 16, 3, mode, 3720); // dq and dk
+        attention_cached_case_(5, 70, 2, 32, mode, 3730);
+        cuda_set_attention_query_block(32);
+        attention_case_(1, 128, 2, 64, 7, mode, 3740);
+    }
+    // bf16 in chunks of one head (a small workspace) with blocks
+    set_mode_(MODE_BF16);
+    cuda_set_attention_query_block(5);
+    cuda_set_gemm_workspace_limit(8192);
+    attention_case_(2, 17, 3, 16, 7, MODE_BF16, 3750);
+    cuda_set_gemm_workspace_limit(0);
+    // -1: as MOET_CUDA_ATTN_QBLOCK says (N: blocks of N rows; 0 or unset: the default rule)
+    const char *env = getenv("MOET_CUDA_ATTN_QBLOCK");
+    char *saved = env ? strdup(env) : NULL;
+    setenv("MOET_CUDA_ATTN_QBLOCK", "7", 1);
+    cuda_set_attention_query_block(-1);
+    CU_ASSERT_EQUAL(cuda_attention_query_block(17), 7);
+    setenv("MOET_CUDA_ATTN_QBLOCK", "0", 1);
+    cuda_set_attention_query_block(-1);
+    CU_ASSERT_EQUAL(cuda_attention_query_block(4096), 1024);
+    unsetenv("MOET_CUDA_ATTN_QBLOCK");
+    cuda_set_attention_query_block(-1);
+    CU_ASSERT_EQUAL(cuda_attention_query_block(4096), 1024);
+    if (saved) setenv("MOET_CUDA_ATTN_QBLOCK", saved, 1);
+    free(saved);
+    cuda_set_attention_query_block(0);
+}
+
 // ---------------------------------------------------------------------------------------
 // GEMM precision switch
 
@@ -727,6 +771,7 @@ static int same_run_(const char *name, const float *a, const float *b, size_t n)
 static void test_determinism(void) {
     const int N = 300, C = 256, OC = 192;
     const int B = 2, T = 128, H = 3, Dh = 64;
+    cuda_set_attention_query_block(48); // blocks of 48, 48, 32: dK, dV summed over blocks
     static const int rows[4] = {120, 0, 100, 80}; // R = N
     int32_t offsets[5] = {0};
     for (int e = 0; e < 4; e++) offsets[e + 1] = offsets[e] + rows[e];
@@ -797,11 +842,17 @@ static void test_determinism(void) {
     cuda_free(d_aout), cuda_free(d_lse), cuda_free(d_dq), cuda_free(d_dk), cuda_free(d_dv);
     cuda_free(scratch);
     free(h_inp), free(h_w), free(h_dout), free(h_q), free(h_k), free(h_v), free(h_do);
+    cuda_set_attention_query_block(0);
 }
 
 int main(void) {
     if (cuda_gemm_bf16() != 1) {
         fprintf(stderr, "test_cuda_gemm: the GEMM precision must default to bf16 (1)\n");
+        return 1;
+    }
+    if (getenv("MOET_CUDA_ATTN_QBLOCK")) {
+        fprintf(stderr, "test_cuda_gemm: unset MOET_CUDA_ATTN_QBLOCK (the tests set the attention "
+                        "query blocks themselves)\n");
         return 1;
     }
     if (cuda_gemm_lt() != 1) {
@@ -819,6 +870,7 @@ int main(void) {
         {"matmul forward and backward", test_matmul},
         {"grouped matmul forward and backward", test_grouped_matmul},
         {"attention forward and backward", test_attention},
+        {"attention in causal query blocks", test_attention_query_blocks},
         {"bf16 operands in chunks of a small workspace", test_workspace_chunks},
         {"bf16 operand workspace: grows by at least doubling", test_workspace_growth},
         {"bf16 operands rounded to nearest even, exactly", test_bf16_operands_exact},

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU speed checks of issue 9 in one short run (about 6 minutes on an H100), for a device
+# session with little time. launch/gpu-check.sh runs everything; this runs only:
+#   1. cuda_test_cuda_gemm and cuda_test_cuda_train: the GEMM paths measured below (cuBLASLt
+#      with cached algorithms, the attention's causal query blocks) against the CPU, exact bf16
+#      rounding, determinism, bit-identical resume;
+#   2. moet bench configs/bench-gpu-olmoe.ini and its A/Bs, alternated: the default;
+#      MOET_CUDA_GEMM_LT=0 (cublasGemmEx); both on new tokens every step (--vary-tokens: the
+#      experts' row counts change as in training); MOET_CUDA_ATTN_QBLOCK=1000000 (the attention
+#      as one block). Each prints its host line: GEMM calls, host time in them, waits;
+#   3. bench/vs_pytorch.py against HF transformers eager and torch.compile, on new tokens every
+#      step, where torch and transformers are installed.
+#   bash launch/gpu-perf.sh [BUNDLE] [LOGDIR]
+# BUNDLE and LOGDIR as for launch/gpu-check.sh (a folder from launch/gpu-bundle.sh, its
+# .tar.gz, or a build folder; default gpu-bundle and gpu-logs). Prints a summary of the bench
+# lines; the exit status is the number of failed checks.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=${1:-gpu-bundle}
+LOG=${2:-gpu-logs}
+mkdir -p "$LOG"
+if [[ $BUNDLE == *.tar.gz ]]; then
+  tar xzf "$BUNDLE" -C "$(dirname "$BUNDLE")"
+  BUNDLE=${BUNDLE%.tar.gz}
+fi
+BIN=$BUNDLE/bin
+[ -d "$BIN" ] || BIN=$BUNDLE
+export LD_LIBRARY_PATH="$(cd "$BUNDLE" && pwd)/lib:${LD_LIBRARY_PATH:-}"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+fail=0
+check() { # name, command...
+  local name=$1; shift
+  local t0=$SECONDS
+  timeout "${CHECK_TIMEOUT:-300}" "$@" >"$LOG/$name.log" 2>&1
+  local rc=$?
+  if [[ $rc -eq 0 ]]; then r=ok
+  elif [[ $rc -eq 77 ]]; then r="SKIPPED (no GPU)"; fail=$((fail + 1))
+  else r="FAILED ($rc)"; fail=$((fail + 1)); fi
+  printf '%-34s %-12s %4ds  %s\n' "$name" "$r" $((SECONDS - t0)) "$LOG/$name.log"
+}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; } \
+  | tee "$LOG/gpu.txt"
+check cuda_test_cuda_gemm "$BIN/cuda_test_cuda_gemm"
+check cuda_test_cuda_train "$BIN/cuda_test_cuda_train"
+B=(bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3)
+for round in 1 2; do
+  check "perf_default_$round" "$BIN/moet" "${B[@]}"
+  check "perf_gemmex_$round" env MOET_CUDA_GEMM_LT=0 "$BIN/moet" "${B[@]}"
+  check "perf_vary_$round" "$BIN/moet" "${B[@]}" --vary-tokens
+  check "perf_vary_gemmex_$round" env MOET_CUDA_GEMM_LT=0 "$BIN/moet" "${B[@]}" --vary-tokens
+  check "perf_attn_one_block_$round" env MOET_CUDA_ATTN_QBLOCK=1000000 "$BIN/moet" "${B[@]}"
+done
+if python3 -c 'import torch, transformers' 2>/dev/null; then
+  check vs_pytorch_vary python3 bench/vs_pytorch.py "$BIN/moet" configs/bench-gpu-olmoe.ini \
+    --device cuda --threads "$OMP_NUM_THREADS" --steps 10 --warmup 3 --compile --vary-tokens
+  grep -E '^\|' "$LOG/vs_pytorch_vary.log" || true
+fi
+for f in "$LOG"/perf_*.log; do
+  printf '%-34s %s | %s | %s\n' "$(basename "$f" .log)" \
+    "$(grep -o 'step time (median of [0-9]*): [0-9.]* s' "$f")" \
+    "$(grep -o 'MFU: *[0-9.]*%' "$f" | tr -s ' ')" "$(sed -n 's/^host, per timed step: *//p' "$f")"
+done
+echo "failed checks: $fail (logs in $LOG)"
+exit $fail
