@@ -215,14 +215,15 @@ typedef struct {
     cublasLtMatmulAlgo_t algo;
 } LtEntry;
 
-// Open addressing, linear probing. A full table stops caching (every further new class queries
-// the heuristic at each call, still giving the same algorithm); at about 150 classes per model
-// shape it never fills in practice.
+// Open addressing, linear probing. A table 3/4 full stops caching: every further new class
+// queries the heuristic at each call, still getting the same algorithm. At about 150 classes
+// per model shape it never fills in practice.
 enum { LT_SLOTS = 4096 };
 static LtEntry lt_cache_[LT_SLOTS];
 static int lt_used_ = 0;
 
-// 32 MiB, cuBLAS's own default on Hopper: split-k and stream-k algorithms need some.
+// 32 MiB, the workspace the cuBLAS documentation recommends for Hopper (cublasSetWorkspace):
+// split-k and stream-k algorithms need some.
 #define LT_WORKSPACE_BYTES ((size_t)32 << 20)
 static void *lt_ws_ = NULL;
 

@@ -1162,7 +1162,8 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p
                                                     cublasLtMatmulPreferenceAttributes_t attr,
                                                     const void *buf, size_t size) {
     LtPref v = lt_read_<LtPref>(p);
-    if (v.magic != LT_PREF_MAGIC) emu_fatal_("cublasLtMatmulPreferenceSetAttribute: not initialised");
+    if (v.magic != LT_PREF_MAGIC)
+        emu_fatal_("cublasLtMatmulPreferenceSetAttribute: not initialised");
     if (attr == CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES && size == sizeof(uint64_t)) {
         memcpy(&v.max_ws, buf, size);
     } else if (attr >= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES &&
