@@ -274,17 +274,20 @@ static const char *BENCH_HELP =
     "                  [--vary-tokens]\n"
     "\n"
     "Times training steps (forward, backward and the AdamW update) of the model on random\n"
-    "tokens (micro_batch x seq_len from the config; the same tokens every step, or new ones\n"
-    "each step with --vary-tokens, as in training, where the experts' row counts change from\n"
-    "step to step) on the config's [train] device, and prints\n"
+    "tokens (micro_batch x seq_len from the config) on the config's [train] device, and prints\n"
     "the median step time of N steps after W warm-up steps (defaults 5 and 2), tokens/s,\n"
     "achieved TFLOP/s and MFU (ARCHITECTURE 10: on cpu against the sgemm peak it measures on\n"
     "this machine with the same threads, or with precision = bf16 the bf16 GEMM peak measured\n"
-    "the same way; on cuda against the GPU's dense bf16 peak, 989\n"
-    "TFLOP/s on H100 / H200), and the peak memory (host RSS; on cuda also device memory).\n"
+    "the same way; on cuda against the GPU's dense bf16 peak, 989 TFLOP/s on H100 / H200),\n"
+    "and the peak memory (host RSS; on cuda also device memory).\n"
+    "\n"
+    "  --vary-tokens  new random tokens for every step (drawn outside the timed part), so that\n"
+    "                 the experts' row counts change from step to step as in training; by\n"
+    "                 default every step sees the same tokens\n"
+    "\n"
     "On cuda it also prints where the host's time went in the timed steps: GEMM calls (and\n"
     "how many cuBLASLt ran from its algorithm cache), host time inside them, and time spent\n"
-    "waiting for the GPU. A step whose wait is near 0 is bound by the host, not the GPU.\n";
+    "waiting for the GPU. A step that waits near 0 ms is bound by the host, not the GPU.\n";
 
 static int cmp_double_(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
