@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU speed checks of issue 9 in one short run (about 6 minutes on an H100), for a device
-# session with little time. launch/gpu-check.sh runs everything; this runs only:
+# The GPU speed checks of issue 9 in one short run (an estimated 6-8 minutes on an H100; not
+# yet run on one), for a device session with little time. launch/gpu-check.sh runs
+# everything; this runs only:
 #   1. cuda_test_cuda_gemm and cuda_test_cuda_train: the GEMM paths measured below (cuBLASLt
 #      with cached algorithms, the attention's causal query blocks) against the CPU, exact bf16
 #      rounding, determinism, bit-identical resume;
