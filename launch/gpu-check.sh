@@ -17,32 +17,10 @@
 # of failed checks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BUNDLE=${1:-gpu-bundle}
-LOG=${2:-gpu-logs}
 CK=${CKDIR:-/tmp/moet-gpu-ck}
-mkdir -p "$LOG" "$CK"
-if [[ $BUNDLE == *.tar.gz ]]; then # packed by gpu-bundle.sh: unpack next to it
-  tar xzf "$BUNDLE" -C "$(dirname "$BUNDLE")"
-  BUNDLE=${BUNDLE%.tar.gz}
-fi
-BIN=$BUNDLE/bin
-[ -d "$BIN" ] || BIN=$BUNDLE
-export LD_LIBRARY_PATH="$(cd "$BUNDLE" && pwd)/lib:${LD_LIBRARY_PATH:-}"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+mkdir -p "$CK"
+source launch/gpu-common.bash "$@" # BUNDLE, LOG, BIN, check, fail; the GPU's name to gpu.txt
 export PATH=$PATH:/usr/local/cuda/bin # compute-sanitizer
-fail=0
-check() { # name, command...
-  local name=$1; shift
-  local t0=$SECONDS
-  timeout "${CHECK_TIMEOUT:-600}" "$@" >"$LOG/$name.log" 2>&1
-  local rc=$?
-  if [[ $rc -eq 0 ]]; then r=ok
-  elif [[ $rc -eq 77 ]]; then r="SKIPPED (no GPU)"; fail=$((fail + 1))
-  else r="FAILED ($rc)"; fail=$((fail + 1)); fi
-  printf '%-28s %-12s %4ds  %s\n' "$name" "$r" $((SECONDS - t0)) "$LOG/$name.log"
-}
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; } \
-  | tee "$LOG/gpu.txt"
 for t in cuda_test_cuda_kernels cuda_test_cuda_gemm cuda_test_cuda_moe_ops cuda_test_cuda_train; do
   check "$t" "$BIN/$t"
 done

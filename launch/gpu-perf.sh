@@ -17,30 +17,8 @@
 # lines; the exit status is the number of failed checks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BUNDLE=${1:-gpu-bundle}
-LOG=${2:-gpu-logs}
-mkdir -p "$LOG"
-if [[ $BUNDLE == *.tar.gz ]]; then
-  tar xzf "$BUNDLE" -C "$(dirname "$BUNDLE")"
-  BUNDLE=${BUNDLE%.tar.gz}
-fi
-BIN=$BUNDLE/bin
-[ -d "$BIN" ] || BIN=$BUNDLE
-export LD_LIBRARY_PATH="$(cd "$BUNDLE" && pwd)/lib:${LD_LIBRARY_PATH:-}"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-fail=0
-check() { # name, command...
-  local name=$1; shift
-  local t0=$SECONDS
-  timeout "${CHECK_TIMEOUT:-300}" "$@" >"$LOG/$name.log" 2>&1
-  local rc=$?
-  if [[ $rc -eq 0 ]]; then r=ok
-  elif [[ $rc -eq 77 ]]; then r="SKIPPED (no GPU)"; fail=$((fail + 1))
-  else r="FAILED ($rc)"; fail=$((fail + 1)); fi
-  printf '%-34s %-12s %4ds  %s\n' "$name" "$r" $((SECONDS - t0)) "$LOG/$name.log"
-}
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; } \
-  | tee "$LOG/gpu.txt"
+export CHECK_TIMEOUT=${CHECK_TIMEOUT:-300}
+source launch/gpu-common.bash "$@" # BUNDLE, LOG, BIN, check, fail; the GPU's name to gpu.txt
 check cuda_test_cuda_gemm "$BIN/cuda_test_cuda_gemm"
 check cuda_test_cuda_train "$BIN/cuda_test_cuda_train"
 B=(bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3)

@@ -205,7 +205,7 @@ static void need_scratch_(const char *fn, const void *scratch) {
 }
 
 // The scaled scores of one sequence, s[h*T*T + t*T + j] = scale * q_t . k_j per head, into s
-// (H,T,T). Forward and backward both call this one GEMM, so the backward recomputes exactly the
+// (H,T,T). Forward and backward both call these GEMMs, so the backward recomputes exactly the
 // forward's scores. Per head h, column-major: S^T (T,T) = scale * K (T,Dh) * Q^T (Dh,T) (K is
 // stored as the column-major (Dh,T) K^T: op T; Q as Q^T: op N). qb, kb point at the sequence.
 // Per query block [t0, t0 + nq) of size qblk, only its keys [0, t0 + nq): S^T's rows below

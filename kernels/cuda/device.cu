@@ -76,12 +76,6 @@ int cuda_init(int device, char *info, int infolen) {
     return 0;
 }
 
-void cuda_synchronize(void) {
-    const double t0 = cuda_host_now_();
-    CUDA_CHECK(cudaDeviceSynchronize());
-    cuda_host_stats_acc_()->wait_s += cuda_host_now_() - t0;
-}
-
 // ---------------------------------------------------------------------------------------
 // Host-side accounting (kernels_cuda.h): one set of counters for the process, as there is one
 // host thread driving the device.
@@ -97,6 +91,17 @@ void cuda_host_stats(CudaHostStats *s) {
 
 void cuda_host_stats_reset(void) {
     memset(&host_stats_, 0, sizeof host_stats_);
+}
+
+// Counts the host time since t0 (cuda_host_now_) as waiting for the device.
+static void add_wait_(double t0) {
+    host_stats_.wait_s += cuda_host_now_() - t0;
+}
+
+void cuda_synchronize(void) {
+    const double t0 = cuda_host_now_();
+    CUDA_CHECK(cudaDeviceSynchronize());
+    add_wait_(t0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -172,7 +177,7 @@ void cuda_memcpy_h2d(void *dst, const void *src, size_t bytes) {
     if (!bytes) return;
     const double t0 = cuda_host_now_();
     CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
-    cuda_host_stats_acc_()->wait_s += cuda_host_now_() - t0;
+    add_wait_(t0);
 }
 
 void cuda_memcpy_d2d(void *dst, const void *src, size_t bytes) {
@@ -184,5 +189,5 @@ void cuda_memcpy_d2h(void *dst, const void *src, size_t bytes) {
     if (!bytes) return;
     const double t0 = cuda_host_now_();
     CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
-    cuda_host_stats_acc_()->wait_s += cuda_host_now_() - t0;
+    add_wait_(t0);
 }
