@@ -83,6 +83,10 @@ check bench_gpu_olmoe_vary_gemmex env MOET_CUDA_GEMM_LT=0 \
 # the attention as one block, as before 2026-11-27 (the A/B of the causal query blocks)
 check bench_gpu_olmoe_attn_one_block env MOET_CUDA_ATTN_QBLOCK=1000000 \
   "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3
+# the expert GEMMs one after the other on the legacy stream, as before 2026-11-27 (the A/B of
+# the expert GEMMs on 4 streams)
+check bench_gpu_olmoe_one_stream env MOET_CUDA_GEMM_STREAMS=1 \
+  "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3
 # where the steps settle after 40 warm-up steps (round 2's bf16 steps got faster through the
 # run: 0.54 -> 0.32 s, 2026-11-26-gpu-bf16-operands.md)
 check bench_gpu_olmoe_long "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 20 --warmup 40

@@ -102,7 +102,10 @@ void memplan_predict(const Config *c, int world, MemPlan *mp) {
         need = need > att ? need : att;
         double ws = 2 * ceil_div_(need * 2, 1 << 20) * (1 << 20);
         mp->scratch += ws < (double)(1 << 30) ? ws : (double)(1 << 30);
-        mp->scratch += 32 << 20; // cuBLASLt's workspace (gemm.cu, LT_WORKSPACE_BYTES)
+        // cuBLASLt's workspace (gemm.cu, LT_WORKSPACE_BYTES) per stream: the legacy stream's,
+        // and for an MoE those of the 4 side streams of the expert GEMMs (GEMM_LANES_DEFAULT,
+        // MOET_CUDA_GEMM_STREAMS)
+        mp->scratch += (E > 0 ? 5.0 : 1.0) * (32 << 20);
     }
     // bf16 GEMMs on cpu (kernels/cpu/gemm_bf16.c): two bf16 buffers that grow by doubling, so
     // at most twice their largest need. A holds an op's rows (inp forward, dout backward), B its

@@ -100,20 +100,26 @@ static cublasComputeType_t gemm_compute_type_(void) {
     return bf16_mode_ ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F;
 }
 
+// A cuBLAS handle that issues on `stream`.
+static cublasHandle_t new_handle_(cudaStream_t stream) {
+    cublasHandle_t handle;
+    CUBLAS_CHECK(cublasCreate(&handle));
+    CUBLAS_CHECK(cublasSetStream(handle, stream));
+    // Explicit, though both are the defaults: the math mode must not allow TF32 or BF16x9
+    // emulation behind CUBLAS_COMPUTE_32F, and no routine may use floating-point atomics
+    // (determinism: cuBLAS is then bitwise reproducible on one GPU model; each stream has a
+    // handle of its own, so no two streams share a handle's workspace).
+    CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+    CUBLAS_CHECK(cublasSetAtomicsMode(handle, CUBLAS_ATOMICS_NOT_ALLOWED));
+    return handle;
+}
+
 cublasHandle_t cublas_handle_(void) {
+    // the legacy default stream, where every other op of the backend runs (in call order). The
+    // handle lives as long as the process (cuBLAS's default workspace included: it is not
+    // counted by cuda_mem_stats).
     static cublasHandle_t handle = NULL;
-    if (!handle) {
-        CUBLAS_CHECK(cublasCreate(&handle));
-        // the legacy default stream, where every other op of the backend runs (in call order)
-        CUBLAS_CHECK(cublasSetStream(handle, 0));
-        // Explicit, though both are the defaults: the math mode must not allow TF32 or BF16x9
-        // emulation behind CUBLAS_COMPUTE_32F, and no routine may use floating-point atomics
-        // (determinism; cuBLAS is then bitwise reproducible on one GPU model with one stream).
-        CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
-        CUBLAS_CHECK(cublasSetAtomicsMode(handle, CUBLAS_ATOMICS_NOT_ALLOWED));
-        // The handle lives as long as the process (cuBLAS's default workspace included: it is
-        // not counted by cuda_mem_stats).
-    }
+    if (!handle) handle = new_handle_(0);
     return handle;
 }
 
@@ -145,6 +151,106 @@ void gemm_f32_strided_batched_(cublasOperation_t transa, cublasOperation_t trans
                                             &beta, C, CUDA_R_32F, ldc, strideC, batch_count,
                                             gemm_compute_type_(), CUBLAS_GEMM_DEFAULT));
     count_gemm_(t0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Expert GEMMs on several streams (cuda_set_gemm_streams).
+//
+// One expert's GEMM in bench-gpu-olmoe (about 2560 rows against a 1024 x 2048 weight) is 80 to
+// 160 output tiles of cuBLAS's 128 x 256 kind for the H100's 132 SMs: a wave or a wave and a
+// fraction, so one GEMM after the other leaves SMs idle at the end of each. The grouped ops
+// therefore issue the experts of a piece of rows round-robin on n side streams ("lanes" 1..n,
+// non-blocking streams of this file), each with its own cuBLAS handle and cuBLASLt workspace
+// (GEMMs that may run at the same time must not share one). Lane 0 is the legacy stream
+// (cublas_handle_, lt_ws_), where everything else runs; it takes no part in a batch, so that
+// nothing is issued on the legacy stream between a fork and its join. Around each batch:
+//   fork: an event recorded on the legacy stream after the piece's conversions, waited on by
+//         every side lane, so the GEMMs read finished operands;
+//   join: an event per side lane after its GEMMs, waited on by the legacy stream, so the next
+//         conversion into the workspace, and every later op, comes after all of them.
+// The experts' outputs are disjoint (their rows of out and dinp, their own dw_e) and a GEMM's
+// algorithm does not depend on its stream, so the results are the same bits for any number of
+// lanes. Dense matmuls (one expert) and attention stay on the legacy stream.
+
+// The setting n: 1, every GEMM on the legacy stream (as before 2026-11-27); 2 to
+// GEMM_LANES_MAX, the batches on n side streams.
+enum { GEMM_LANES_MAX = 8, GEMM_LANES_DEFAULT = 4 };
+
+typedef struct {
+    cudaStream_t stream;   // non-blocking; lane 0 (the legacy stream) has no entry here
+    cublasHandle_t handle; // issues on stream
+    void *lt_ws;           // cuBLASLt workspace (LT_WORKSPACE_BYTES, counted by cuda_mem_stats)
+    cudaEvent_t done;      // the join: recorded on stream, waited on by the legacy stream
+} GemmLane;
+
+static GemmLane lanes_[GEMM_LANES_MAX + 1]; // [1, lanes_made_) exist; kept until the process ends
+static int lanes_made_ = 1;
+static int lanes_setting_ = -1; // -1: not yet read from MOET_CUDA_GEMM_STREAMS
+static int lane_ = 0;           // the lane gemm_bf16_ issues on
+static cudaEvent_t fork_ = NULL;
+
+static int lanes_from_env_(void) {
+    const char *v = getenv("MOET_CUDA_GEMM_STREAMS");
+    if (!v || !*v) return GEMM_LANES_DEFAULT;
+    char *end;
+    const long n = strtol(v, &end, 10);
+    if (*end || n < 1 || n > GEMM_LANES_MAX) {
+        fprintf(stderr,
+                "moet: MOET_CUDA_GEMM_STREAMS=%s: expected a number of streams from 1 to %d "
+                "for the expert GEMMs (1: all on one stream, as before; unset: %d)\n",
+                v, GEMM_LANES_MAX, GEMM_LANES_DEFAULT);
+        exit(1);
+    }
+    if (n != GEMM_LANES_DEFAULT)
+        fprintf(stderr, "moet: note: MOET_CUDA_GEMM_STREAMS=%ld: the expert GEMMs go on %ld "
+                        "stream%s (default %d)\n",
+                n, n, n == 1 ? "" : "s", GEMM_LANES_DEFAULT);
+    return (int)n;
+}
+
+void cuda_set_gemm_streams(int n) {
+    if (n == -1) lanes_setting_ = lanes_from_env_();
+    else lanes_setting_ = n < 1 ? 1 : n > GEMM_LANES_MAX ? GEMM_LANES_MAX : n;
+}
+
+int cuda_gemm_streams(void) {
+    if (lanes_setting_ < 0) lanes_setting_ = lanes_from_env_();
+    return lanes_setting_;
+}
+
+static void *lt_workspace_(int lane); // below, with cuBLASLt
+
+// Starts a batch of `want` groups of GEMMs that may run at the same time; returns the number
+// of side lanes it gets, 0 for none (the batch then runs on the legacy stream). Each of lanes
+// 1..n waits for the legacy stream's work so far. Group i of the batch goes on lane_of_(i, n).
+static int lanes_fork_(int want) {
+    int n = cuda_gemm_streams();
+    if (n > want) n = want;
+    if (n <= 1) return 0;
+    if (!fork_) CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    for (; lanes_made_ <= n; lanes_made_++) {
+        GemmLane *l = &lanes_[lanes_made_];
+        CUDA_CHECK(cudaStreamCreateWithFlags(&l->stream, cudaStreamNonBlocking));
+        l->handle = new_handle_(l->stream);
+        l->lt_ws = NULL; // allocated at its first cuBLASLt call
+        CUDA_CHECK(cudaEventCreateWithFlags(&l->done, cudaEventDisableTiming));
+    }
+    CUDA_CHECK(cudaEventRecord(fork_, 0));
+    for (int i = 1; i <= n; i++) CUDA_CHECK(cudaStreamWaitEvent(lanes_[i].stream, fork_, 0));
+    return n;
+}
+
+static int lane_of_(int i, int n) {
+    return n ? 1 + i % n : 0;
+}
+
+// Ends the batch: the legacy stream waits for every side lane; later GEMMs go on lane 0.
+static void lanes_join_(int n) {
+    for (int i = 1; i <= n; i++) {
+        CUDA_CHECK(cudaEventRecord(lanes_[i].done, lanes_[i].stream));
+        CUDA_CHECK(cudaStreamWaitEvent(0, lanes_[i].done, 0));
+    }
+    lane_ = 0;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -234,6 +340,14 @@ static cublasLtHandle_t lt_handle_(void) {
         lt_ws_ = cuda_malloc(LT_WORKSPACE_BYTES); // counted by cuda_mem_stats; kept like h
     }
     return h;
+}
+
+// The cuBLASLt workspace of a lane (lane 0: lt_ws_); a side lane's is allocated at its first use.
+static void *lt_workspace_(int lane) {
+    lt_handle_();
+    if (lane == 0) return lt_ws_;
+    if (!lanes_[lane].lt_ws) lanes_[lane].lt_ws = cuda_malloc(LT_WORKSPACE_BYTES);
+    return lanes_[lane].lt_ws;
 }
 
 static uint64_t lt_hash_(const LtKey *k) {
@@ -332,9 +446,10 @@ static int lt_gemm_bf16_(cublasOperation_t ta, cublasOperation_t tb, int m, int 
     if (!e->ok) return 0;
     LtDescs d;
     lt_descs_(&d, ta, tb, m, n, k, lda, ldb, ldc);
+    void *ws = lt_workspace_(lane_);
     const cublasStatus_t s =
         cublasLtMatmul(lt_handle_(), &d.op, &alpha, A, &d.a, B, &d.b, &beta, C, &d.c, C, &d.c,
-                       &e->algo, lt_ws_, LT_WORKSPACE_BYTES, 0);
+                       &e->algo, ws, LT_WORKSPACE_BYTES, lane_ ? lanes_[lane_].stream : 0);
     if (s == CUBLAS_STATUS_SUCCESS) {
         cuda_host_stats_acc_()->lt_calls++;
         return 1;
@@ -358,9 +473,10 @@ void gemm_bf16_(cublasOperation_t transa, cublasOperation_t transb, int m, int n
     const double t0 = cuda_host_now_();
     if (!(cuda_gemm_lt() &&
           lt_gemm_bf16_(transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)))
-        CUBLAS_CHECK(cublasGemmEx(cublas_handle_(), transa, transb, m, n, k, &alpha, A,
-                                  CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta, C, CUDA_R_32F, ldc,
-                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        CUBLAS_CHECK(cublasGemmEx(lane_ ? lanes_[lane_].handle : cublas_handle_(), transa, transb,
+                                  m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta,
+                                  C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (lane_) cuda_host_stats_acc_()->side_calls++;
     count_gemm_(t0);
 }
 
@@ -527,6 +643,14 @@ static void convert_weights_(__nv_bfloat16 *wb, const float *w, const int32_t *o
     }
 }
 
+// The experts of [e0,e1) with rows in [a,b): the GEMMs of one piece.
+static int experts_in_(const int32_t *off, int e0, int e1, int a, int b) {
+    int n = 0;
+    for (int e = e0; e < e1; e++)
+        n += (off[e + 1] < b ? off[e + 1] : b) > (off[e] > a ? off[e] : a);
+    return n;
+}
+
 static void grouped_forward_bf16_(float *out, const float *inp, const float *w, const int32_t *off,
                                   int E, int C, int OC) {
     const size_t wsz = (size_t)OC * C, width[1] = {(size_t)C};
@@ -545,14 +669,17 @@ static void grouped_forward_bf16_(float *out, const float *inp, const float *w, 
         for (int a = off[e0]; a < off[e1]; a += (int)pr) {
             const int b = a + (int)pr < off[e1] ? a + (int)pr : off[e1];
             f32_to_bf16_rn_(xb, inp + (size_t)a * C, (size_t)(b - a) * C);
-            for (int e = e0; e < e1; e++) {
+            const int lanes = lanes_fork_(experts_in_(off, e0, e1, a, b));
+            for (int e = e0, i = 0; e < e1; e++) {
                 const int r0 = off[e] > a ? off[e] : a, r1 = off[e + 1] < b ? off[e + 1] : b;
                 if (r1 <= r0) continue;
+                lane_ = lane_of_(i++, lanes);
                 // column-major: out^T (OC,n) = w_e (OC,C) * inp^T (C,n), as cuda_matmul_forward
                 gemm_bf16_(CUBLAS_OP_T, CUBLAS_OP_N, OC, r1 - r0, C, 1.0f,
                            wb + (size_t)(e - e0) * wsz, C, xb + (size_t)(r0 - a) * C, C, 0.0f,
                            out + (size_t)r0 * OC, OC);
             }
+            lanes_join_(lanes);
         }
         e0 = e1;
     }
@@ -580,9 +707,11 @@ static void grouped_backward_bf16_(float *dinp, float *dw, const float *dout, co
             const int b = a + (int)pr < off[e1] ? a + (int)pr : off[e1];
             f32_to_bf16_rn_(gb, dout + (size_t)a * OC, (size_t)(b - a) * OC);
             if (dw) f32_to_bf16_rn_(xb, inp + (size_t)a * C, (size_t)(b - a) * C);
-            for (int e = e0; e < e1; e++) {
+            const int lanes = lanes_fork_(experts_in_(off, e0, e1, a, b));
+            for (int e = e0, i = 0; e < e1; e++) {
                 const int r0 = off[e] > a ? off[e] : a, r1 = off[e + 1] < b ? off[e + 1] : b;
                 if (r1 <= r0) continue;
+                lane_ = lane_of_(i++, lanes); // an expert's dinp and dw GEMMs on one lane
                 const __nv_bfloat16 *g = gb + (size_t)(r0 - a) * OC;
                 if (dinp) // column-major: dinp^T (C,n) += w_e^T (C,OC) * dout^T (OC,n)
                     gemm_bf16_(CUBLAS_OP_N, CUBLAS_OP_N, C, r1 - r0, OC, 1.0f,
@@ -593,6 +722,7 @@ static void grouped_backward_bf16_(float *dinp, float *dw, const float *dout, co
                                xb + (size_t)(r0 - a) * C, C, g, OC, 1.0f, dw + (size_t)e * OC * C,
                                C);
             }
+            lanes_join_(lanes);
         }
         e0 = e1;
     }

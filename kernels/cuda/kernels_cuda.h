@@ -157,6 +157,16 @@ size_t cuda_gemm_workspace_bytes(void);
 //   the initial state, read at the first GEMM: MOET_CUDA_GEMM_LT=0 moet bench CONFIG is the A/B).
 void cuda_set_gemm_lt(int on);
 int cuda_gemm_lt(void);
+// Streams of the grouped expert GEMMs on bf16 operands (gemm.cu). n >= 2: the experts of each
+//   piece of rows are issued round-robin on n non-blocking streams (each with its own cuBLAS
+//   handle and 32 MiB cuBLASLt workspace), between a fork after the piece's conversions and a
+//   join before the next op, so that small expert GEMMs fill the GPU together. Results are the
+//   same bits for every n. 1: all on the legacy stream, as before 2026-11-27. Default 4; at
+//   most 8 (larger values are clamped, smaller give 1).
+// -1: as MOET_CUDA_GEMM_STREAMS says: unset or empty -> 4; 1..8 -> that; anything else is fatal
+//   (also the initial state, read at the first grouped GEMM).
+void cuda_set_gemm_streams(int n);
+int cuda_gemm_streams(void);
 
 // Host-side accounting of the GEMM calls and of the waits for the device, for `moet bench` to
 // tell a host-bound step (the host busy issuing work while the GPU idles) from a device-bound
@@ -166,6 +176,7 @@ typedef struct CudaHostStats {
     unsigned long long lt_calls;   // of these, run by cuBLASLt with a cached algorithm
     unsigned long long lt_queries; // cuBLASLt heuristic queries (algorithm cache misses)
     unsigned long long lt_fallbacks; // cached algorithm refused: cublasGemmEx ran instead
+    unsigned long long side_calls; // GEMM calls issued on a side stream (cuda_set_gemm_streams)
     double gemm_host_s;            // host seconds inside the GEMM library calls
     double wait_s;                 // host seconds in copies to the host and device syncs
 } CudaHostStats;

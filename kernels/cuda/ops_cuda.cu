@@ -197,8 +197,9 @@ extern "C" int ops_cuda_host_stats_line(char *buf, int len, int steps) {
     const double n = steps > 0 ? (double)steps : 1.0;
     return snprintf(buf, (size_t)len,
                     "%.0f GEMM calls (%.0f by cuBLASLt from its algorithm cache, %.1f heuristic "
-                    "queries, %.1f fallbacks), %.1f ms of host time in GEMM calls, %.1f ms "
-                    "waiting for the GPU",
+                    "queries, %.1f fallbacks; %.0f on side streams of %d), %.1f ms of host time "
+                    "in GEMM calls, %.1f ms waiting for the GPU",
                     (double)st.gemm_calls / n, (double)st.lt_calls / n, (double)st.lt_queries / n,
-                    (double)st.lt_fallbacks / n, 1e3 * st.gemm_host_s / n, 1e3 * st.wait_s / n);
+                    (double)st.lt_fallbacks / n, (double)st.side_calls / n, cuda_gemm_streams(),
+                    1e3 * st.gemm_host_s / n, 1e3 * st.wait_s / n);
 }

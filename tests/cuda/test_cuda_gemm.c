@@ -845,6 +845,85 @@ static void test_determinism(void) {
     cuda_set_attention_query_block(0);
 }
 
+// ---------------------------------------------------------------------------------------
+// The expert GEMMs on several streams (gemm.cu, cuda_set_gemm_streams): 1, 2, 3, 4 and 8
+// streams give the same bits, also in chunks of experts (a 48 KiB workspace: a fork and a join
+// per chunk), and the counters say how many GEMMs went to side streams. Under the host emulator a
+// side stream's GEMMs run only when something waits for that stream (the latest schedule CUDA
+// allows), so a missing join shows as stale or wrong results here, and a GEMM queued without a
+// fork is fatal (tools/cuda-emu, "Streams and events").
+
+enum { ST_E = 8, ST_C = 72, ST_OC = 64 }; // sums of 64 and more: the emulated cuBLASLt's
+                                          // algorithms then use workspace (one per stream)
+
+// Runs forward and backward (dinp and dw from dinp0, dw0) on n streams; returns the host
+// counters of the two calls.
+static CudaHostStats streams_run_(int n, const int32_t *off, float *d_out, float *d_dinp,
+                                  float *d_dw, const float *dinp0, const float *dw0,
+                                  const float *d_inp, const float *d_w, const float *d_dout) {
+    const int R = off[ST_E];
+    cuda_set_gemm_streams(n);
+    cuda_memcpy_h2d(d_dinp, dinp0, (size_t)R * ST_C * sizeof(float));
+    cuda_memcpy_h2d(d_dw, dw0, (size_t)ST_E * ST_OC * ST_C * sizeof(float));
+    cuda_host_stats_reset();
+    cuda_grouped_matmul_forward(d_out, d_inp, d_w, off, ST_E, ST_C, ST_OC);
+    cuda_grouped_matmul_backward(d_dinp, d_dw, d_dout, d_inp, d_w, off, ST_E, ST_C, ST_OC);
+    CudaHostStats st;
+    cuda_host_stats(&st);
+    return st;
+}
+
+static void test_gemm_streams(void) {
+    static const int rows[ST_E] = {37, 0, 50, 3, 70, 12, 0, 90}; // 6 experts with rows
+    const int with_rows = 6;
+    int32_t off[ST_E + 1] = {0};
+    for (int e = 0; e < ST_E; e++) off[e + 1] = off[e] + rows[e];
+    const int R = off[ST_E];
+    const size_t rc = (size_t)R * ST_C, ro = (size_t)R * ST_OC, ew = (size_t)ST_E * ST_OC * ST_C;
+    float *inp = tcu_host_rand(rc, 9000, 1.0f), *w = tcu_host_rand(ew, 9001, 1.0f);
+    float *dout = tcu_host_rand(ro, 9002, 1.0f);
+    float *dinp0 = tcu_host_rand(rc, 9003, 0.5f), *dw0 = tcu_host_rand(ew, 9004, 0.5f);
+    float *d_inp = tcu_dev_from(inp, rc), *d_w = tcu_dev_from(w, ew);
+    float *d_dout = tcu_dev_from(dout, ro);
+    float *d_out = cuda_malloc(ro * sizeof(float)), *d_dinp = cuda_malloc(rc * sizeof(float));
+    float *d_dw = cuda_malloc(ew * sizeof(float));
+    set_mode_(MODE_BF16);
+    for (int chunked = 0; chunked < 2; chunked++) {
+        // chunked: 48 KiB, chunks of 2 or 3 experts (a fork and a join each)
+        cuda_set_gemm_workspace_limit(chunked ? 48 << 10 : 0);
+        CudaHostStats one =
+            streams_run_(1, off, d_out, d_dinp, d_dw, dinp0, dw0, d_inp, d_w, d_dout);
+        CU_ASSERT_EQUAL(one.side_calls, 0);
+        CU_ASSERT_TRUE(one.gemm_calls >= 3 * (unsigned long long)with_rows);
+        float *ref_out = tcu_host_from(d_out, ro), *ref_dinp = tcu_host_from(d_dinp, rc);
+        float *ref_dw = tcu_host_from(d_dw, ew);
+        static const int counts[] = {2, 3, 4, 8};
+        for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++) {
+            const int n = counts[i];
+            CudaHostStats st =
+                streams_run_(n, off, d_out, d_dinp, d_dw, dinp0, dw0, d_inp, d_w, d_dout);
+            char name[96];
+            snprintf(name, sizeof name, "grouped out, %d streams%s", n, chunked ? ", chunks" : "");
+            CU_ASSERT_TRUE(same_bits_(name, d_out, ref_out, ro));
+            snprintf(name, sizeof name, "grouped dinp, %d streams%s", n, chunked ? ", chunks" : "");
+            CU_ASSERT_TRUE(same_bits_(name, d_dinp, ref_dinp, rc));
+            snprintf(name, sizeof name, "grouped dw, %d streams%s", n, chunked ? ", chunks" : "");
+            CU_ASSERT_TRUE(same_bits_(name, d_dw, ref_dw, ew));
+            CU_ASSERT_EQUAL(st.gemm_calls, one.gemm_calls);
+            // one piece: every GEMM on a side stream; in chunks of 2 or 3 experts, those of
+            // the chunks with more than one expert with rows
+            if (!chunked) CU_ASSERT_EQUAL(st.side_calls, st.gemm_calls);
+            if (chunked) CU_ASSERT_TRUE(st.side_calls > 0 && st.side_calls < st.gemm_calls);
+        }
+        free(ref_out), free(ref_dinp), free(ref_dw);
+    }
+    cuda_set_gemm_workspace_limit(0);
+    cuda_set_gemm_streams(-1); // back to the environment's (the default: checked in main)
+    cuda_free(d_inp), cuda_free(d_w), cuda_free(d_dout), cuda_free(d_out), cuda_free(d_dinp);
+    cuda_free(d_dw);
+    free(inp), free(w), free(dout), free(dinp0), free(dw0);
+}
+
 int main(void) {
     if (cuda_gemm_bf16() != 1) {
         fprintf(stderr, "test_cuda_gemm: the GEMM precision must default to bf16 (1)\n");
@@ -865,6 +944,11 @@ int main(void) {
                 getenv("MOET_CUDA_GEMM_OPERANDS") ? ": unset MOET_CUDA_GEMM_OPERANDS" : "");
         return 1;
     }
+    if (cuda_gemm_streams() != 4) {
+        fprintf(stderr, "test_cuda_gemm: the expert GEMMs must default to 4 streams%s\n",
+                getenv("MOET_CUDA_GEMM_STREAMS") ? ": unset MOET_CUDA_GEMM_STREAMS" : "");
+        return 1;
+    }
     static const TuTest tests[] = {
         {"gemm precision switch", test_gemm_mode},
         {"matmul forward and backward", test_matmul},
@@ -876,6 +960,7 @@ int main(void) {
         {"bf16 operands rounded to nearest even, exactly", test_bf16_operands_exact},
         {"determinism of the GEMM ops", test_determinism},
         {"cuBLASLt algorithms cached per shape class", test_lt_cache},
+        {"expert GEMMs on several streams: the same bits", test_gemm_streams},
     };
     return tcu_main("cuda_gemm", tests, (int)(sizeof tests / sizeof tests[0]));
 }

@@ -10,6 +10,7 @@
 #include <cstdarg>
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <map>
 #include <random>
 #include <string>
@@ -28,6 +29,11 @@ static int env_int_(const char *name, int def) {
 }
 
 [[noreturn]] static void emu_fatal_(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// Streams (see "Streams and events" below): run what created streams have queued; note an
+// operation of the legacy stream.
+static void flush_all_streams_(void);
+static void legacy_op_(void);
 
 // ---------------------------------------------------------------------------------------
 // Options (environment)
@@ -213,7 +219,10 @@ cudaError_t cudaGetLastError(void) {
     return e;
 }
 cudaError_t cudaPeekAtLastError(void) { return last_error_; }
-cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize(void) {
+    flush_all_streams_();
+    return cudaSuccess;
+}
 cudaError_t cudaGetDeviceCount(int *n) {
     *n = env_int_("EMU_DEVICES", 1);
     return cudaSuccess;
@@ -308,6 +317,7 @@ cudaError_t cudaMalloc(void **p, size_t n) {
 
 cudaError_t cudaFree(void *p) {
     if (!p) return cudaSuccess;
+    flush_all_streams_(); // cudaFree synchronizes the device
     auto it = allocs_.find((uintptr_t)p);
     if (it == allocs_.end()) {
         fprintf(stderr, "*** cuda-emu: cudaFree(%p): not a live allocation's start\n", p);
@@ -348,6 +358,7 @@ cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
     }
     if ((char *)d < (char *)s + n && (char *)s < (char *)d + n && d != s)
         emu_fatal_("cudaMemcpy: overlapping ranges %p and %p (%zu bytes)", d, s, n);
+    legacy_op_();
     DevScope scope("cudaMemcpy");
     memmove(d, s, n);
     return cudaSuccess;
@@ -362,6 +373,7 @@ cudaError_t cudaMemset(void *d, int v, size_t n) {
     if (!dev_range_ok_(d, n))
         emu_fatal_("cudaMemset: [%p, +%zu) is not inside one device allocation%s", d, n,
                    is_device_(d) ? " (it runs past the end)" : " (a host pointer?)");
+    legacy_op_();
     DevScope scope("cudaMemset");
     memset(d, v, n);
     return cudaSuccess;
@@ -369,40 +381,136 @@ cudaError_t cudaMemset(void *d, int v, size_t n) {
 cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t) { return cudaMemset(d, v, n); }
 
 // ---------------------------------------------------------------------------------------
-// Streams and events. Every call completes before it returns, so a stream never has pending
-// work and an event is complete once recorded, unless emu_stall_streams(1) models a hung
-// collective (emu_nccl.cpp): events recorded then never complete. Handles are checked.
+// Streams and events.
+//
+// The legacy (NULL) stream runs eagerly: its kernels, copies and GEMMs finish before the call
+// returns. Work on a created stream is queued instead (emu_stream_defer) and runs only when
+// something waits for that stream: cudaStreamWaitEvent, cudaEventSynchronize or cudaEventQuery
+// on an event recorded on it, cudaStreamSynchronize, cudaDeviceSynchronize, cudaFree (which
+// synchronizes the device) or cudaStreamDestroy. That is the latest schedule CUDA allows, so a
+// missing join shows: the legacy stream reading a result too early reads the old values, and
+// overwriting an operand too early changes what the queued GEMM reads.
+//
+// The other direction, a missing fork, cannot show that way (the legacy stream's work is
+// always done), so it is a rule: work queued on a non-blocking stream must follow an event
+// recorded on the legacy stream after the legacy stream's latest operation, waited on by that
+// stream (legacy_epoch_ counts the legacy stream's operations). A blocking stream (flags
+// cudaStreamDefault) synchronizes with the legacy stream implicitly, as in CUDA: its queue
+// runs before each legacy operation, and it needs no fork.
+//
+// emu_stall_streams(1) models a hung collective (emu_nccl.cpp): events recorded then never
+// complete. Handles are checked.
 struct CUstream_st {
     unsigned flags;
+    std::vector<std::function<void()>> pending; // queued work, in issue order
+    uint64_t forked;                            // legacy_epoch_ of the last fork it waited on
+    std::vector<std::pair<uintptr_t, size_t>> ws; // GEMM workspaces its queued work uses
 };
 struct CUevent_st {
     bool stalled;
+    cudaStream_t stream; // where it was last recorded (null: the legacy stream)
+    uint64_t epoch;      // legacy_epoch_ when recorded on the legacy stream
 };
 static std::map<const void *, int> streams_, events_; // live handles
+static uint64_t legacy_epoch_ = 1;
+static size_t deferred_; // work items that ran from a queue (EMU_STATS)
+
+static bool is_legacy_(cudaStream_t s) {
+    return s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread;
+}
 
 int emu_stream_ok(cudaStream_t s) {
-    return s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread || streams_.count(s);
+    return is_legacy_(s) || streams_.count(s);
 }
 static bool stalled_;
 void emu_stall_streams(int stalled) { stalled_ = stalled != 0; }
 
+static void flush_(cudaStream_t s) {
+    if (is_legacy_(s) || !streams_.count(s)) return;
+    // items may queue more work on other streams, never on this one while it runs
+    std::vector<std::function<void()>> run;
+    run.swap(s->pending);
+    s->ws.clear();
+    for (auto &f : run) {
+        f();
+        deferred_++;
+    }
+}
+static void flush_all_streams_(void) {
+    for (auto &kv : streams_) flush_((cudaStream_t)kv.first);
+}
+static void legacy_op_(void) {
+    for (auto &kv : streams_) {
+        cudaStream_t s = (cudaStream_t)kv.first;
+        if (s->flags == cudaStreamDefault) flush_(s); // implicit synchronization
+    }
+    legacy_epoch_++;
+}
+
+// Runs fn now (legacy stream) or queues it on s. what names the call for the fork rule.
+void emu_stream_defer(cudaStream_t s, const char *what, std::function<void()> fn) {
+    if (is_legacy_(s)) {
+        legacy_op_();
+        fn();
+        return;
+    }
+    if (!streams_.count(s)) emu_fatal_("%s on stream %p: not a live stream", what, (void *)s);
+    if (s->flags != cudaStreamDefault && s->forked != legacy_epoch_)
+        emu_fatal_("%s queued on the non-blocking stream %p without waiting for the legacy "
+                   "stream's latest work (no cudaEventRecord on the legacy stream + "
+                   "cudaStreamWaitEvent since its last operation): it could run before the "
+                   "kernels that produce its inputs",
+                   what, (void *)s);
+    s->pending.push_back(std::move(fn));
+}
+
+void emu_launch_stream(const char *name, cudaStream_t s) {
+    if (!is_legacy_(s))
+        emu_fatal_("launch of %s on the created stream %p: kernels on created streams are not "
+                   "modelled (the backend launches every kernel on the legacy stream)",
+                   name, (void *)s);
+    legacy_op_();
+}
+
+// A GEMM on stream s (legacy: runs now) uses [ws, ws + n) as its workspace: no queued GEMM of
+// another stream, which may run at the same time, may use any of it.
+void emu_stream_workspace(const char *what, cudaStream_t s, const void *ws, size_t n) {
+    if (n == 0) return;
+    const uintptr_t a = (uintptr_t)ws;
+    for (auto &kv : streams_) {
+        cudaStream_t o = (cudaStream_t)kv.first;
+        if (o == s) continue;
+        for (auto &r : o->ws)
+            if (a < r.first + r.second && r.first < a + n)
+                emu_fatal_("%s: its workspace [%p, +%zu) on stream %p overlaps the workspace of "
+                           "a GEMM queued on stream %p: the two may run at the same time (one "
+                           "workspace per stream)",
+                           what, ws, n, (void *)s, (void *)o);
+    }
+    if (!is_legacy_(s)) s->ws.emplace_back(a, n);
+}
+
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags) {
     if (!s) return set_err_(cudaErrorInvalidValue);
-    *s = new CUstream_st{flags};
+    *s = new CUstream_st{flags, {}, 0, {}};
     streams_[*s] = 1;
     return cudaSuccess;
 }
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
-    if (!streams_.erase(s)) return set_err_(cudaErrorInvalidResourceHandle);
+    if (!streams_.count(s)) return set_err_(cudaErrorInvalidResourceHandle);
+    flush_(s); // its work completes first
+    streams_.erase(s);
     delete s;
     return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
-    return emu_stream_ok(s) ? cudaSuccess : set_err_(cudaErrorInvalidResourceHandle);
+    if (!emu_stream_ok(s)) return set_err_(cudaErrorInvalidResourceHandle);
+    flush_(s);
+    return cudaSuccess;
 }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) {
     if (!e) return set_err_(cudaErrorInvalidValue);
-    *e = new CUevent_st{false};
+    *e = new CUevent_st{false, nullptr, 0};
     events_[*e] = 1;
     return cudaSuccess;
 }
@@ -414,20 +522,27 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
     if (!events_.count(e) || !emu_stream_ok(s)) return set_err_(cudaErrorInvalidResourceHandle);
     e->stalled = stalled_;
+    e->stream = is_legacy_(s) ? nullptr : s;
+    e->epoch = is_legacy_(s) ? legacy_epoch_ : 0;
     return cudaSuccess;
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
     if (!events_.count(e) || !emu_stream_ok(s)) return set_err_(cudaErrorInvalidResourceHandle);
+    if (e->stream) flush_(e->stream); // the work before the record runs now (and what followed)
+    if (!e->stream && !is_legacy_(s) && e->epoch > s->forked) s->forked = e->epoch; // a fork
     return cudaSuccess;
 }
 cudaError_t cudaEventQuery(cudaEvent_t e) {
     if (!events_.count(e)) return set_err_(cudaErrorInvalidResourceHandle);
-    return e->stalled ? cudaErrorNotReady : cudaSuccess; // not an error: not sticky
+    if (e->stalled) return cudaErrorNotReady; // not an error: not sticky
+    if (e->stream) flush_(e->stream);
+    return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
     if (!events_.count(e)) return set_err_(cudaErrorInvalidResourceHandle);
     if (e->stalled) emu_fatal_("cudaEventSynchronize on an event that never completes (a hung "
                                "collective): the real program would hang here");
+    if (e->stream) flush_(e->stream);
     return cudaSuccess;
 }
 
@@ -786,10 +901,11 @@ void emu_run_grid(const char *name, const void *kernel, dim3 grid, dim3 block, s
 struct EmuCublasContext {
     int magic;
     cublasMath_t math;
+    cudaStream_t stream; // cublasSetStream's (null: the legacy stream)
 };
 
 cublasStatus_t cublasCreate(cublasHandle_t *h) {
-    *h = new EmuCublasContext{0x6375626c, CUBLAS_DEFAULT_MATH};
+    *h = new EmuCublasContext{0x6375626c, CUBLAS_DEFAULT_MATH, nullptr};
     return CUBLAS_STATUS_SUCCESS;
 }
 cublasStatus_t cublasDestroy(cublasHandle_t h) {
@@ -798,7 +914,8 @@ cublasStatus_t cublasDestroy(cublasHandle_t h) {
 }
 cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) {
     if (!h || h->magic != 0x6375626c) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (s != nullptr) fprintf(stderr, "*** cuda-emu: cublasSetStream: a non-default stream\n");
+    if (!emu_stream_ok(s)) emu_fatal_("cublasSetStream: %p is not a live stream", (void *)s);
+    h->stream = s;
     return CUBLAS_STATUS_SUCCESS;
 }
 cublasStatus_t cublasSetMathMode(cublasHandle_t h, cublasMath_t m) {
@@ -1013,9 +1130,15 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
                 types_(at, bt, ct, comp).c_str(), cublasGetStatusName(s));
         return s;
     }
-    DevScope scope("cublasGemmEx");
-    return gemm_one_("cublasGemmEx", ta, tb, m, n, k, *(const float *)alpha, A, lda, B, ldb, at,
-                     *(const float *)beta, (float *)C, ldc, comp == CUBLAS_COMPUTE_32F_FAST_16BF);
+    // the scalars are read now (pointer mode host); the product runs in stream order
+    const float al = *(const float *)alpha, be = *(const float *)beta;
+    const bool fast = comp == CUBLAS_COMPUTE_32F_FAST_16BF;
+    emu_stream_defer(h->stream, "cublasGemmEx", [=] {
+        DevScope scope("cublasGemmEx");
+        gemm_one_("cublasGemmEx", ta, tb, m, n, k, al, A, lda, B, ldb, at, be, (float *)C, ldc,
+                  fast);
+    });
+    return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta,
@@ -1042,15 +1165,17 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta
         emu_fatal_("cublasGemmStridedBatchedEx: the batch's outputs overlap (strideC %lld < m "
                    "%d)",
                    sC, m);
-    DevScope scope("cublasGemmStridedBatchedEx");
-    const size_t es = type_size_(at);
-    for (int i = 0; i < batch; i++) {
-        s = gemm_one_("cublasGemmStridedBatchedEx", ta, tb, m, n, k, *(const float *)alpha,
+    const float al = *(const float *)alpha, be = *(const float *)beta;
+    const bool fast = comp == CUBLAS_COMPUTE_32F_FAST_16BF;
+    emu_stream_defer(h->stream, "cublasGemmStridedBatchedEx", [=] {
+        DevScope scope("cublasGemmStridedBatchedEx");
+        const size_t es = type_size_(at);
+        for (int i = 0; i < batch; i++)
+            gemm_one_("cublasGemmStridedBatchedEx", ta, tb, m, n, k, al,
                       (const char *)A + (size_t)(i * sA) * es, lda,
-                      (const char *)B + (size_t)(i * sB) * es, ldb, at, *(const float *)beta,
-                      (float *)C + i * sC, ldc, comp == CUBLAS_COMPUTE_32F_FAST_16BF);
-        if (s != CUBLAS_STATUS_SUCCESS) return s;
-    }
+                      (const char *)B + (size_t)(i * sB) * es, ldb, at, be, (float *)C + i * sC,
+                      ldc, fast);
+    });
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -1236,8 +1361,10 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmul
     if (pf.magic != LT_PREF_MAGIC) emu_fatal_("cublasLtMatmulAlgoGetHeuristic: preference not "
                                               "initialised");
     lt_queries_++;
-    // a split-k algorithm, with workspace, for long sums when the preference allows 4 MiB
-    const uint64_t want_ws = pr.k >= 1024 && pf.max_ws >= ((uint64_t)4 << 20) ? (4u << 20) : 0;
+    // a split-k algorithm, with workspace, for sums of 64 or more when the preference allows
+    // 4 MiB (a low bar, so that the tests' small GEMMs use workspaces too: emu_stream_workspace
+    // checks that no two streams share one)
+    const uint64_t want_ws = pr.k >= 64 && pf.max_ws >= ((uint64_t)4 << 20) ? (4u << 20) : 0;
     LtAlgo al{LT_ALGO_MAGIC, pr.ta, pr.tb, pr.m, pr.n, pr.k, (int32_t)pr.lda, (int32_t)pr.ldb,
               (int32_t)pr.ldc, {pf.align[0], pf.align[1], pf.align[2], pf.align[3]},
               (uint32_t)want_ws};
@@ -1268,7 +1395,8 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const 
     if (!algo) emu_fatal_("cublasLtMatmul: algo NULL (the heuristic's choice is not modelled)");
     const LtAlgo al = lt_read_<LtAlgo>(algo);
     if (al.magic != LT_ALGO_MAGIC) emu_fatal_("cublasLtMatmul: algo not from the heuristic");
-    if (stream != nullptr) fprintf(stderr, "*** cuda-emu: cublasLtMatmul: a non-default stream\n");
+    if (!emu_stream_ok(stream))
+        emu_fatal_("cublasLtMatmul: stream %p is not a live stream", (void *)stream);
     if (!alpha || !beta || is_device_(alpha) || is_device_(beta))
         return CUBLAS_STATUS_INVALID_VALUE; // pointer mode host
     if (C != D) {
@@ -1294,17 +1422,23 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const 
                    "algorithm can use", ws_bytes, ws);
     const char *refuse = getenv("EMU_LT_REFUSE");
     if (refuse && strcmp(refuse, "1") == 0) return CUBLAS_STATUS_NOT_SUPPORTED;
-    DevScope scope("cublasLtMatmul");
     lt_matmuls_++;
-    return gemm_one_("cublasLtMatmul", (cublasOperation_t)pr.ta, (cublasOperation_t)pr.tb, pr.m,
-                     pr.n, pr.k, *(const float *)alpha, A, (int)pr.lda, B, (int)pr.ldb,
-                     CUDA_R_16BF, *(const float *)beta, (float *)D, (int)pr.ldc, false);
+    emu_stream_workspace("cublasLtMatmul", stream, ws, al.ws);
+    const float alv = *(const float *)alpha, bev = *(const float *)beta;
+    emu_stream_defer(stream, "cublasLtMatmul", [=] {
+        DevScope scope("cublasLtMatmul");
+        gemm_one_("cublasLtMatmul", (cublasOperation_t)pr.ta, (cublasOperation_t)pr.tb, pr.m,
+                  pr.n, pr.k, alv, A, (int)pr.lda, B, (int)pr.ldb, CUDA_R_16BF, bev, (float *)D,
+                  (int)pr.ldc, false);
+    });
+    return CUBLAS_STATUS_SUCCESS;
 }
 
 __attribute__((destructor)) static void stats_(void) {
     if (getenv("EMU_STATS"))
         fprintf(stderr,
                 "cuda-emu: %zu kernel launches, %zu GEMMs (%zu on bf16 operands; %zu by "
-                "cublasLtMatmul after %zu heuristic queries), %zu bytes still allocated\n",
-                launches_, gemms_, gemms_bf16_, lt_matmuls_, lt_queries_, in_use_);
+                "cublasLtMatmul after %zu heuristic queries; %zu queued on created streams), "
+                "%zu bytes still allocated\n",
+                launches_, gemms_, gemms_bf16_, lt_matmuls_, lt_queries_, deferred_, in_use_);
 }

@@ -128,6 +128,9 @@ struct EmuKernelCall {
 void emu_run_grid(const char *name, const void *kernel, dim3 grid, dim3 block, size_t smem,
                   EmuKernelCall call);
 void emu_check_kernel_pointer(const char *kernel, int arg, const void *p);
+// A launch on stream s: the legacy stream's ordering (emu_runtime.cpp, "Streams and events");
+// a created stream is refused (not modelled).
+void emu_launch_stream(const char *name, cudaStream_t s);
 
 template <class A> inline void emu_check_arg_(const char *k, int i, const A &a) {
     if constexpr (std::is_pointer_v<A>) emu_check_kernel_pointer(k, i, (const void *)a);
@@ -135,8 +138,9 @@ template <class A> inline void emu_check_arg_(const char *k, int i, const A &a) 
 
 template <class... KA, class... A>
 void emu_launch(const char *name, void (*k)(KA...), dim3 grid, dim3 block, size_t smem,
-                cudaStream_t, A &&...args) {
+                cudaStream_t stream, A &&...args) {
     static_assert(sizeof...(KA) == sizeof...(A), "kernel argument count");
+    emu_launch_stream(name, stream);
     // the arguments are converted to the parameter types and copied, as cudaLaunchKernel does
     std::tuple<std::decay_t<KA>...> params((KA)args...);
     int i = 0;
