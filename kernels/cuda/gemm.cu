@@ -170,11 +170,14 @@ void gemm_f32_strided_batched_(cublasOperation_t transa, cublasOperation_t trans
 //         conversion into the workspace, and every later op, comes after all of them.
 // The experts' outputs are disjoint (their rows of out and dinp, their own dw_e) and a GEMM's
 // algorithm does not depend on its stream, so the results are the same bits for any number of
-// lanes. Dense matmuls (one expert) and attention stay on the legacy stream.
+// lanes. Dense matmuls (one expert) and attention stay on the legacy stream, and so do pieces
+// whose experts have fewer than LANES_MIN_ROWS rows on average (decoding: one row each): their
+// GEMMs are too small for the fork and join (2n + 1 event calls on the host, and n waits) to
+// pay.
 
 // The setting n: 1, every GEMM on the legacy stream (as before 2026-11-27); 2 to
 // GEMM_LANES_MAX, the batches on n side streams.
-enum { GEMM_LANES_MAX = 8, GEMM_LANES_DEFAULT = 4 };
+enum { GEMM_LANES_MAX = 8, GEMM_LANES_DEFAULT = 4, LANES_MIN_ROWS = 16 };
 
 typedef struct {
     cudaStream_t stream;   // non-blocking; lane 0 (the legacy stream) has no entry here
@@ -220,13 +223,14 @@ int cuda_gemm_streams(void) {
 
 static void *lt_workspace_(int lane); // below, with cuBLASLt
 
-// Starts a batch of `want` groups of GEMMs that may run at the same time; returns the number
-// of side lanes it gets, 0 for none (the batch then runs on the legacy stream). Each of lanes
-// 1..n waits for the legacy stream's work so far. Group i of the batch goes on lane_of_(i, n).
-static int lanes_fork_(int want) {
+// Starts a batch of the GEMMs of `experts` experts with `rows` rows in all, which may run at
+// the same time; returns the number of side lanes it gets, 0 for none (the batch then runs on
+// the legacy stream). Each of lanes 1..n waits for the legacy stream's work so far. Expert i of
+// the batch goes on lane_of_(i, n).
+static int lanes_fork_(int experts, int rows) {
     int n = cuda_gemm_streams();
-    if (n > want) n = want;
-    if (n <= 1) return 0;
+    if (n > experts) n = experts;
+    if (n <= 1 || rows < LANES_MIN_ROWS * experts) return 0;
     if (!fork_) CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
     for (; lanes_made_ <= n; lanes_made_++) {
         GemmLane *l = &lanes_[lanes_made_];
@@ -669,7 +673,7 @@ static void grouped_forward_bf16_(float *out, const float *inp, const float *w, 
         for (int a = off[e0]; a < off[e1]; a += (int)pr) {
             const int b = a + (int)pr < off[e1] ? a + (int)pr : off[e1];
             f32_to_bf16_rn_(xb, inp + (size_t)a * C, (size_t)(b - a) * C);
-            const int lanes = lanes_fork_(experts_in_(off, e0, e1, a, b));
+            const int lanes = lanes_fork_(experts_in_(off, e0, e1, a, b), b - a);
             for (int e = e0, i = 0; e < e1; e++) {
                 const int r0 = off[e] > a ? off[e] : a, r1 = off[e + 1] < b ? off[e + 1] : b;
                 if (r1 <= r0) continue;
@@ -707,7 +711,7 @@ static void grouped_backward_bf16_(float *dinp, float *dw, const float *dout, co
             const int b = a + (int)pr < off[e1] ? a + (int)pr : off[e1];
             f32_to_bf16_rn_(gb, dout + (size_t)a * OC, (size_t)(b - a) * OC);
             if (dw) f32_to_bf16_rn_(xb, inp + (size_t)a * C, (size_t)(b - a) * C);
-            const int lanes = lanes_fork_(experts_in_(off, e0, e1, a, b));
+            const int lanes = lanes_fork_(experts_in_(off, e0, e1, a, b), b - a);
             for (int e = e0, i = 0; e < e1; e++) {
                 const int r0 = off[e] > a ? off[e] : a, r1 = off[e + 1] < b ? off[e + 1] : b;
                 if (r1 <= r0) continue;

@@ -160,8 +160,9 @@ int cuda_gemm_lt(void);
 // Streams of the grouped expert GEMMs on bf16 operands (gemm.cu). n >= 2: the experts of each
 //   piece of rows are issued round-robin on n non-blocking streams (each with its own cuBLAS
 //   handle and 32 MiB cuBLASLt workspace), between a fork after the piece's conversions and a
-//   join before the next op, so that small expert GEMMs fill the GPU together. Results are the
-//   same bits for every n. 1: all on the legacy stream, as before 2026-11-27. Default 4; at
+//   join before the next op, so that small expert GEMMs fill the GPU together (pieces with
+//   fewer than 16 rows per expert on average, as in decoding, stay on the legacy stream).
+//   Results are the same bits for every n. 1: all on the legacy stream, as before 2026-11-27. Default 4; at
 //   most 8 (larger values are clamped, smaller give 1).
 // -1: as MOET_CUDA_GEMM_STREAMS says: unset or empty -> 4; 1..8 -> that; anything else is fatal
 //   (also the initial state, read at the first grouped GEMM).

@@ -848,7 +848,8 @@ static void test_determinism(void) {
 // ---------------------------------------------------------------------------------------
 // The expert GEMMs on several streams (gemm.cu, cuda_set_gemm_streams): 1, 2, 3, 4 and 8
 // streams give the same bits, also in chunks of experts (a 48 KiB workspace: a fork and a join
-// per chunk), and the counters say how many GEMMs went to side streams. Under the host emulator a
+// per chunk), and the counters say how many GEMMs went to side streams (none with one row per
+// expert, as in decoding). Under the host emulator a
 // side stream's GEMMs run only when something waits for that stream (the latest schedule CUDA
 // allows), so a missing join shows as stale or wrong results here, and a GEMM queued without a
 // fork is fatal (tools/cuda-emu, "Streams and events").
@@ -918,6 +919,12 @@ static void test_gemm_streams(void) {
         free(ref_out), free(ref_dinp), free(ref_dw);
     }
     cuda_set_gemm_workspace_limit(0);
+    // one row per expert (decoding a token): too little work per GEMM for side streams
+    static const int one_each[ST_E] = {1, 1, 1, 1, 1, 1, 1, 1};
+    int32_t off1[ST_E + 1] = {0};
+    for (int e = 0; e < ST_E; e++) off1[e + 1] = off1[e] + one_each[e];
+    CudaHostStats dec = streams_run_(4, off1, d_out, d_dinp, d_dw, dinp0, dw0, d_inp, d_w, d_dout);
+    CU_ASSERT_TRUE(dec.gemm_calls >= 3 * ST_E && dec.side_calls == 0);
     cuda_set_gemm_streams(-1); // back to the environment's (the default: checked in main)
     cuda_free(d_inp), cuda_free(d_w), cuda_free(d_dout), cuda_free(d_out), cuda_free(d_dinp);
     cuda_free(d_dw);
