@@ -86,6 +86,18 @@ typedef struct Ops {
     void (*grouped_matmul_backward)(float *dinp, float *dw, const float *dout, const float *inp,
                                     const float *w, const int32_t *offsets_host, int E, int C,
                                     int OC);
+    // Optional (NULL: the two calls): the grouped matmul of one input with two weight tensors
+    // (the experts' gate and up), with the results of grouped_matmul_forward on (out_a, w_a)
+    // then (out_b, w_b), and its backward, those of grouped_matmul_backward on (dw_a, dout_a,
+    // w_a) then (dw_b, dout_b, w_b) into the same dinp (dw_a and dw_b both or neither). For a
+    // backend that converts its operands (cuda: the input's rows once, not twice).
+    void (*grouped_matmul_forward_pair)(float *out_a, float *out_b, const float *inp,
+                                        const float *w_a, const float *w_b,
+                                        const int32_t *offsets_host, int E, int C, int OC);
+    void (*grouped_matmul_backward_pair)(float *dinp, float *dw_a, float *dw_b,
+                                         const float *dout_a, const float *dout_b,
+                                         const float *inp, const float *w_a, const float *w_b,
+                                         const int32_t *offsets_host, int E, int C, int OC);
     double (*crossentropy_forward)(float *losses, const float *logits, const int32_t *targets,
                                    int N, int V);
     double (*crossentropy_forward_backward)(float *dlogits, float *losses, const float *logits,

@@ -86,7 +86,8 @@ void memplan_predict(const Config *c, int world, MemPlan *mp) {
     // to hold the largest op's bf16 copies, in whole MiB and at least doubling each time, so at
     // most twice that need, and at most its 1 GiB chunk limit (the bound is taken). The largest
     // ops are backward ones: a matmul converts its weights and the rows of dout and inp (the
-    // projections, the experts or dense MLP, the LM head per chunk of rows), the attention one
+    // projections, the experts' gate and up pair or the dense MLP, the LM head per chunk of
+    // rows), the attention one
     // sequence's q, k, v, dO and every head's P and dS. (Bound: the ops' 256-byte alignment
     // of each slice is left out.)
     if (strcmp(c->device, "cuda") == 0 && strcmp(c->precision, "fp32") != 0) {
@@ -94,7 +95,10 @@ void memplan_predict(const Config *c, int world, MemPlan *mp) {
         const double El = E > 0 ? (double)E / ep : 1, rows = E > 0 ? (double)B * T * K : N;
         const double hr = model_head_rows(c, B, T);
         double need = (double)D * D + N * 2.0 * D;           // q, k, v, o projections
-        double mlp = El * F * D + rows * ((double)F + D);     // experts (or the dense MLP)
+        // experts: the gate and up pair (two weights, two dout slices, the input rows); the
+        // dense MLP: one matmul at a time
+        double mlp = E > 0 ? 2 * El * F * D + rows * (2.0 * F + D)
+                           : (double)F * D + N * ((double)F + D);
         double head = V * D + hr * (V + D);                   // LM head, one chunk of rows
         double att = 4.0 * T * D + 2.0 * H * T * T;           // attention backward
         need = need > mlp ? need : mlp;

@@ -79,6 +79,32 @@ static void ep_check_(int rc, const MoetErr *err) {
     if (rc) moet_die("expert parallel dispatch: %s", err->msg);
 }
 
+// The experts' gate and up projections of the same rows x: one call where the backend has the
+// pair op (cuda converts x to bf16 once for both), else two. g = x @ w_gate^T, u = x @ w_up^T.
+static void gate_up_forward_(const Ops *k, float *g, float *u, const float *x,
+                             const LayerParams *p, const int32_t *offsets, int E, int D, int F) {
+    if (k->grouped_matmul_forward_pair) {
+        k->grouped_matmul_forward_pair(g, u, x, p->w_gate, p->w_up, offsets, E, D, F);
+        return;
+    }
+    k->grouped_matmul_forward(g, x, p->w_gate, offsets, E, D, F);
+    k->grouped_matmul_forward(u, x, p->w_up, offsets, E, D, F);
+}
+
+// Its backward: dx += dg @ w_gate + du @ w_up (in that order), dw_gate += dg^T x, dw_up +=
+// du^T x; dx NULL, or dw_gate and dw_up both NULL, skips those.
+static void gate_up_backward_(const Ops *k, float *dx, float *dw_gate, float *dw_up,
+                              const float *dg, const float *du, const float *x,
+                              const LayerParams *p, const int32_t *offsets, int E, int D, int F) {
+    if (k->grouped_matmul_backward_pair) {
+        k->grouped_matmul_backward_pair(dx, dw_gate, dw_up, dg, du, x, p->w_gate, p->w_up,
+                                        offsets, E, D, F);
+        return;
+    }
+    k->grouped_matmul_backward(dx, dw_gate, dg, x, p->w_gate, offsets, E, D, F);
+    k->grouped_matmul_backward(dx, dw_up, du, x, p->w_up, offsets, E, D, F);
+}
+
 // Expert parallelism (m->disp): the routed rows travel to the ranks holding their experts, the
 // local experts run on the regrouped received rows, and the outputs travel back (dispatch.h).
 static void moe_forward_ep_(Model *m, int l) {
@@ -90,8 +116,7 @@ static void moe_forward_ep_(Model *m, int l) {
     DispatchRows rw;
     ep_check_(dispatch_forward(m->disp, l, m->counts_h + (size_t)l * m->E, a->xp, &rw, &err),
               &err);
-    k->grouped_matmul_forward(rw.g, rw.x, p->w_gate, rw.offsets, El, D, F);
-    k->grouped_matmul_forward(rw.u, rw.x, p->w_up, rw.offsets, El, D, F);
+    gate_up_forward_(k, rw.g, rw.u, rw.x, p, rw.offsets, El, D, F);
     if (rw.rows > 0) k->swiglu_forward(rw.a, rw.g, rw.u, (size_t)rw.rows * F);
     k->grouped_matmul_forward(rw.y, rw.a, p->w_down, rw.offsets, El, F, D);
     ep_check_(dispatch_combine(m->disp, l, a->yp, &err), &err);
@@ -108,8 +133,7 @@ void moe_forward(Model *m, int l, MoeLayerLoss *loss) {
     if (m->disp) {
         moe_forward_ep_(m, l);
     } else {
-        k->grouped_matmul_forward(a->g, a->xp, p->w_gate, offsets, E, D, F);
-        k->grouped_matmul_forward(a->u, a->xp, p->w_up, offsets, E, D, F);
+        gate_up_forward_(k, a->g, a->u, a->xp, p, offsets, E, D, F);
         k->swiglu_forward(a->a, a->g, a->u, (size_t)R * F);
         k->grouped_matmul_forward(a->yp, a->a, p->w_down, offsets, E, F, D);
     }
@@ -140,14 +164,13 @@ static void moe_backward_ep_(Model *m, int l) {
     // dgrad, and the input gradients start their way back
     k->grouped_matmul_backward(dg.d_a, NULL, dg.d_y, rw.a, p->w_down, rw.offsets, El, F, D);
     if (RF > 0) k->swiglu_backward(dg.d_g, dg.d_u, dg.d_a, rw.g, rw.u, RF);
-    k->grouped_matmul_backward(dg.d_x, NULL, dg.d_g, rw.x, p->w_gate, rw.offsets, El, D, F);
-    k->grouped_matmul_backward(dg.d_x, NULL, dg.d_u, rw.x, p->w_up, rw.offsets, El, D, F);
+    gate_up_backward_(k, dg.d_x, NULL, NULL, dg.d_g, dg.d_u, rw.x, p, rw.offsets, El, D, F);
     ep_check_(dispatch_backward_return_start(m->disp, l, m->d_xp, &err), &err);
     if (!overlap) ep_check_(dispatch_wait(m->disp, &err), &err);
     // wgrad (with the overlap: while the input gradients travel)
     k->grouped_matmul_backward(NULL, gp->w_down, dg.d_y, rw.a, p->w_down, rw.offsets, El, F, D);
-    k->grouped_matmul_backward(NULL, gp->w_gate, dg.d_g, rw.x, p->w_gate, rw.offsets, El, D, F);
-    k->grouped_matmul_backward(NULL, gp->w_up, dg.d_u, rw.x, p->w_up, rw.offsets, El, D, F);
+    gate_up_backward_(k, NULL, gp->w_gate, gp->w_up, dg.d_g, dg.d_u, rw.x, p, rw.offsets, El, D,
+                      F);
     if (overlap) ep_check_(dispatch_wait(m->disp, &err), &err);
 }
 
@@ -178,9 +201,8 @@ void moe_backward(Model *m, int l, const float *d_out, float *d_ln2, double lb_s
         k->zero_fill(m->d_u, (size_t)R * F);
         k->swiglu_backward(m->d_g, m->d_u, m->d_a, a->g, a->u, (size_t)R * F);
         k->zero_fill(m->d_xp, (size_t)R * D);
-        k->grouped_matmul_backward(m->d_xp, gp->w_gate, m->d_g, a->xp, p->w_gate, offsets, E, D,
-                                   F);
-        k->grouped_matmul_backward(m->d_xp, gp->w_up, m->d_u, a->xp, p->w_up, offsets, E, D, F);
+        gate_up_backward_(k, m->d_xp, gp->w_gate, gp->w_up, m->d_g, m->d_u, a->xp, p, offsets,
+                          E, D, F);
     }
     // dispatch
     k->permute_backward(d_ln2, m->d_xp, a->assign_row, N, K, D);

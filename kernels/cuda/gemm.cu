@@ -590,17 +590,21 @@ void f32_to_bf16_rn_(__nv_bfloat16 *out, const float *in, size_t n) {
 // rows fit the workspace limit together (an expert whose rows alone do not fit gets a chunk of
 // its own, walked in pieces of rows). Per chunk: the weights of its experts with rows are
 // converted (contiguous runs in one launch), then per piece of rows the rows' operands, then
-// one GEMM per expert on its rows of the piece, in expert order. Forward:
+// one GEMM per expert on its rows of the piece, in expert order (on the side streams above).
+// The experts' gate and up projections go through as one pair (nmat = 2: two weight tensors,
+// one input, its rows converted once). Forward:
 //   out (R,OC) = inp (R,C) @ w_e^T per expert; workspace: weights, inp rows.
 // Backward (each output optional): dinp += dout @ w_e; dw_e += dout^T @ inp, the latter summed
 // over the pieces (beta = 1). Workspace: weights (dinp only), dout rows, inp rows (dw only).
 // cuBLAS cannot take the experts in one call here: cublasGemmGroupedBatchedEx (cuBLAS 12.5+)
 // accepts bf16 A and B only with a bf16 C, and the outputs must stay fp32.
 
-// What a chunk needs in the workspace: nw experts' weights of wsz elements each (0: none) and
-// `rows` rows of the slices of widths width[0..nwidth).
-static size_t ws_need_(size_t nw, size_t wsz, size_t rows, const size_t *width, int nwidth) {
-    size_t need = ws_align_(nw * wsz);
+// What a chunk needs in the workspace: nmat weight tensors of nw experts' weights of wsz
+// elements each (wsz 0: none), each block 256-byte aligned, and `rows` rows of the slices of
+// widths width[0..nwidth).
+static size_t ws_need_(int nmat, size_t nw, size_t wsz, size_t rows, const size_t *width,
+                       int nwidth) {
+    size_t need = (size_t)nmat * ws_align_(nw * wsz);
     for (int i = 0; i < nwidth; i++) need += ws_align_(rows * width[i]);
     return need;
 }
@@ -608,20 +612,20 @@ static size_t ws_need_(size_t nw, size_t wsz, size_t rows, const size_t *width, 
 // The chunk that starts at expert e0: returns e1 (> e0) and the rows per piece (*piece, >= 1).
 // Greedy: as many experts as fit with all their rows; an expert that does not fit alone gets
 // pieces of rows as even as the fewest that fit make them.
-static int plan_chunk_(const int32_t *off, int e0, int E, size_t wsz, const size_t *width,
-                       int nwidth, size_t *piece) {
+static int plan_chunk_(const int32_t *off, int e0, int E, int nmat, size_t wsz,
+                       const size_t *width, int nwidth, size_t *piece) {
     const size_t limit = gemm_workspace_limit_elems_();
     int e1 = e0 + 1;
-    while (e1 < E && ws_need_((size_t)(e1 + 1 - e0), wsz, (size_t)(off[e1 + 1] - off[e0]), width,
-                              nwidth) <= limit)
+    while (e1 < E && ws_need_(nmat, (size_t)(e1 + 1 - e0), wsz, (size_t)(off[e1 + 1] - off[e0]),
+                              width, nwidth) <= limit)
         e1++;
     const size_t rows = (size_t)(off[e1] - off[e0]);
     *piece = rows > 0 ? rows : 1;
-    if (e1 == e0 + 1 && ws_need_(1, wsz, rows, width, nwidth) > limit) {
+    if (e1 == e0 + 1 && ws_need_(nmat, 1, wsz, rows, width, nwidth) > limit) {
         // one expert whose rows do not fit: as many rows per piece as the limit leaves room for
         size_t per_row = 0;
         for (int i = 0; i < nwidth; i++) per_row += width[i];
-        const size_t fixed = ws_align_(wsz) + 128 * (size_t)nwidth; // alignment slack
+        const size_t fixed = (size_t)nmat * ws_align_(wsz) + 128 * (size_t)nwidth; // alignment
         size_t r = limit > fixed ? (limit - fixed) / per_row : 0;
         if (r < 1) r = 1;
         const size_t pieces = (rows + r - 1) / r; // then evened out: no small last piece
@@ -655,8 +659,13 @@ static int experts_in_(const int32_t *off, int e0, int e1, int a, int b) {
     return n;
 }
 
-static void grouped_forward_bf16_(float *out, const float *inp, const float *w, const int32_t *off,
-                                  int E, int C, int OC) {
+// The grouped matmul of nmat (1 or 2) weight tensors w[m] on the same input: the pair is the
+// experts' gate and up projections, whose input rows are then converted once. Per expert, the
+// GEMMs of w[0] come before those of w[1], as in two calls one after the other, on the same
+// stream.
+//   out[m] (R,OC) = inp (R,C) @ w[m]_e^T per expert.
+static void grouped_forward_bf16_(float *const *out, const float *inp, const float *const *w,
+                                  int nmat, const int32_t *off, int E, int C, int OC) {
     const size_t wsz = (size_t)OC * C, width[1] = {(size_t)C};
     for (int e0 = 0; e0 < E;) {
         if (off[e0 + 1] == off[e0]) { // no rows: nothing to convert or compute
@@ -664,12 +673,13 @@ static void grouped_forward_bf16_(float *out, const float *inp, const float *w, 
             continue;
         }
         size_t piece;
-        const int e1 = plan_chunk_(off, e0, E, wsz, width, 1, &piece);
+        const int e1 = plan_chunk_(off, e0, E, nmat, wsz, width, 1, &piece);
         const size_t rows = (size_t)(off[e1] - off[e0]);
         const size_t pr = piece < rows ? piece : rows;
-        __nv_bfloat16 *wb = gemm_workspace_(ws_need_((size_t)(e1 - e0), wsz, pr, width, 1));
-        __nv_bfloat16 *xb = wb + ws_align_((size_t)(e1 - e0) * wsz);
-        convert_weights_(wb, w, off, e0, e1, wsz);
+        const size_t wblock = ws_align_((size_t)(e1 - e0) * wsz); // one weight tensor's
+        __nv_bfloat16 *wb = gemm_workspace_(ws_need_(nmat, (size_t)(e1 - e0), wsz, pr, width, 1));
+        __nv_bfloat16 *xb = wb + nmat * wblock;
+        for (int m = 0; m < nmat; m++) convert_weights_(wb + m * wblock, w[m], off, e0, e1, wsz);
         for (int a = off[e0]; a < off[e1]; a += (int)pr) {
             const int b = a + (int)pr < off[e1] ? a + (int)pr : off[e1];
             f32_to_bf16_rn_(xb, inp + (size_t)a * C, (size_t)(b - a) * C);
@@ -679,9 +689,10 @@ static void grouped_forward_bf16_(float *out, const float *inp, const float *w, 
                 if (r1 <= r0) continue;
                 lane_ = lane_of_(i++, lanes);
                 // column-major: out^T (OC,n) = w_e (OC,C) * inp^T (C,n), as cuda_matmul_forward
-                gemm_bf16_(CUBLAS_OP_T, CUBLAS_OP_N, OC, r1 - r0, C, 1.0f,
-                           wb + (size_t)(e - e0) * wsz, C, xb + (size_t)(r0 - a) * C, C, 0.0f,
-                           out + (size_t)r0 * OC, OC);
+                for (int m = 0; m < nmat; m++)
+                    gemm_bf16_(CUBLAS_OP_T, CUBLAS_OP_N, OC, r1 - r0, C, 1.0f,
+                               wb + m * wblock + (size_t)(e - e0) * wsz, C,
+                               xb + (size_t)(r0 - a) * C, C, 0.0f, out[m] + (size_t)r0 * OC, OC);
             }
             lanes_join_(lanes);
         }
@@ -689,42 +700,59 @@ static void grouped_forward_bf16_(float *out, const float *inp, const float *w, 
     }
 }
 
-static void grouped_backward_bf16_(float *dinp, float *dw, const float *dout, const float *inp,
-                                   const float *w, const int32_t *off, int E, int C, int OC) {
-    const size_t wsz = dinp ? (size_t)OC * C : 0;    // the weights only for dinp
-    const size_t width[2] = {(size_t)OC, (size_t)C}; // dout rows; inp rows only for dw
-    const int nwidth = dw ? 2 : 1;
+// The backward of grouped_forward_bf16_ (each output optional: dinp, or dw[0..nmat) together):
+//   dinp += dout[m] @ w[m]_e for m = 0, 1 in that order; dw[m]_e += dout[m]^T @ inp, summed
+//   over the pieces (beta = 1).
+// Workspace: the weights (dinp only), the dout[m] rows, the inp rows (dw only).
+static void grouped_backward_bf16_(float *dinp, float *const *dw, const float *const *dout,
+                                   const float *inp, const float *const *w, int nmat,
+                                   const int32_t *off, int E, int C, int OC) {
+    const int with_dw = dw[0] != NULL;
+    const size_t wsz = dinp ? (size_t)OC * C : 0; // the weights only for dinp
+    size_t width[3];                               // dout[m] rows; inp rows only for dw
+    int nwidth = 0;
+    for (int m = 0; m < nmat; m++) width[nwidth++] = (size_t)OC;
+    if (with_dw) width[nwidth++] = (size_t)C;
     for (int e0 = 0; e0 < E;) {
         if (off[e0 + 1] == off[e0]) { // no rows: dw_e stays untouched
             e0++;
             continue;
         }
         size_t piece;
-        const int e1 = plan_chunk_(off, e0, E, wsz, width, nwidth, &piece);
+        const int e1 = plan_chunk_(off, e0, E, nmat, wsz, width, nwidth, &piece);
         const size_t rows = (size_t)(off[e1] - off[e0]);
         const size_t pr = piece < rows ? piece : rows;
-        __nv_bfloat16 *wb = gemm_workspace_(ws_need_((size_t)(e1 - e0), wsz, pr, width, nwidth));
-        __nv_bfloat16 *gb = wb + ws_align_((size_t)(e1 - e0) * wsz);
-        __nv_bfloat16 *xb = gb + ws_align_(pr * OC);
-        if (dinp) convert_weights_(wb, w, off, e0, e1, wsz);
+        const size_t wblock = ws_align_((size_t)(e1 - e0) * wsz);
+        __nv_bfloat16 *wb =
+            gemm_workspace_(ws_need_(nmat, (size_t)(e1 - e0), wsz, pr, width, nwidth));
+        __nv_bfloat16 *gb[2];
+        gb[0] = wb + nmat * wblock;
+        gb[1] = gb[0] + ws_align_(pr * OC);
+        __nv_bfloat16 *xb = gb[nmat - 1] + ws_align_(pr * OC);
+        if (dinp)
+            for (int m = 0; m < nmat; m++)
+                convert_weights_(wb + m * wblock, w[m], off, e0, e1, wsz);
         for (int a = off[e0]; a < off[e1]; a += (int)pr) {
             const int b = a + (int)pr < off[e1] ? a + (int)pr : off[e1];
-            f32_to_bf16_rn_(gb, dout + (size_t)a * OC, (size_t)(b - a) * OC);
-            if (dw) f32_to_bf16_rn_(xb, inp + (size_t)a * C, (size_t)(b - a) * C);
+            for (int m = 0; m < nmat; m++)
+                f32_to_bf16_rn_(gb[m], dout[m] + (size_t)a * OC, (size_t)(b - a) * OC);
+            if (with_dw) f32_to_bf16_rn_(xb, inp + (size_t)a * C, (size_t)(b - a) * C);
             const int lanes = lanes_fork_(experts_in_(off, e0, e1, a, b), b - a);
             for (int e = e0, i = 0; e < e1; e++) {
                 const int r0 = off[e] > a ? off[e] : a, r1 = off[e + 1] < b ? off[e + 1] : b;
                 if (r1 <= r0) continue;
-                lane_ = lane_of_(i++, lanes); // an expert's dinp and dw GEMMs on one lane
-                const __nv_bfloat16 *g = gb + (size_t)(r0 - a) * OC;
-                if (dinp) // column-major: dinp^T (C,n) += w_e^T (C,OC) * dout^T (OC,n)
-                    gemm_bf16_(CUBLAS_OP_N, CUBLAS_OP_N, C, r1 - r0, OC, 1.0f,
-                               wb + (size_t)(e - e0) * wsz, C, g, OC, 1.0f, dinp + (size_t)r0 * C,
-                               C);
-                if (dw) // column-major: dw_e^T (C,OC) += inp^T (C,n) * dout (n,OC)
-                    gemm_bf16_(CUBLAS_OP_N, CUBLAS_OP_T, C, OC, r1 - r0, 1.0f,
-                               xb + (size_t)(r0 - a) * C, C, g, OC, 1.0f, dw + (size_t)e * OC * C,
-                               C);
+                lane_ = lane_of_(i++, lanes); // an expert's GEMMs on one lane, in order
+                for (int m = 0; m < nmat; m++) {
+                    const __nv_bfloat16 *g = gb[m] + (size_t)(r0 - a) * OC;
+                    if (dinp) // column-major: dinp^T (C,n) += w_e^T (C,OC) * dout^T (OC,n)
+                        gemm_bf16_(CUBLAS_OP_N, CUBLAS_OP_N, C, r1 - r0, OC, 1.0f,
+                                   wb + m * wblock + (size_t)(e - e0) * wsz, C, g, OC, 1.0f,
+                                   dinp + (size_t)r0 * C, C);
+                    if (with_dw) // column-major: dw_e^T (C,OC) += inp^T (C,n) * dout (n,OC)
+                        gemm_bf16_(CUBLAS_OP_N, CUBLAS_OP_T, C, OC, r1 - r0, 1.0f,
+                                   xb + (size_t)(r0 - a) * C, C, g, OC, 1.0f,
+                                   dw[m] + (size_t)e * OC * C, C);
+                }
             }
             lanes_join_(lanes);
         }
@@ -744,7 +772,7 @@ void cuda_matmul_forward(float *out, const float *inp, const float *w, int N, in
     }
     if (gemm_bf16_operands_()) {
         const int32_t off[2] = {0, N};
-        grouped_forward_bf16_(out, inp, w, off, 1, C, OC);
+        grouped_forward_bf16_(&out, inp, &w, 1, off, 1, C, OC);
         return;
     }
     // column-major: out^T (OC,N) = w (OC,C) * inp^T (C,N)
@@ -759,7 +787,7 @@ void cuda_matmul_backward(float *dinp, float *dw, const float *dout, const float
     if (N <= 0 || C <= 0 || OC <= 0 || (!dinp && !dw)) return;
     if (gemm_bf16_operands_()) {
         const int32_t off[2] = {0, N};
-        grouped_backward_bf16_(dinp, dw, dout, inp, w, off, 1, C, OC);
+        grouped_backward_bf16_(dinp, &dw, &dout, inp, &w, 1, off, 1, C, OC);
         return;
     }
     if (dinp) {
@@ -784,7 +812,7 @@ void cuda_matmul_backward(float *dinp, float *dw, const float *dout, const float
 void cuda_grouped_matmul_forward(float *out, const float *inp, const float *w,
                                  const int32_t *offsets_host, int E, int C, int OC) {
     if (E > 0 && C > 0 && OC > 0 && gemm_bf16_operands_()) {
-        grouped_forward_bf16_(out, inp, w, offsets_host, E, C, OC);
+        grouped_forward_bf16_(&out, inp, &w, 1, offsets_host, E, C, OC);
         return;
     }
     for (int e = 0; e < E; e++) {
@@ -801,7 +829,7 @@ void cuda_grouped_matmul_backward(float *dinp, float *dw, const float *dout, con
                                   int OC) {
     if (!dinp && !dw) return;
     if (E > 0 && C > 0 && OC > 0 && gemm_bf16_operands_()) {
-        grouped_backward_bf16_(dinp, dw, dout, inp, w, offsets_host, E, C, OC);
+        grouped_backward_bf16_(dinp, &dw, &dout, inp, &w, 1, offsets_host, E, C, OC);
         return;
     }
     for (int e = 0; e < E; e++) {
@@ -811,4 +839,37 @@ void cuda_grouped_matmul_backward(float *dinp, float *dw, const float *dout, con
                              dw ? dw + (size_t)e * OC * C : NULL, dout + (size_t)r0 * OC,
                              inp + (size_t)r0 * C, w + (size_t)e * OC * C, n, C, OC);
     }
+}
+
+// The experts' gate and up projections of the same rows (Ops.grouped_matmul_forward_pair):
+// the results of cuda_grouped_matmul_forward on (out_a, w_a) and then on (out_b, w_b), with
+// the input rows converted to bf16 once instead of twice.
+void cuda_grouped_matmul_forward_pair(float *out_a, float *out_b, const float *inp,
+                                      const float *w_a, const float *w_b,
+                                      const int32_t *offsets_host, int E, int C, int OC) {
+    if (E > 0 && C > 0 && OC > 0 && gemm_bf16_operands_()) {
+        float *out[2] = {out_a, out_b};
+        const float *w[2] = {w_a, w_b};
+        grouped_forward_bf16_(out, inp, w, 2, offsets_host, E, C, OC);
+        return;
+    }
+    cuda_grouped_matmul_forward(out_a, inp, w_a, offsets_host, E, C, OC);
+    cuda_grouped_matmul_forward(out_b, inp, w_b, offsets_host, E, C, OC);
+}
+
+// Its backward (Ops.grouped_matmul_backward_pair): cuda_grouped_matmul_backward on (dw_a,
+// dout_a, w_a) and then on (dw_b, dout_b, w_b), both into dinp; dw_a and dw_b both or neither.
+void cuda_grouped_matmul_backward_pair(float *dinp, float *dw_a, float *dw_b, const float *dout_a,
+                                       const float *dout_b, const float *inp, const float *w_a,
+                                       const float *w_b, const int32_t *offsets_host, int E,
+                                       int C, int OC) {
+    if (E > 0 && C > 0 && OC > 0 && gemm_bf16_operands_() && (dinp || dw_a) &&
+        (dw_a == NULL) == (dw_b == NULL)) {
+        float *dw[2] = {dw_a, dw_b};
+        const float *dout[2] = {dout_a, dout_b}, *w[2] = {w_a, w_b};
+        grouped_backward_bf16_(dinp, dw, dout, inp, w, 2, offsets_host, E, C, OC);
+        return;
+    }
+    cuda_grouped_matmul_backward(dinp, dw_a, dout_a, inp, w_a, offsets_host, E, C, OC);
+    cuda_grouped_matmul_backward(dinp, dw_b, dout_b, inp, w_b, offsets_host, E, C, OC);
 }

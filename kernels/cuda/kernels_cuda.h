@@ -162,8 +162,8 @@ int cuda_gemm_lt(void);
 //   handle and 32 MiB cuBLASLt workspace), between a fork after the piece's conversions and a
 //   join before the next op, so that small expert GEMMs fill the GPU together (pieces with
 //   fewer than 16 rows per expert on average, as in decoding, stay on the legacy stream).
-//   Results are the same bits for every n. 1: all on the legacy stream, as before 2026-11-27. Default 4; at
-//   most 8 (larger values are clamped, smaller give 1).
+//   Results are the same bits for every n. 1: all on the legacy stream, as before 2026-11-27.
+//   Default 4; at most 8 (larger values are clamped, smaller give 1).
 // -1: as MOET_CUDA_GEMM_STREAMS says: unset or empty -> 4; 1..8 -> that; anything else is fatal
 //   (also the initial state, read at the first grouped GEMM).
 void cuda_set_gemm_streams(int n);
@@ -198,6 +198,17 @@ void cuda_grouped_matmul_forward(float *out, const float *inp, const float *w,
 void cuda_grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
                                   const float *w, const int32_t *offsets_host, int E, int C,
                                   int OC);
+// The pair of grouped matmuls of one input (the experts' gate and up): the results of the two
+// calls, forward on (out_a, w_a) then (out_b, w_b), backward on (dw_a, dout_a, w_a) then (dw_b,
+// dout_b, w_b) into the same dinp (dw_a and dw_b both or neither). On bf16 operands the input's
+// rows are converted once, not twice.
+void cuda_grouped_matmul_forward_pair(float *out_a, float *out_b, const float *inp,
+                                      const float *w_a, const float *w_b,
+                                      const int32_t *offsets_host, int E, int C, int OC);
+void cuda_grouped_matmul_backward_pair(float *dinp, float *dw_a, float *dw_b, const float *dout_a,
+                                       const float *dout_b, const float *inp, const float *w_a,
+                                       const float *w_b, const int32_t *offsets_host, int E,
+                                       int C, int OC);
 
 // ---------------------------------------------------------------------------------------
 // Causal attention as kernels.h (q, k, v, out (B,T,H,Dh); lse (B,H,T)): per sequence, batched

@@ -146,6 +146,8 @@ static void fill_table_(Ops *o) {
     o->unpermute_backward = cuda_unpermute_backward;
     o->grouped_matmul_forward = cuda_grouped_matmul_forward;
     o->grouped_matmul_backward = cuda_grouped_matmul_backward;
+    o->grouped_matmul_forward_pair = cuda_grouped_matmul_forward_pair;
+    o->grouped_matmul_backward_pair = cuda_grouped_matmul_backward_pair;
     o->crossentropy_forward = crossentropy_forward_;
     o->crossentropy_forward_backward = crossentropy_forward_backward_;
     o->adamw_update = cuda_adamw_update;

@@ -931,6 +931,116 @@ static void test_gemm_streams(void) {
     free(inp), free(w), free(dout), free(dinp0), free(dw0);
 }
 
+// ---------------------------------------------------------------------------------------
+// The pair op (the experts' gate and up of the same rows, cuda_grouped_matmul_*_pair): in one
+// chunk the same bits as the two calls (the same GEMMs on the same converted values, in the
+// same order), also as the dinp-only and dw-only calls of expert parallelism; against the CPU
+// in chunks of a 48 KiB workspace; in fp32 mode (the two calls) against the CPU.
+
+enum { P_OUTS = 5 }; // out_a, out_b, dinp, dw_a, dw_b
+
+typedef struct {
+    const int32_t *off;
+    size_t rc, ro, ew;
+    const float *inp, *wa, *wb, *da, *db, *dinp0, *dw0; // host
+    float *d_in[5];                                       // inp, wa, wb, da, db on the device
+    float *d_out[P_OUTS];
+} PairCase;
+
+// Runs the pair (pair = 1; split = 1: dinp first, then the dw of both, as moe_backward_ep_) or
+// the two calls (pair = 0) from the initial gradients; returns the outputs on the host.
+static void pair_run_(PairCase *c, int pair, int split, float **got) {
+    float **o = c->d_out, **in = c->d_in;
+    cuda_memcpy_h2d(o[2], c->dinp0, c->rc * sizeof(float));
+    cuda_memcpy_h2d(o[3], c->dw0, c->ew * sizeof(float));
+    cuda_memcpy_h2d(o[4], c->dw0, c->ew * sizeof(float));
+    if (pair) {
+        cuda_grouped_matmul_forward_pair(o[0], o[1], in[0], in[1], in[2], c->off, ST_E, ST_C,
+                                         ST_OC);
+        if (split) {
+            cuda_grouped_matmul_backward_pair(o[2], NULL, NULL, in[3], in[4], in[0], in[1], in[2],
+                                              c->off, ST_E, ST_C, ST_OC);
+            cuda_grouped_matmul_backward_pair(NULL, o[3], o[4], in[3], in[4], in[0], in[1], in[2],
+                                              c->off, ST_E, ST_C, ST_OC);
+        } else {
+            cuda_grouped_matmul_backward_pair(o[2], o[3], o[4], in[3], in[4], in[0], in[1], in[2],
+                                              c->off, ST_E, ST_C, ST_OC);
+        }
+    } else {
+        cuda_grouped_matmul_forward(o[0], in[0], in[1], c->off, ST_E, ST_C, ST_OC);
+        cuda_grouped_matmul_forward(o[1], in[0], in[2], c->off, ST_E, ST_C, ST_OC);
+        cuda_grouped_matmul_backward(o[2], o[3], in[3], in[0], in[1], c->off, ST_E, ST_C, ST_OC);
+        cuda_grouped_matmul_backward(o[2], o[4], in[4], in[0], in[2], c->off, ST_E, ST_C, ST_OC);
+    }
+    const size_t n[P_OUTS] = {c->ro, c->ro, c->rc, c->ew, c->ew};
+    for (int i = 0; i < P_OUTS; i++) got[i] = tcu_host_from(o[i], n[i]);
+}
+
+static void test_pair(void) {
+    static const int rows[ST_E] = {37, 0, 50, 3, 70, 12, 0, 90};
+    static const char *names[P_OUTS] = {"out_a", "out_b", "dinp", "dw_a", "dw_b"};
+    int32_t off[ST_E + 1] = {0};
+    for (int e = 0; e < ST_E; e++) off[e + 1] = off[e] + rows[e];
+    const int R = off[ST_E];
+    PairCase c = {.off = off,
+                  .rc = (size_t)R * ST_C,
+                  .ro = (size_t)R * ST_OC,
+                  .ew = (size_t)ST_E * ST_OC * ST_C};
+    float *inp = tcu_host_rand(c.rc, 9100, 1.0f), *wa = tcu_host_rand(c.ew, 9101, 1.0f);
+    float *wb = tcu_host_rand(c.ew, 9102, 1.0f), *da = tcu_host_rand(c.ro, 9103, 1.0f);
+    float *db = tcu_host_rand(c.ro, 9104, 1.0f), *dinp0 = tcu_host_rand(c.rc, 9105, 0.5f);
+    float *dw0 = tcu_host_rand(c.ew, 9106, 0.5f);
+    c.inp = inp, c.wa = wa, c.wb = wb, c.da = da, c.db = db, c.dinp0 = dinp0, c.dw0 = dw0;
+    const float *h_in[5] = {inp, wa, wb, da, db};
+    const size_t n_in[5] = {c.rc, c.ew, c.ew, c.ro, c.ro};
+    for (int i = 0; i < 5; i++) c.d_in[i] = tcu_dev_from(h_in[i], n_in[i]);
+    const size_t n[P_OUTS] = {c.ro, c.ro, c.rc, c.ew, c.ew};
+    for (int i = 0; i < P_OUTS; i++) c.d_out[i] = cuda_malloc(n[i] * sizeof(float));
+    // the CPU: the two calls
+    float *want[P_OUTS] = {tcu_host_alloc(c.ro), tcu_host_alloc(c.ro), tcu_host_copy(dinp0, c.rc),
+                           tcu_host_copy(dw0, c.ew), tcu_host_copy(dw0, c.ew)};
+    grouped_matmul_forward(want[0], inp, wa, off, ST_E, ST_C, ST_OC);
+    grouped_matmul_forward(want[1], inp, wb, off, ST_E, ST_C, ST_OC);
+    grouped_matmul_backward(want[2], want[3], da, inp, wa, off, ST_E, ST_C, ST_OC);
+    grouped_matmul_backward(want[2], want[4], db, inp, wb, off, ST_E, ST_C, ST_OC);
+    // sums of C (forward), 2 OC (dinp: both products) and up to 90 rows (dw)
+    const int k[P_OUTS] = {ST_C, ST_C, 2 * ST_OC, 90, 90};
+
+    static const int modes[2] = {MODE_BF16, MODE_FP32};
+    for (int mi = 0; mi < 2; mi++) {
+        set_mode_(modes[mi]);
+        const int bf16 = modes[mi] != MODE_FP32;
+        for (int chunked = 0; chunked < 2; chunked++) {
+            cuda_set_gemm_workspace_limit(chunked ? 48 << 10 : 0);
+            float *two[P_OUTS], *pair[P_OUTS], *split[P_OUTS];
+            pair_run_(&c, 0, 0, two);
+            pair_run_(&c, 1, 0, pair);
+            pair_run_(&c, 1, 1, split);
+            for (int i = 0; i < P_OUTS; i++) {
+                char name[96];
+                snprintf(name, sizeof name, "pair %s %s%s", names[i], mode_name_(modes[mi]),
+                         chunked ? ", chunks" : "");
+                CU_ASSERT_TRUE(check_(name, c.d_out[i], want[i], n[i],
+                                      gemm_atol_(bf16, k[i], 1, 1, want[i], n[i]),
+                                      gemm_rtol_(bf16)));
+                if (!chunked) {
+                    snprintf(name, sizeof name, "pair %s %s = the two calls", names[i],
+                             mode_name_(modes[mi]));
+                    CU_ASSERT_TRUE(same_bits_(name, c.d_out[i], two[i], n[i]));
+                    CU_ASSERT_TRUE(memcmp(pair[i], two[i], n[i] * sizeof(float)) == 0);
+                    CU_ASSERT_TRUE(memcmp(split[i], two[i], n[i] * sizeof(float)) == 0);
+                }
+                free(two[i]), free(pair[i]), free(split[i]);
+            }
+        }
+    }
+    cuda_set_gemm_workspace_limit(0);
+    set_mode_(MODE_BF16);
+    for (int i = 0; i < 5; i++) cuda_free(c.d_in[i]);
+    for (int i = 0; i < P_OUTS; i++) cuda_free(c.d_out[i]), free(want[i]);
+    free(inp), free(wa), free(wb), free(da), free(db), free(dinp0), free(dw0);
+}
+
 int main(void) {
     if (cuda_gemm_bf16() != 1) {
         fprintf(stderr, "test_cuda_gemm: the GEMM precision must default to bf16 (1)\n");
@@ -968,6 +1078,7 @@ int main(void) {
         {"determinism of the GEMM ops", test_determinism},
         {"cuBLASLt algorithms cached per shape class", test_lt_cache},
         {"expert GEMMs on several streams: the same bits", test_gemm_streams},
+        {"gate and up as one pair op", test_pair},
     };
     return tcu_main("cuda_gemm", tests, (int)(sizeof tests / sizeof tests[0]));
 }
