@@ -1015,7 +1015,7 @@ static void test_pair(void) {
             float *two[P_OUTS], *pair[P_OUTS], *split[P_OUTS];
             pair_run_(&c, 0, 0, two);
             pair_run_(&c, 1, 0, pair);
-            pair_run_(&c, 1, 1, split);
+            pair_run_(&c, 1, 1, split); // the last run: its outputs stay on the device
             for (int i = 0; i < P_OUTS; i++) {
                 char name[96];
                 snprintf(name, sizeof name, "pair %s %s%s", names[i], mode_name_(modes[mi]),

@@ -448,7 +448,7 @@ static void legacy_op_(void) {
 }
 
 // Runs fn now (legacy stream) or queues it on s. what names the call for the fork rule.
-void emu_stream_defer(cudaStream_t s, const char *what, std::function<void()> fn) {
+static void emu_stream_defer(cudaStream_t s, const char *what, std::function<void()> fn) {
     if (is_legacy_(s)) {
         legacy_op_();
         fn();
@@ -474,7 +474,7 @@ void emu_launch_stream(const char *name, cudaStream_t s) {
 
 // A GEMM on stream s (legacy: runs now) uses [ws, ws + n) as its workspace: no queued GEMM of
 // another stream, which may run at the same time, may use any of it.
-void emu_stream_workspace(const char *what, cudaStream_t s, const void *ws, size_t n) {
+static void emu_stream_workspace(const char *what, cudaStream_t s, const void *ws, size_t n) {
     if (n == 0) return;
     const uintptr_t a = (uintptr_t)ws;
     for (auto &kv : streams_) {
