@@ -221,8 +221,6 @@ int cuda_gemm_streams(void) {
     return lanes_setting_;
 }
 
-static void *lt_workspace_(int lane); // below, with cuBLASLt
-
 // Starts a batch of the GEMMs of `experts` experts with `rows` rows in all, which may run at
 // the same time; returns the number of side lanes it gets, 0 for none (the batch then runs on
 // the legacy stream). Each of lanes 1..n waits for the legacy stream's work so far. Expert i of

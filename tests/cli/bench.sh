@@ -14,8 +14,7 @@ export OMP_NUM_THREADS=2
 bench() {
     local name=$1
     shift
-    rc=0
-    "$MOET" bench configs/tiny-moe.ini "$@" >"$tmp/$name.out" 2>"$tmp/err" || rc=$?
+    moet_np 1 120 "$name" bench configs/tiny-moe.ini "$@"
 }
 # loss NAME STEP: the loss printed on step STEP's line of NAME's output
 loss() { sed -n "s/^step $2[^:]*: [0-9.]* s, loss \([0-9.]*\) .*/\1/p" "$tmp/$1.out"; }

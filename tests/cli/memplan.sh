@@ -16,18 +16,18 @@
 source "$(dirname "$0")/common.bash" memplan "$@"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
 
-# info NAME ARGS...: moet info configs/tiny-moe.ini ARGS into $tmp/NAME.info; sets rc
+# info NAME ARGS...: moet info configs/tiny-moe.ini ARGS into $tmp/NAME-info.out (beside the
+# run of the same NAME, whose output is $tmp/NAME.out); sets rc
 info() {
     local name=$1
     shift
-    rc=0
-    "$MOET" info configs/tiny-moe.ini "$@" >"$tmp/$name.info" 2>"$tmp/err" || rc=$?
+    moet_np 1 60 "$name-info" info configs/tiny-moe.ini "$@"
 }
 # bytes NAME KIND: the exact byte count of the "KIND ... MB  (N bytes)" line of NAME's info
-bytes() { sed -n "s/^$2 .*MB  (\([0-9]*\) bytes).*/\1/p" "$tmp/$1.info"; }
+bytes() { sed -n "s/^$2 .*MB  (\([0-9]*\) bytes).*/\1/p" "$tmp/$1-info.out"; }
 # mem NAME COMPONENT: the size column of a memory line ("25.1 MiB")
 mem() { awk -v k="$2 " '/^# memory per rank/ { m = 1 } m && index($0, k) == 1 {
-                           print substr($0, 24, 10); exit }' "$tmp/$1.info" | sed 's/^ *//'; }
+                           print substr($0, 24, 10); exit }' "$tmp/$1-info.out" | sed 's/^ *//'; }
 mib() { awk '{ v = $1; if ($2 == "GiB") v *= 1024; print v }' <<<"$1"; }
 
 # (a) tiny-moe: D = 64, L = 2, E = 8, top-2, 4 x 128 tokens per micro-batch, global batch 8.
@@ -41,9 +41,9 @@ mib() { awk '{ v = $1; if ($2 == "GiB") v *= 1024; print v }' <<<"$1"; }
 info a --world 2 --ep 2
 if [[ $rc -ne 0 ]]; then
     bad "a: moet info --world 2 --ep 2" "exit $rc"
-elif ! grep -q '^# memory per rank (world 2, ep 2, zero 0, recompute none' "$tmp/a.info"; then
+elif ! grep -q '^# memory per rank (world 2, ep 2, zero 0, recompute none' "$tmp/a-info.out"; then
     bad "a: moet info --world 2 --ep 2" "no memory header with world 2, ep 2"
-elif [[ $(sed -n '/^# memory per rank/,/^$/p' "$tmp/a.info" |
+elif [[ $(sed -n '/^# memory per rank/,/^$/p' "$tmp/a-info.out" |
           grep -c '^parameters \|^gradients \|^AdamW state \|^activations \|^dispatch \|^total ') -ne 6 ]]
 then
     bad "a: moet info --world 2 --ep 2" "the memory lines are not all there"
@@ -71,7 +71,7 @@ r1=$rc
 info rc --world 2 --ep 2 --set train.recompute=full
 if [[ $r1 -ne 0 || $rc -ne 0 ]]; then
     bad "b: zero 1 / recompute full" "exit $r1 / $rc"
-elif ! grep -q '^all-gather ' "$tmp/z1.info" || grep -q '^all-gather ' "$tmp/z0.info"; then
+elif ! grep -q '^all-gather ' "$tmp/z1-info.out" || grep -q '^all-gather ' "$tmp/z0-info.out"; then
     bad "b: zero 1" "the all-gather line should be there with zero 1 only"
 elif ! awk -v a="$(mib "$(mem z1 'AdamW state')")" -v b="$(mib "$(mem z0 'AdamW state')")" \
           'BEGIN { exit !(a < 0.6 * b) }'; then
@@ -96,12 +96,9 @@ tokenize_sample
 run() {
     local name=$1
     shift
-    rc=0
-    timeout 240 mpirun -np 2 --oversubscribe --mca btl tcp,self -x OMP_NUM_THREADS "$MOET" \
-        train --config configs/tiny-moe.ini --set "data.train=$tmp/train/*.npy" \
+    moet_np 2 240 "$name" train --config configs/tiny-moe.ini --set "data.train=$tmp/train/*.npy" \
         --set train.eval_every=0 --set train.max_steps=3 --set checkpoint.every=100 \
-        --set train.device=cpu-shadow --set "checkpoint.dir=$tmp/$name" "$@" \
-        >"$tmp/$name.out" 2>"$tmp/err" || rc=$?
+        --set train.device=cpu-shadow --set "checkpoint.dir=$tmp/$name" "$@"
 }
 # field NAME KEY: KEY's values in NAME's metrics.jsonl, one per step
 field() { grep -o "\"$2\":[0-9.e+]*" "$tmp/$1/metrics.jsonl" | cut -d: -f2; }

@@ -857,6 +857,15 @@ static void test_determinism(void) {
 enum { ST_E = 8, ST_C = 72, ST_OC = 64 }; // sums of 64 and more: the emulated cuBLASLt's
                                           // algorithms then use workspace (one per stream)
 
+// The experts of this test and of test_pair: 6 of the 8 with rows, uneven.
+static const int st_rows_[ST_E] = {37, 0, 50, 3, 70, 12, 0, 90};
+
+// off (ST_E + 1): the row offsets of rows[0..ST_E).
+static void st_offsets_(int32_t *off, const int *rows) {
+    off[0] = 0;
+    for (int e = 0; e < ST_E; e++) off[e + 1] = off[e] + rows[e];
+}
+
 // Runs forward and backward (dinp and dw from dinp0, dw0) on n streams; returns the host
 // counters of the two calls.
 static CudaHostStats streams_run_(int n, const int32_t *off, float *d_out, float *d_dinp,
@@ -875,10 +884,9 @@ static CudaHostStats streams_run_(int n, const int32_t *off, float *d_out, float
 }
 
 static void test_gemm_streams(void) {
-    static const int rows[ST_E] = {37, 0, 50, 3, 70, 12, 0, 90}; // 6 experts with rows
     const int with_rows = 6;
-    int32_t off[ST_E + 1] = {0};
-    for (int e = 0; e < ST_E; e++) off[e + 1] = off[e] + rows[e];
+    int32_t off[ST_E + 1];
+    st_offsets_(off, st_rows_);
     const int R = off[ST_E];
     const size_t rc = (size_t)R * ST_C, ro = (size_t)R * ST_OC, ew = (size_t)ST_E * ST_OC * ST_C;
     float *inp = tcu_host_rand(rc, 9000, 1.0f), *w = tcu_host_rand(ew, 9001, 1.0f);
@@ -921,8 +929,8 @@ static void test_gemm_streams(void) {
     cuda_set_gemm_workspace_limit(0);
     // one row per expert (decoding a token): too little work per GEMM for side streams
     static const int one_each[ST_E] = {1, 1, 1, 1, 1, 1, 1, 1};
-    int32_t off1[ST_E + 1] = {0};
-    for (int e = 0; e < ST_E; e++) off1[e + 1] = off1[e] + one_each[e];
+    int32_t off1[ST_E + 1];
+    st_offsets_(off1, one_each);
     CudaHostStats dec = streams_run_(4, off1, d_out, d_dinp, d_dw, dinp0, dw0, d_inp, d_w, d_dout);
     CU_ASSERT_TRUE(dec.gemm_calls >= 3 * ST_E && dec.side_calls == 0);
     cuda_set_gemm_streams(-1); // back to the environment's (the default: checked in main)
@@ -977,10 +985,9 @@ static void pair_run_(PairCase *c, int pair, int split, float **got) {
 }
 
 static void test_pair(void) {
-    static const int rows[ST_E] = {37, 0, 50, 3, 70, 12, 0, 90};
     static const char *names[P_OUTS] = {"out_a", "out_b", "dinp", "dw_a", "dw_b"};
-    int32_t off[ST_E + 1] = {0};
-    for (int e = 0; e < ST_E; e++) off[e + 1] = off[e] + rows[e];
+    int32_t off[ST_E + 1];
+    st_offsets_(off, st_rows_);
     const int R = off[ST_E];
     PairCase c = {.off = off,
                   .rc = (size_t)R * ST_C,
