@@ -33,6 +33,14 @@ typedef struct Ops {
     void (*sync)(void);
     // bytes allocated through alloc now and at the peak (0, 0 where not tracked)
     void (*mem_stats)(size_t *in_use, size_t *peak);
+    // Optional (NULL: nothing to do). params_register: p[0..n) are the model's parameters, the
+    // weights of the matmuls, until the next call or until free(p) (NULL, 0: none). A backend
+    // may keep them converted for its GEMMs (cuda: a bf16 copy, kernels/cuda/weights.cu); it
+    // notices the writes through this table (to_device, copy, zero, zero_fill, scale_inplace,
+    // adamw_update). Whatever writes into them otherwise (a collective) calls params_written
+    // for the bytes it writes, before the next matmul reads them.
+    void (*params_register)(const float *p, size_t n);
+    void (*params_written)(const void *p, size_t bytes);
 
     // the ops of kernels.h (same arguments and semantics unless noted)
     void (*embedding_forward)(float *out, const int32_t *tokens, const float *wte, int N, int D);

@@ -68,6 +68,10 @@ check olmoe4_checkpoint "$BIN/moet" train --config configs/bench-gpu-olmoe.ini \
   --set checkpoint.every=1 --set checkpoint.model_only=true --set checkpoint.dir="$CK/olmoe4"
 check generate_olmoe4 "$BIN/moet" generate "$CK/olmoe4" --prompt "The Debian package" \
   --max-new-tokens 200 --seed 1
+# the same with every GEMM converting its weights for each token (the A/B of the weight copy:
+# decoding is bound by the weights' memory traffic); the same tokens (seed 1)
+check generate_olmoe4_no_weight_copy env MOET_CUDA_WEIGHT_COPY=0 "$BIN/moet" generate \
+  "$CK/olmoe4" --prompt "The Debian package" --max-new-tokens 200 --seed 1
 check bench_gpu_olmoe "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3
 # The A/B of the cuBLASLt algorithm cache (2026-11-27-gpu-lt-cache.md): the bf16-operand GEMMs
 # through cublasGemmEx (a host heuristic per new shape), on the same tokens every step and on
@@ -86,6 +90,10 @@ check bench_gpu_olmoe_attn_one_block env MOET_CUDA_ATTN_QBLOCK=1000000 \
 # the expert GEMMs one after the other on the legacy stream, as before 2026-11-27 (the A/B of
 # the expert GEMMs on 4 streams)
 check bench_gpu_olmoe_one_stream env MOET_CUDA_GEMM_STREAMS=1 \
+  "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3
+# every GEMM op converting its weights, as before the bf16 copy of the parameters (the A/B
+# of kernels/cuda/weights.cu)
+check bench_gpu_olmoe_no_weight_copy env MOET_CUDA_WEIGHT_COPY=0 \
   "$BIN/moet" bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3
 # where the steps settle after 40 warm-up steps (round 2's bf16 steps got faster through the
 # run: 0.54 -> 0.32 s, 2026-11-26-gpu-bf16-operands.md)

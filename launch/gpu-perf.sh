@@ -3,13 +3,15 @@
 # yet run on one), for a device session with little time. launch/gpu-check.sh runs
 # everything; this runs only:
 #   1. cuda_test_cuda_gemm and cuda_test_cuda_train: the GEMM paths measured below (cuBLASLt
-#      with cached algorithms, the expert GEMMs on several streams, the attention's causal query
-#      blocks) against the CPU, exact bf16 rounding, determinism, bit-identical resume;
+#      with cached algorithms, the expert GEMMs on several streams, the weight copy, the
+#      attention's causal query blocks) against the CPU, exact bf16 rounding, determinism, bit-identical resume;
 #   2. moet bench configs/bench-gpu-olmoe.ini and its A/Bs, alternated: the default;
-#      MOET_CUDA_GEMM_LT=0 (cublasGemmEx); both on new tokens every step (--vary-tokens: the
-#      experts' row counts change as in training); MOET_CUDA_ATTN_QBLOCK=1000000 (the attention
-#      as one block); MOET_CUDA_GEMM_STREAMS=1 (the expert GEMMs one after the other on one
-#      stream). Each prints its host line: GEMM calls, host time in them, waits;
+#      MOET_CUDA_WEIGHT_COPY=0 (every GEMM op converts its weights, no bf16 copy of the
+#      parameters); the default and MOET_CUDA_GEMM_LT=0 (cublasGemmEx) on new tokens every step
+#      (--vary-tokens: the experts' row counts change as in training);
+#      MOET_CUDA_ATTN_QBLOCK=1000000 (the attention as one block); MOET_CUDA_GEMM_STREAMS=1
+#      (the expert GEMMs one after the other on one stream). Each prints its host line: GEMM
+#      calls, host time in them, weights converted, waits;
 #   3. bench/vs_pytorch.py against HF transformers eager and torch.compile, on new tokens every
 #      step, where torch and transformers are installed.
 #   bash launch/gpu-perf.sh [BUNDLE] [LOGDIR]
@@ -25,7 +27,7 @@ check cuda_test_cuda_train "$BIN/cuda_test_cuda_train"
 B=(bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3)
 for round in 1 2; do
   check "perf_default_$round" "$BIN/moet" "${B[@]}"
-  check "perf_gemmex_$round" env MOET_CUDA_GEMM_LT=0 "$BIN/moet" "${B[@]}"
+  check "perf_no_weight_copy_$round" env MOET_CUDA_WEIGHT_COPY=0 "$BIN/moet" "${B[@]}"
   check "perf_vary_$round" "$BIN/moet" "${B[@]}" --vary-tokens
   check "perf_vary_gemmex_$round" env MOET_CUDA_GEMM_LT=0 "$BIN/moet" "${B[@]}" --vary-tokens
   check "perf_attn_one_block_$round" env MOET_CUDA_ATTN_QBLOCK=1000000 "$BIN/moet" "${B[@]}"

@@ -6,6 +6,7 @@
 #include "train/memplan.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "tests/testutil.h"
@@ -46,7 +47,9 @@ static double scalars_(int ep) {
 static void check_total_(const MemPlan *mp) {
     CU_ASSERT_DOUBLE_EQUAL(
         mp->total,
-        mp->params + mp->grads + mp->optim + mp->activations + mp->dispatch + mp->scratch, 0.0);
+        mp->params + mp->grads + mp->optim + mp->activations + mp->dispatch + mp->scratch +
+            mp->weight_copy,
+        0.0);
 }
 
 static void test_hand_counts_match_the_model(void) {
@@ -183,9 +186,19 @@ static void test_device_scratch_and_staging(void) {
     // and on each of the 4 side streams of the expert GEMMs
     CU_ASSERT_DOUBLE_EQUAL(mp.scratch, 2 * 2 * 8 * 8 * 4 + (2 << 20) + 5 * (32 << 20), 0.0);
     CU_ASSERT_DOUBLE_EQUAL(mp.host_stage, (2696 + 768) * 4, 0.0);
-    strcpy(c.precision, "fp32"); // exact fp32 GEMMs: no workspace
+    // + the parameters' bf16 copy for the GEMMs, 2 bytes each, unless MOET_CUDA_WEIGHT_COPY=0
+    CU_ASSERT_DOUBLE_EQUAL(mp.weight_copy, 3536 * 2, 0.0);
+    check_total_(&mp);
+    setenv("MOET_CUDA_WEIGHT_COPY", "0", 1);
+    memplan_predict(&c, 2, &mp);
+    unsetenv("MOET_CUDA_WEIGHT_COPY");
+    CU_ASSERT_DOUBLE_EQUAL(mp.weight_copy, 0, 0.0);
+    CU_ASSERT_DOUBLE_EQUAL(mp.scratch, 2 * 2 * 8 * 8 * 4 + (2 << 20) + 5 * (32 << 20), 0.0);
+    check_total_(&mp);
+    strcpy(c.precision, "fp32"); // exact fp32 GEMMs: no workspace, no copy
     memplan_predict(&c, 2, &mp);
     CU_ASSERT_DOUBLE_EQUAL(mp.scratch, 2 * 2 * 8 * 8 * 4, 0.0);
+    CU_ASSERT_DOUBLE_EQUAL(mp.weight_copy, 0, 0.0);
     strcpy(c.precision, "auto");
     check_total_(&mp);
     strcpy(c.comm, "auto");

@@ -219,6 +219,10 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
                              "bf16 GEMM operands (<= 1 GiB)"
                            : "cpu: the bf16 GEMM operands, two buffers (<= 2 x the largest "
                              "op's)");
+    if (mp.weight_copy > 0)
+        info_mem_line_("weight copy", mp.weight_copy,
+                       "cuda: the parameters in bf16 for the GEMMs (MOET_CUDA_WEIGHT_COPY=0: "
+                       "none)");
     info_mem_line_("total", mp.total, "");
     if (mp.host_stage > 0)
         info_mem_line_("host staging", mp.host_stage,

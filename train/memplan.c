@@ -82,24 +82,28 @@ void memplan_predict(const Config *c, int world, MemPlan *mp) {
     }
     // the CUDA attention keeps one sequence's (H,T,T) scores and their gradient
     if (strcmp(c->device, "cuda") == 0) mp->scratch = 2.0 * c->n_heads * (double)T * T * 4;
-    // bf16 GEMMs on cuda: the operand workspace of kernels/cuda/gemm.cu, one buffer that grows
-    // to hold the largest op's bf16 copies, in whole MiB and at least doubling each time, so at
-    // most twice that need, and at most its 1 GiB chunk limit (the bound is taken). The largest
-    // ops are backward ones: a matmul converts its weights and the rows of dout and inp (the
-    // projections, the experts' gate and up pair or the dense MLP, the LM head per chunk of
-    // rows), the attention one
-    // sequence's q, k, v, dO and every head's P and dS. (Bound: the ops' 256-byte alignment
-    // of each slice is left out.)
+    // bf16 GEMMs on cuda: the parameters' bf16 copy (kernels/cuda/weights.cu), unless
+    // MOET_CUDA_WEIGHT_COPY=0 turns it off; then the ops convert their weights into the
+    // operand workspace of kernels/cuda/gemm.cu, one buffer that grows to hold the largest
+    // op's bf16 copies, in whole MiB and at least doubling each time, so at most twice that
+    // need, and at most its 1 GiB chunk limit (the bound is taken). The largest ops are
+    // backward ones: a matmul converts the rows of dout and inp, and without the copy its
+    // weights (the projections, the experts' gate and up pair or the dense MLP, the LM head
+    // per chunk of rows), the attention one sequence's q, k, v, dO and every head's P and dS.
+    // (Bound: the ops' 256-byte alignment of each slice is left out.)
     if (strcmp(c->device, "cuda") == 0 && strcmp(c->precision, "fp32") != 0) {
+        const char *wc = getenv("MOET_CUDA_WEIGHT_COPY");
+        const double wcopy = wc && strcmp(wc, "0") == 0 ? 0.0 : 1.0; // weights in the workspace
+        mp->weight_copy = wcopy * n * 2;
         const double N = (double)B * T, V = c->padded_vocab, H = c->n_heads;
         const double El = E > 0 ? (double)E / ep : 1, rows = E > 0 ? (double)B * T * K : N;
-        const double hr = model_head_rows(c, B, T);
-        double need = (double)D * D + N * 2.0 * D;           // q, k, v, o projections
+        const double hr = model_head_rows(c, B, T), wk = 1.0 - wcopy;
+        double need = wk * D * D + N * 2.0 * D;              // q, k, v, o projections
         // experts: the gate and up pair (two weights, two dout slices, the input rows); the
         // dense MLP: one matmul at a time
-        double mlp = E > 0 ? 2 * El * F * D + rows * (2.0 * F + D)
-                           : (double)F * D + N * ((double)F + D);
-        double head = V * D + hr * (V + D);                   // LM head, one chunk of rows
+        double mlp = E > 0 ? wk * 2 * El * F * D + rows * (2.0 * F + D)
+                           : wk * F * D + N * ((double)F + D);
+        double head = wk * V * D + hr * (V + D);              // LM head, one chunk of rows
         double att = 4.0 * T * D + 2.0 * H * T * T;           // attention backward
         need = need > mlp ? need : mlp;
         need = need > head ? need : head;
@@ -128,7 +132,8 @@ void memplan_predict(const Config *c, int world, MemPlan *mp) {
         b = b > V * D ? b : V * D;
         mp->scratch += 2 * 2 * (a + b);
     }
-    mp->total = mp->params + mp->grads + mp->optim + mp->activations + mp->dispatch + mp->scratch;
+    mp->total = mp->params + mp->grads + mp->optim + mp->activations + mp->dispatch + mp->scratch +
+                mp->weight_copy;
 
     if (world == 1) return; // one rank: no collectives, no staging
     // host staging of device buffers over MPI (comm.c's stage_, one buffer per group, as large

@@ -422,6 +422,7 @@ static int create_(Model *m, const Config *c, const Ops *ops, int ep_rank, int e
     m->n_local_experts = m->E / ep_size;
     m->expert_lo = ep_rank * m->n_local_experts;
     m->params = ops->alloc(m->n_params * sizeof(float));
+    if (ops->params_register) ops->params_register(m->params, m->n_params);
     m->grads = with_grads ? ops->alloc(m->n_params * sizeof(float)) : NULL;
     m->params_h = ops->on_device ? moet_calloc(m->n_params * sizeof(float)) : m->params;
     if (m->E > 0) {

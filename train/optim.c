@@ -99,6 +99,9 @@ int optim_gather_params(Optim *o, Model *m, MoetErr *err) {
     for (int g = 0; g < 2; g++) {
         OptimShard *sh = &o->shard[g];
         if (sh->size == 0 || comm_size(sh->comm) == 1) continue;
+        // the collective writes the parameters outside the op table: the backend's converted
+        // copy of them (kernels/ops.h, params_register) must hear of it
+        if (k->params_written) k->params_written(m->params, m->n_params * sizeof(float));
         if (sh->contiguous) { // in place
             int rc = comm_buf_allgatherv_f32(sh->comm, m->params + sh->base, sh->counts, err);
             if (rc) return rc;

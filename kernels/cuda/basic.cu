@@ -5,6 +5,7 @@
 #include <math.h>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/cublas_util.cuh" // weights_copy_for_update_
 #include "kernels/cuda/kernels_cuda.h"
 
 static_assert(sizeof(__nv_bfloat16) == sizeof(uint16_t), "bf16 is passed as uint16_t bits");
@@ -208,11 +209,12 @@ void cuda_add_forward(float *out, const float *a, const float *b, size_t n) {
 
 // ---------------------------------------------------------------------------------------
 // AdamW, written as the CPU op: the reciprocal bias corrections 1 / (1 - b^t) are computed
-// once on the host in double.
-static __global__ void adamw_update_kernel(float *p, const float *grad, float *m, float *v,
-                                           size_t n, float lr, float b1, float b2, float eps,
-                                           float wd, float inv_bc1, float inv_bc2,
-                                           float grad_scale) {
+// once on the host in double. Where p lies in the parameters' bf16 copy (weights.cu), pb gets
+// the new values rounded to nearest even as well, so the copy stays valid (else NULL).
+static __global__ void adamw_update_kernel(float *p, __nv_bfloat16 *pb, const float *grad,
+                                           float *m, float *v, size_t n, float lr, float b1,
+                                           float b2, float eps, float wd, float inv_bc1,
+                                           float inv_bc2, float grad_scale) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         const float g = grad_scale * grad[i];
@@ -221,7 +223,9 @@ static __global__ void adamw_update_kernel(float *p, const float *grad, float *m
         m[i] = mi;
         v[i] = vi;
         const float mhat = mi * inv_bc1, vhat = vi * inv_bc2, pi = p[i];
-        p[i] = pi - lr * (mhat / (sqrtf(vhat) + eps) + wd * pi);
+        const float pn = pi - lr * (mhat / (sqrtf(vhat) + eps) + wd * pi);
+        p[i] = pn;
+        if (pb) pb[i] = __float2bfloat16_rn(pn);
     }
 }
 
@@ -231,7 +235,8 @@ void cuda_adamw_update(float *p, const float *grad, float *m, float *v, size_t n
     if (n == 0) return;
     const double inv_bc1 = 1.0 / (1.0 - pow((double)b1, (double)t));
     const double inv_bc2 = 1.0 / (1.0 - pow((double)b2, (double)t));
-    adamw_update_kernel<<<ew_blocks_(n), EW_THREADS>>>(p, grad, m, v, n, lr, b1, b2, eps, wd,
+    __nv_bfloat16 *pb = weights_copy_for_update_(p, n);
+    adamw_update_kernel<<<ew_blocks_(n), EW_THREADS>>>(p, pb, grad, m, v, n, lr, b1, b2, eps, wd,
                                                        (float)inv_bc1, (float)inv_bc2, grad_scale);
     CUDA_CHECK_LAUNCH();
 }

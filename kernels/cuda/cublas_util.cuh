@@ -75,6 +75,17 @@ static inline size_t ws_align_(size_t n) {
 // 16-byte and out 8-byte aligned, element by element otherwise. Enqueued on the default stream.
 void f32_to_bf16_rn_(__nv_bfloat16 *out, const float *in, size_t n);
 
+// The registered parameters' bf16 copy (weights.cu, cuda_weights_register). weights_copy_:
+// the copy of w[0..n), allocating the copy at its first use, or NULL when the GEMMs take no
+// bf16 operands, the copy is off, or [w, w + n) is not inside the parameters. Its values are
+// up to date only where weights_copy_ensure_ has run since the last write (it converts the
+// stale blocks of [w, w + n) on the default stream; nothing where weights_copy_ is NULL).
+// weights_copy_for_update_: for cuda_adamw_update, which writes p[0..n): where its bf16 values
+// go in the copy (then written by the caller from the same new values, keeping the copy valid),
+// or NULL (the copy, if any, is marked stale there).
+const __nv_bfloat16 *weights_copy_(const float *w, size_t n);
+void weights_copy_ensure_(const float *w, size_t n);
+__nv_bfloat16 *weights_copy_for_update_(const float *p, size_t n);
 // gemm_f32_ on bf16 operands: C (m,n) fp32 = alpha * op(A) * op(B) + beta * C, A and B
 // CUDA_R_16BF, CUBLAS_COMPUTE_32F (products of bf16 values are exact in fp32; the sums are fp32).
 // Through cuBLASLt with an algorithm cached per shape class (cuda_set_gemm_lt, the default), or

@@ -589,6 +589,8 @@ void f32_to_bf16_rn_(__nv_bfloat16 *out, const float *in, size_t n) {
 // its own, walked in pieces of rows). Per chunk: the weights of its experts with rows are
 // converted (contiguous runs in one launch), then per piece of rows the rows' operands, then
 // one GEMM per expert on its rows of the piece, in expert order (on the side streams above).
+// Weights that lie in the parameters' bf16 copy (weights.cu: the model's weights, registered)
+// are read from there instead, take no workspace, and convert only the copy's stale blocks.
 // The experts' gate and up projections go through as one pair (nmat = 2: two weight tensors,
 // one input, its rows converted once). Forward:
 //   out (R,OC) = inp (R,C) @ w_e^T per expert; workspace: weights, inp rows.
@@ -632,11 +634,14 @@ static int plan_chunk_(const int32_t *off, int e0, int E, int nmat, size_t wsz,
     return e1;
 }
 
-// Converts the weights of the experts of [e0,e1) that have rows into wb (expert e at
-// (e - e0) * wsz), one launch per run of consecutive such experts: all of them in one launch in
-// training, only the few routed ones when a handful of tokens is decoded.
-static void convert_weights_(__nv_bfloat16 *wb, const float *w, const int32_t *off, int e0, int e1,
-                             size_t wsz) {
+// The bf16 weights of the experts of [e0,e1) for a chunk's GEMMs, expert e's at the returned
+// pointer + (e - e0) * wsz. `copied`: w lies in the parameters' bf16 copy (weights.cu), whose
+// stale blocks under the experts with rows are converted first; else those experts' weights
+// are converted into wb. Either way only the experts with rows, one launch per run of
+// consecutive such experts: all of them in training, the few routed ones when a handful of
+// tokens is decoded.
+static const __nv_bfloat16 *weights_bf16_(__nv_bfloat16 *wb, const float *w, int copied,
+                                          const int32_t *off, int e0, int e1, size_t wsz) {
     for (int a = e0; a < e1;) {
         if (off[a + 1] == off[a]) {
             a++;
@@ -644,9 +649,23 @@ static void convert_weights_(__nv_bfloat16 *wb, const float *w, const int32_t *o
         }
         int b = a + 1;
         while (b < e1 && off[b + 1] > off[b]) b++;
-        f32_to_bf16_rn_(wb + (size_t)(a - e0) * wsz, w + (size_t)a * wsz, (size_t)(b - a) * wsz);
+        if (copied) weights_copy_ensure_(w + (size_t)a * wsz, (size_t)(b - a) * wsz);
+        else f32_to_bf16_rn_(wb + (size_t)(a - e0) * wsz, w + (size_t)a * wsz,
+                             (size_t)(b - a) * wsz);
         a = b;
     }
+    return copied ? weights_copy_(w + (size_t)e0 * wsz, (size_t)(e1 - e0) * wsz) : wb;
+}
+
+// How many of the nmat weight tensors w[m] (E experts of wsz elements) need converting into
+// the workspace, copied[m] saying which lie in the weight copy instead.
+static int weights_to_convert_(int *copied, const float *const *w, int nmat, int E, size_t wsz) {
+    int n = 0;
+    for (int m = 0; m < nmat; m++) {
+        copied[m] = wsz > 0 && weights_copy_(w[m], (size_t)E * wsz) != NULL;
+        n += wsz > 0 && !copied[m];
+    }
+    return n;
 }
 
 // The experts of [e0,e1) with rows in [a,b): the GEMMs of one piece.
@@ -665,19 +684,24 @@ static int experts_in_(const int32_t *off, int e0, int e1, int a, int b) {
 static void grouped_forward_bf16_(float *const *out, const float *inp, const float *const *w,
                                   int nmat, const int32_t *off, int E, int C, int OC) {
     const size_t wsz = (size_t)OC * C, width[1] = {(size_t)C};
+    int copied[2];
+    const int nconv = weights_to_convert_(copied, w, nmat, E, wsz); // weights in the workspace
     for (int e0 = 0; e0 < E;) {
         if (off[e0 + 1] == off[e0]) { // no rows: nothing to convert or compute
             e0++;
             continue;
         }
         size_t piece;
-        const int e1 = plan_chunk_(off, e0, E, nmat, wsz, width, 1, &piece);
+        const int e1 = plan_chunk_(off, e0, E, nconv, wsz, width, 1, &piece);
         const size_t rows = (size_t)(off[e1] - off[e0]);
         const size_t pr = piece < rows ? piece : rows;
         const size_t wblock = ws_align_((size_t)(e1 - e0) * wsz); // one weight tensor's
-        __nv_bfloat16 *wb = gemm_workspace_(ws_need_(nmat, (size_t)(e1 - e0), wsz, pr, width, 1));
-        __nv_bfloat16 *xb = wb + nmat * wblock;
-        for (int m = 0; m < nmat; m++) convert_weights_(wb + m * wblock, w[m], off, e0, e1, wsz);
+        __nv_bfloat16 *wb = gemm_workspace_(ws_need_(nconv, (size_t)(e1 - e0), wsz, pr, width, 1));
+        __nv_bfloat16 *xb = wb + nconv * wblock;
+        const __nv_bfloat16 *wsrc[2];
+        for (int m = 0, k = 0; m < nmat; m++)
+            wsrc[m] = weights_bf16_(wb + (copied[m] ? 0 : k++) * wblock, w[m], copied[m], off, e0,
+                                    e1, wsz);
         for (int a = off[e0]; a < off[e1]; a += (int)pr) {
             const int b = a + (int)pr < off[e1] ? a + (int)pr : off[e1];
             f32_to_bf16_rn_(xb, inp + (size_t)a * C, (size_t)(b - a) * C);
@@ -689,8 +713,8 @@ static void grouped_forward_bf16_(float *const *out, const float *inp, const flo
                 // column-major: out^T (OC,n) = w_e (OC,C) * inp^T (C,n), as cuda_matmul_forward
                 for (int m = 0; m < nmat; m++)
                     gemm_bf16_(CUBLAS_OP_T, CUBLAS_OP_N, OC, r1 - r0, C, 1.0f,
-                               wb + m * wblock + (size_t)(e - e0) * wsz, C,
-                               xb + (size_t)(r0 - a) * C, C, 0.0f, out[m] + (size_t)r0 * OC, OC);
+                               wsrc[m] + (size_t)(e - e0) * wsz, C, xb + (size_t)(r0 - a) * C,
+                               C, 0.0f, out[m] + (size_t)r0 * OC, OC);
             }
             lanes_join_(lanes);
         }
@@ -711,25 +735,29 @@ static void grouped_backward_bf16_(float *dinp, float *const *dw, const float *c
     int nwidth = 0;
     for (int m = 0; m < nmat; m++) width[nwidth++] = (size_t)OC;
     if (with_dw) width[nwidth++] = (size_t)C;
+    int copied[2];
+    const int nconv = weights_to_convert_(copied, w, nmat, E, wsz); // weights in the workspace
     for (int e0 = 0; e0 < E;) {
         if (off[e0 + 1] == off[e0]) { // no rows: dw_e stays untouched
             e0++;
             continue;
         }
         size_t piece;
-        const int e1 = plan_chunk_(off, e0, E, nmat, wsz, width, nwidth, &piece);
+        const int e1 = plan_chunk_(off, e0, E, nconv, wsz, width, nwidth, &piece);
         const size_t rows = (size_t)(off[e1] - off[e0]);
         const size_t pr = piece < rows ? piece : rows;
         const size_t wblock = ws_align_((size_t)(e1 - e0) * wsz);
         __nv_bfloat16 *wb =
-            gemm_workspace_(ws_need_(nmat, (size_t)(e1 - e0), wsz, pr, width, nwidth));
+            gemm_workspace_(ws_need_(nconv, (size_t)(e1 - e0), wsz, pr, width, nwidth));
         __nv_bfloat16 *gb[2];
-        gb[0] = wb + nmat * wblock;
+        gb[0] = wb + nconv * wblock;
         gb[1] = gb[0] + ws_align_(pr * OC);
         __nv_bfloat16 *xb = gb[nmat - 1] + ws_align_(pr * OC);
+        const __nv_bfloat16 *wsrc[2] = {NULL, NULL};
         if (dinp)
-            for (int m = 0; m < nmat; m++)
-                convert_weights_(wb + m * wblock, w[m], off, e0, e1, wsz);
+            for (int m = 0, k = 0; m < nmat; m++)
+                wsrc[m] = weights_bf16_(wb + (copied[m] ? 0 : k++) * wblock, w[m], copied[m],
+                                        off, e0, e1, wsz);
         for (int a = off[e0]; a < off[e1]; a += (int)pr) {
             const int b = a + (int)pr < off[e1] ? a + (int)pr : off[e1];
             for (int m = 0; m < nmat; m++)
@@ -744,7 +772,7 @@ static void grouped_backward_bf16_(float *dinp, float *const *dw, const float *c
                     const __nv_bfloat16 *g = gb[m] + (size_t)(r0 - a) * OC;
                     if (dinp) // column-major: dinp^T (C,n) += w_e^T (C,OC) * dout^T (OC,n)
                         gemm_bf16_(CUBLAS_OP_N, CUBLAS_OP_N, C, r1 - r0, OC, 1.0f,
-                                   wb + m * wblock + (size_t)(e - e0) * wsz, C, g, OC, 1.0f,
+                                   wsrc[m] + (size_t)(e - e0) * wsz, C, g, OC, 1.0f,
                                    dinp + (size_t)r0 * C, C);
                     if (with_dw) // column-major: dw_e^T (C,OC) += inp^T (C,n) * dout (n,OC)
                         gemm_bf16_(CUBLAS_OP_N, CUBLAS_OP_T, C, OC, r1 - r0, 1.0f,

@@ -172,12 +172,31 @@ int cuda_gemm_streams(void);
 // Host-side accounting of the GEMM calls and of the waits for the device, for `moet bench` to
 // tell a host-bound step (the host busy issuing work while the GPU idles) from a device-bound
 // one (the host waiting in copies to the host). Counted since the last reset.
+// The bf16 copy of the parameters for the GEMMs on bf16 operands (weights.cu). p[0..n) are the
+//   model's parameters (NULL or n = 0: none): a GEMM op whose weight lies there reads a bf16
+//   copy of them instead of converting the weight itself; the copy is converted block by block
+//   where a GEMM needs it, kept up to date by cuda_adamw_update, and marked stale where
+//   cuda_weights_written says something else wrote (ops_cuda.cu calls it for to_device, copy,
+//   zero, zero_fill and scale_inplace; Ops.params_written for writes outside the op table).
+//   2 bytes of device memory per parameter, allocated at the first GEMM that uses it.
+void cuda_weights_register(const float *p, size_t n);
+void cuda_weights_written(const void *p, size_t bytes);
+void cuda_weights_freed(const void *p); // p is being freed: forget it if it is the registered p
+size_t cuda_weight_copy_bytes(void); // allocated now (0 before the first use)
+// 1 (the default): the copy above; 0: every op converts its weights, as before 2026-11-27.
+// -1: as MOET_CUDA_WEIGHT_COPY says: unset, empty or 1 -> 1; 0 -> 0; anything else is fatal
+//   (also the initial state, read at the first registration). Takes effect at the next
+//   cuda_weights_register.
+void cuda_set_weight_copy(int on);
+int cuda_weight_copy(void);
+
 typedef struct CudaHostStats {
     unsigned long long gemm_calls; // cuBLAS / cuBLASLt GEMM calls (a batched call counts once)
     unsigned long long lt_calls;   // of these, run by cuBLASLt with a cached algorithm
     unsigned long long lt_queries; // cuBLASLt heuristic queries (algorithm cache misses)
     unsigned long long lt_fallbacks; // cached algorithm refused: cublasGemmEx ran instead
     unsigned long long side_calls; // GEMM calls issued on a side stream (cuda_set_gemm_streams)
+    unsigned long long weight_converted; // parameters converted into the weight copy (weights.cu)
     double gemm_host_s;            // host seconds inside the GEMM library calls
     double wait_s;                 // host seconds in copies to the host and device syncs
 } CudaHostStats;

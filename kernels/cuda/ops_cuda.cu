@@ -34,8 +34,32 @@ static void *dev_alloc_(size_t bytes) {
     return p;
 }
 
+static void dev_free_(void *p) {
+    cuda_weights_freed(p); // the parameters' buffer takes its bf16 copy with it
+    cuda_free(p);
+}
+
+// The writes through this table that may land in the registered parameters (the model writes
+// them only so, besides adamw_update, which keeps their bf16 copy up to date itself) mark the
+// copy stale there (kernels/cuda/weights.cu).
+static void dev_zero_(void *p, size_t bytes) {
+    cuda_weights_written(p, bytes);
+    cuda_zero(p, bytes);
+}
+
+static void dev_to_device_(void *dst, const void *host_src, size_t bytes) {
+    cuda_weights_written(dst, bytes);
+    cuda_memcpy_h2d(dst, host_src, bytes);
+}
+
 static void dev_copy_(void *dst, const void *src, size_t bytes) {
+    cuda_weights_written(dst, bytes);
     if (dst != src) cuda_memcpy_d2d(dst, src, bytes);
+}
+
+static void scale_inplace_(float *x, float s, size_t n) {
+    cuda_weights_written(x, n * sizeof(float));
+    cuda_scale_inplace(x, s, n);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -101,7 +125,7 @@ static double sum_squares_(const float *x, size_t n) {
 }
 
 static void zero_fill_(float *x, size_t n) {
-    cuda_zero(x, n * sizeof(float));
+    dev_zero_(x, n * sizeof(float));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -114,13 +138,15 @@ static void fill_table_(Ops *o) {
     o->name = "cuda";
     o->on_device = 1;
     o->alloc = dev_alloc_;
-    o->free = cuda_free;
-    o->zero = cuda_zero;
-    o->to_device = cuda_memcpy_h2d;
+    o->free = dev_free_;
+    o->zero = dev_zero_;
+    o->to_device = dev_to_device_;
     o->to_host = cuda_memcpy_d2h;
     o->copy = dev_copy_;
     o->sync = cuda_synchronize;
     o->mem_stats = cuda_mem_stats;
+    o->params_register = cuda_weights_register;
+    o->params_written = cuda_weights_written;
     o->embedding_forward = cuda_embedding_forward;
     o->embedding_backward = embedding_backward_;
     o->rmsnorm_forward = cuda_rmsnorm_forward;
@@ -152,7 +178,7 @@ static void fill_table_(Ops *o) {
     o->crossentropy_forward_backward = crossentropy_forward_backward_;
     o->adamw_update = cuda_adamw_update;
     o->sum_squares = sum_squares_;
-    o->scale_inplace = cuda_scale_inplace;
+    o->scale_inplace = scale_inplace_;
     o->zero_fill = zero_fill_;
 }
 
@@ -199,9 +225,11 @@ extern "C" int ops_cuda_host_stats_line(char *buf, int len, int steps) {
     const double n = steps > 0 ? (double)steps : 1.0;
     return snprintf(buf, (size_t)len,
                     "%.0f GEMM calls (%.0f by cuBLASLt from its algorithm cache, %.1f heuristic "
-                    "queries, %.1f fallbacks; %.0f on side streams of %d), %.1f ms of host time "
-                    "in GEMM calls, %.1f ms waiting for the GPU",
+                    "queries, %.1f fallbacks; %.0f on side streams of %d; %.1f M parameters "
+                    "converted into the weight copy), %.1f ms of host time in GEMM calls, %.1f ms "
+                    "waiting for the GPU",
                     (double)st.gemm_calls / n, (double)st.lt_calls / n, (double)st.lt_queries / n,
                     (double)st.lt_fallbacks / n, (double)st.side_calls / n, cuda_gemm_streams(),
+                    1e-6 * (double)st.weight_converted / n,
                     1e3 * st.gemm_host_s / n, 1e3 * st.wait_s / n);
 }

@@ -13,6 +13,7 @@
 
 #include "kernels/cuda/kernels_cuda.h"
 #include "kernels/kernels.h"
+#include "kernels/ops.h"
 #include "tests/cuda/cudatest.h"
 #include "tests/testutil.h"
 
@@ -1048,6 +1049,178 @@ static void test_pair(void) {
     free(inp), free(wa), free(wb), free(da), free(db), free(dinp0), free(dw0);
 }
 
+// ---------------------------------------------------------------------------------------
+// The parameters' bf16 copy (kernels/cuda/weights.cu): GEMM ops whose weights lie in the
+// registered parameters (Ops.params_register) read the copy instead of converting them. In one
+// buffer laid out like a model's: a dense weight, then the experts' gate and up weights, over
+// two of the copy's blocks of 65536 floats. Every run of the ops (dense forward and backward,
+// the pair forward and backward) must give the same bits as the same ops on an unregistered
+// buffer with the same values (converted per op), and convert only the stale blocks: each way
+// of writing the parameters (the op table's to_device, copy, zero_fill, scale_inplace and
+// adamw_update, and params_written after a write outside the table) must make the next GEMMs
+// read the new values.
+
+enum { WC_BLOCK = 65536, WC_OUTS = 7 };  // out, dinp, dw, out_a, out_b, dinp (pair), dw_a+dw_b
+static const int wc_rows_[ST_E] = {0, 37, 50, 3, 70, 12, 0, 90}; // expert 0 without rows
+
+typedef struct {
+    int32_t off[ST_E + 1];
+    int R;
+    size_t rc, ro, ew, wd, n; // wd: the dense weight's floats and padding; n: all parameters
+    float *d_inp, *d_dout, *d_dinp0, *d_dw0, *d_out[WC_OUTS + 1];
+} WcCase;
+
+// The ops on the parameters at base (dense weight at 0, gate at wd, up at wd + ew); returns
+// the outputs on the host and the parameters converted into the copy meanwhile.
+static unsigned long long wc_run_(WcCase *c, const float *base, float **got) {
+    float **o = c->d_out;
+    const float *w = base, *wa = base + c->wd, *wb = wa + c->ew;
+    cuda_memcpy_d2d(o[1], c->d_dinp0, c->rc * sizeof(float));
+    cuda_memcpy_d2d(o[2], c->d_dw0, (size_t)ST_OC * ST_C * sizeof(float));
+    cuda_memcpy_d2d(o[5], c->d_dinp0, c->rc * sizeof(float));
+    cuda_memcpy_d2d(o[6], c->d_dw0, c->ew * sizeof(float));
+    cuda_memcpy_d2d(o[7], c->d_dw0, c->ew * sizeof(float));
+    cuda_host_stats_reset();
+    cuda_matmul_forward(o[0], c->d_inp, w, c->R, ST_C, ST_OC);
+    cuda_matmul_backward(o[1], o[2], c->d_dout, c->d_inp, w, c->R, ST_C, ST_OC);
+    cuda_grouped_matmul_forward_pair(o[3], o[4], c->d_inp, wa, wb, c->off, ST_E, ST_C, ST_OC);
+    cuda_grouped_matmul_backward_pair(o[5], o[6], o[7], c->d_dout, c->d_dout, c->d_inp, wa, wb,
+                                      c->off, ST_E, ST_C, ST_OC);
+    CudaHostStats st;
+    cuda_host_stats(&st);
+    const size_t n[WC_OUTS + 1] = {c->ro, c->rc, (size_t)ST_OC * ST_C, c->ro,
+                                   c->ro, c->rc, c->ew,                 c->ew};
+    for (int i = 0; i <= WC_OUTS; i++) got[i] = tcu_host_from(o[i], n[i]);
+    return st.weight_converted;
+}
+
+// Runs the ops on the registered parameters d_p and on an unregistered copy of them; the
+// outputs must be the same bits (tol 0) or within the bf16 GEMM tolerance of the latter.
+// Returns the parameters converted into the copy, -1 on a difference.
+static long long wc_check_(WcCase *c, const char *what, float *d_p, float *d_ref, int tol) {
+    static const char *names[WC_OUTS + 1] = {"out",   "dinp",  "dw",   "out_a",
+                                             "out_b", "dinp2", "dw_a", "dw_b"};
+    const int k[WC_OUTS + 1] = {ST_C, ST_OC, c->R, ST_C, ST_C, 2 * ST_OC, 90, 90};
+    const size_t n[WC_OUTS + 1] = {c->ro, c->rc, (size_t)ST_OC * ST_C, c->ro,
+                                   c->ro, c->rc, c->ew,                 c->ew};
+    cuda_memcpy_d2d(d_ref, d_p, c->n * sizeof(float)); // outside the op table: d_ref is no
+                                                       // parameter
+    float *want[WC_OUTS + 1], *got[WC_OUTS + 1];
+    if (tol) cuda_set_gemm_workspace_limit(0);
+    wc_run_(c, d_ref, want);
+    if (tol) cuda_set_gemm_workspace_limit(48 << 10);
+    const unsigned long long conv = wc_run_(c, d_p, got);
+    if (tol) cuda_set_gemm_workspace_limit(0);
+    int ok = 1;
+    for (int i = 0; i <= WC_OUTS; i++) {
+        char name[128];
+        snprintf(name, sizeof name, "weight copy, %s: %s", what, names[i]);
+        if (tol) {
+            ok &= tu_allclose(name, got[i], want[i], n[i],
+                              gemm_atol_(1, k[i], 1, 1, want[i], n[i]), 0.0);
+        } else if (memcmp(got[i], want[i], n[i] * sizeof(float)) != 0) {
+            fprintf(stderr, "  %s: not the bits of the weights converted per op\n", name);
+            ok = 0;
+        }
+        free(want[i]), free(got[i]);
+    }
+    return ok ? (long long)conv : -1;
+}
+
+static void test_weight_copy(void) {
+    const Ops *o = ops_cuda();
+    WcCase c;
+    st_offsets_(c.off, wc_rows_);
+    c.R = c.off[ST_E];
+    c.rc = (size_t)c.R * ST_C, c.ro = (size_t)c.R * ST_OC, c.ew = (size_t)ST_E * ST_OC * ST_C;
+    c.wd = (size_t)ST_OC * ST_C + 16;
+    c.n = c.wd + 2 * c.ew; // 78352: block 0 whole, block 1 in part
+    const size_t n = c.n, b1 = n - WC_BLOCK;
+    float *inp = tcu_host_rand(c.rc, 9200, 1.0f), *dout = tcu_host_rand(c.ro, 9201, 1.0f);
+    float *dinp0 = tcu_host_rand(c.rc, 9202, 0.5f), *dw0 = tcu_host_rand(c.ew, 9203, 0.5f);
+    float *hp = tcu_host_rand(n, 9204, 1.0f);
+    c.d_inp = tcu_dev_from(inp, c.rc), c.d_dout = tcu_dev_from(dout, c.ro);
+    c.d_dinp0 = tcu_dev_from(dinp0, c.rc), c.d_dw0 = tcu_dev_from(dw0, c.ew);
+    const size_t nout[WC_OUTS + 1] = {c.ro, c.rc, (size_t)ST_OC * ST_C, c.ro,
+                                      c.ro, c.rc, c.ew,                 c.ew};
+    for (int i = 0; i <= WC_OUTS; i++) c.d_out[i] = cuda_malloc(nout[i] * sizeof(float));
+    float *d_p = o->alloc(n * sizeof(float)), *d_ref = cuda_malloc(n * sizeof(float));
+    o->to_device(d_p, hp, n * sizeof(float));
+    set_mode_(MODE_BF16);
+    o->params_register(d_p, n);
+    CU_ASSERT_EQUAL(cuda_weight_copy_bytes(), 0); // allocated at its first use
+
+    // first use: every block under the weights read (both) is converted, once
+    CU_ASSERT_EQUAL(wc_check_(&c, "first use", d_p, d_ref, 0), (long long)n);
+    CU_ASSERT_EQUAL(cuda_weight_copy_bytes(), n * 2);
+    CU_ASSERT_EQUAL(wc_check_(&c, "valid", d_p, d_ref, 0), 0);
+    // the writes through the table, each into one block: that block is converted again
+    float *src = tcu_host_rand(c.ew, 9205, 1.0f), *d_src = tcu_dev_from(src, c.ew);
+    o->to_device(d_p + n - 10, src, 10 * sizeof(float)); // the last floats of up
+    CU_ASSERT_EQUAL(wc_check_(&c, "to_device", d_p, d_ref, 0), (long long)b1);
+    o->copy(d_p + 100, d_src, 300 * sizeof(float)); // in the dense weight
+    CU_ASSERT_EQUAL(wc_check_(&c, "copy", d_p, d_ref, 0), WC_BLOCK);
+    o->zero_fill(d_p + c.wd + 1000, 2000); // in gate
+    CU_ASSERT_EQUAL(wc_check_(&c, "zero_fill", d_p, d_ref, 0), WC_BLOCK);
+    o->scale_inplace(d_p + WC_BLOCK - 8, 0.5f, 16); // across the two blocks
+    CU_ASSERT_EQUAL(wc_check_(&c, "scale_inplace", d_p, d_ref, 0), (long long)n);
+    o->zero(d_p + WC_BLOCK + 5, 4); // one float, in bytes
+    CU_ASSERT_EQUAL(wc_check_(&c, "zero", d_p, d_ref, 0), (long long)b1);
+    // a write outside the table (a collective's), announced
+    cuda_memcpy_h2d(d_p + c.wd + c.ew + 7, src, 64 * sizeof(float)); // in up, block 0
+    o->params_written(d_p + c.wd + c.ew + 7, 64 * sizeof(float));
+    CU_ASSERT_EQUAL(wc_check_(&c, "params_written", d_p, d_ref, 0), WC_BLOCK);
+
+    // AdamW writes the copy as it writes the parameters: over all of them, the copy is valid
+    // after it even where it was stale before
+    float *g = tcu_host_rand(n, 9206, 1.0f), *d_g = tcu_dev_from(g, n);
+    float *d_m = o->alloc(n * sizeof(float)), *d_v = o->alloc(n * sizeof(float));
+    o->to_device(d_p, hp, n * sizeof(float)); // all stale
+    o->adamw_update(d_p, d_g, d_m, d_v, n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 1, 1.0f);
+    CU_ASSERT_EQUAL(wc_check_(&c, "adamw, all", d_p, d_ref, 0), 0);
+    // per tensor, as optim_step calls it: blocks covered in part keep their state (valid here)
+    o->adamw_update(d_p, d_g, d_m, d_v, c.wd - 16, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 2, 1.0f);
+    o->adamw_update(d_p + c.wd, d_g, d_m, d_v, c.ew, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 2, 1.0f);
+    o->adamw_update(d_p + c.wd + c.ew, d_g, d_m, d_v, c.ew, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 2,
+                    1.0f);
+    CU_ASSERT_EQUAL(wc_check_(&c, "adamw, per tensor", d_p, d_ref, 0), 0);
+    // ... and stale where they were stale: only block 1 is covered whole (to its short end)
+    o->to_device(d_p, hp, n * sizeof(float));
+    o->adamw_update(d_p + c.wd, d_g, d_m, d_v, 2 * c.ew, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 3,
+                    1.0f);
+    CU_ASSERT_EQUAL(wc_check_(&c, "adamw, part", d_p, d_ref, 0), WC_BLOCK);
+
+    // in chunks of a 48 KiB workspace (the weights no longer take any of it): within the bf16
+    // GEMM tolerance of the whole ops on converted weights
+    CU_ASSERT_EQUAL(wc_check_(&c, "48 KiB workspace", d_p, d_ref, 1), 0);
+
+    // freeing the parameters forgets them and their copy
+    o->free(d_p);
+    CU_ASSERT_EQUAL(cuda_weight_copy_bytes(), 0);
+    d_p = o->alloc(n * sizeof(float));
+    o->to_device(d_p, hp, n * sizeof(float));
+    // nothing registered, or the copy switched off: every op converts its weights
+    CU_ASSERT_EQUAL(wc_check_(&c, "not registered", d_p, d_ref, 0), 0);
+    cuda_set_weight_copy(0);
+    o->params_register(d_p, n);
+    CU_ASSERT_EQUAL(wc_check_(&c, "switched off", d_p, d_ref, 0), 0);
+    CU_ASSERT_EQUAL(cuda_weight_copy_bytes(), 0);
+    cuda_set_weight_copy(-1);
+    static const EnvCase wcopy[] = {{"0", 0}, {"1", 1}, {"", 1}, {NULL, 1}};
+    env_switch_cases_("MOET_CUDA_WEIGHT_COPY", cuda_set_weight_copy, cuda_weight_copy, wcopy, 4);
+    // registered again (the setting takes effect there): the copy in use
+    o->params_register(d_p, n);
+    CU_ASSERT_EQUAL(wc_check_(&c, "registered again", d_p, d_ref, 0), (long long)n);
+    o->params_register(NULL, 0);
+    CU_ASSERT_EQUAL(cuda_weight_copy_bytes(), 0);
+
+    o->free(d_p), o->free(d_m), o->free(d_v);
+    cuda_free(d_ref), cuda_free(d_g), cuda_free(d_src), cuda_free(c.d_inp), cuda_free(c.d_dout);
+    cuda_free(c.d_dinp0), cuda_free(c.d_dw0);
+    for (int i = 0; i <= WC_OUTS; i++) cuda_free(c.d_out[i]);
+    free(inp), free(dout), free(dinp0), free(dw0), free(hp), free(src), free(g);
+}
+
 int main(void) {
     if (cuda_gemm_bf16() != 1) {
         fprintf(stderr, "test_cuda_gemm: the GEMM precision must default to bf16 (1)\n");
@@ -1073,6 +1246,11 @@ int main(void) {
                 getenv("MOET_CUDA_GEMM_STREAMS") ? ": unset MOET_CUDA_GEMM_STREAMS" : "");
         return 1;
     }
+    if (cuda_weight_copy() != 1) {
+        fprintf(stderr, "test_cuda_gemm: the GEMMs must default to the weight copy (1)%s\n",
+                getenv("MOET_CUDA_WEIGHT_COPY") ? ": unset MOET_CUDA_WEIGHT_COPY" : "");
+        return 1;
+    }
     static const TuTest tests[] = {
         {"gemm precision switch", test_gemm_mode},
         {"matmul forward and backward", test_matmul},
@@ -1086,6 +1264,7 @@ int main(void) {
         {"cuBLASLt algorithms cached per shape class", test_lt_cache},
         {"expert GEMMs on several streams: the same bits", test_gemm_streams},
         {"gate and up as one pair op", test_pair},
+        {"the parameters' bf16 copy", test_weight_copy},
     };
     return tcu_main("cuda_gemm", tests, (int)(sizeof tests / sizeof tests[0]));
 }
