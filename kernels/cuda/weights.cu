@@ -3,9 +3,9 @@
 //
 // In bf16 mode every GEMM op converts its fp32 operands to bf16 (gemm.cu). The weights do not
 // change between two optimizer steps, yet each op converted them again: in training twice per
-// step (forward, and again for dinp), 3.5 G values per step of bench-gpu-olmoe; in
-// `moet generate` once per decoded token, which doubles the weight traffic of a memory-bound
-// step. Here the backend keeps one bf16 copy of the parameters the model registers
+// step (forward, and again for dinp), the LM head's once per chunk of rows each time, 6.65 G
+// values per step of bench-gpu-olmoe; in `moet generate` once per decoded token, which
+// doubles the weight traffic of a memory-bound step. Here the backend keeps one bf16 copy of the parameters the model registers
 // (Ops.params_register: m->params), cut into blocks of WCOPY_BLOCK floats with one valid flag
 // each on the host:
 //   - a GEMM whose weight lies in the registered range converts those of its blocks that are not
