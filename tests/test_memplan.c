@@ -45,11 +45,10 @@ static double scalars_(int ep) {
 }
 
 static void check_total_(const MemPlan *mp) {
-    CU_ASSERT_DOUBLE_EQUAL(
-        mp->total,
-        mp->params + mp->grads + mp->optim + mp->activations + mp->dispatch + mp->scratch +
-            mp->weight_copy,
-        0.0);
+    CU_ASSERT_DOUBLE_EQUAL(mp->total,
+                           mp->params + mp->grads + mp->optim + mp->activations + mp->dispatch +
+                               mp->scratch + mp->weight_copy,
+                           0.0);
 }
 
 static void test_hand_counts_match_the_model(void) {

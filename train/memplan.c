@@ -93,7 +93,8 @@ void memplan_predict(const Config *c, int world, MemPlan *mp) {
     // (Bound: the ops' 256-byte alignment of each slice is left out.)
     if (strcmp(c->device, "cuda") == 0 && strcmp(c->precision, "fp32") != 0) {
         const char *wc = getenv("MOET_CUDA_WEIGHT_COPY");
-        const double wcopy = wc && strcmp(wc, "0") == 0 ? 0.0 : 1.0; // weights in the workspace
+        // 1: the weights are read from the copy; 0: converted into the workspace (wk = 1)
+        const double wcopy = wc && strcmp(wc, "0") == 0 ? 0.0 : 1.0;
         mp->weight_copy = wcopy * n * 2;
         const double N = (double)B * T, V = c->padded_vocab, H = c->n_heads;
         const double El = E > 0 ? (double)E / ep : 1, rows = E > 0 ? (double)B * T * K : N;

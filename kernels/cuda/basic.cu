@@ -211,10 +211,10 @@ void cuda_add_forward(float *out, const float *a, const float *b, size_t n) {
 // AdamW, written as the CPU op: the reciprocal bias corrections 1 / (1 - b^t) are computed
 // once on the host in double. Where p lies in the parameters' bf16 copy (weights.cu), pb gets
 // the new values rounded to nearest even as well, so the copy stays valid (else NULL).
-static __global__ void adamw_update_kernel(float *p, __nv_bfloat16 *pb, const float *grad,
-                                           float *m, float *v, size_t n, float lr, float b1,
-                                           float b2, float eps, float wd, float inv_bc1,
-                                           float inv_bc2, float grad_scale) {
+static __global__ void adamw_update_kernel(float *p, __nv_bfloat16 *pb, const float *grad, float *m,
+                                           float *v, size_t n, float lr, float b1, float b2,
+                                           float eps, float wd, float inv_bc1, float inv_bc2,
+                                           float grad_scale) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         const float g = grad_scale * grad[i];

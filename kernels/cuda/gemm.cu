@@ -649,9 +649,11 @@ static const __nv_bfloat16 *weights_bf16_(__nv_bfloat16 *wb, const float *w, int
         }
         int b = a + 1;
         while (b < e1 && off[b + 1] > off[b]) b++;
-        if (copied) weights_copy_ensure_(w + (size_t)a * wsz, (size_t)(b - a) * wsz);
-        else f32_to_bf16_rn_(wb + (size_t)(a - e0) * wsz, w + (size_t)a * wsz,
-                             (size_t)(b - a) * wsz);
+        if (copied)
+            weights_copy_ensure_(w + (size_t)a * wsz, (size_t)(b - a) * wsz);
+        else
+            f32_to_bf16_rn_(wb + (size_t)(a - e0) * wsz, w + (size_t)a * wsz,
+                            (size_t)(b - a) * wsz);
         a = b;
     }
     return copied ? weights_copy_(w + (size_t)e0 * wsz, (size_t)(e1 - e0) * wsz) : wb;
@@ -713,8 +715,8 @@ static void grouped_forward_bf16_(float *const *out, const float *inp, const flo
                 // column-major: out^T (OC,n) = w_e (OC,C) * inp^T (C,n), as cuda_matmul_forward
                 for (int m = 0; m < nmat; m++)
                     gemm_bf16_(CUBLAS_OP_T, CUBLAS_OP_N, OC, r1 - r0, C, 1.0f,
-                               wsrc[m] + (size_t)(e - e0) * wsz, C, xb + (size_t)(r0 - a) * C,
-                               C, 0.0f, out[m] + (size_t)r0 * OC, OC);
+                               wsrc[m] + (size_t)(e - e0) * wsz, C, xb + (size_t)(r0 - a) * C, C,
+                               0.0f, out[m] + (size_t)r0 * OC, OC);
             }
             lanes_join_(lanes);
         }
@@ -756,8 +758,8 @@ static void grouped_backward_bf16_(float *dinp, float *const *dw, const float *c
         const __nv_bfloat16 *wsrc[2] = {NULL, NULL};
         if (dinp)
             for (int m = 0, k = 0; m < nmat; m++)
-                wsrc[m] = weights_bf16_(wb + (copied[m] ? 0 : k++) * wblock, w[m], copied[m],
-                                        off, e0, e1, wsz);
+                wsrc[m] = weights_bf16_(wb + (copied[m] ? 0 : k++) * wblock, w[m], copied[m], off,
+                                        e0, e1, wsz);
         for (int a = off[e0]; a < off[e1]; a += (int)pr) {
             const int b = a + (int)pr < off[e1] ? a + (int)pr : off[e1];
             for (int m = 0; m < nmat; m++)

@@ -182,7 +182,7 @@ int cuda_gemm_streams(void);
 void cuda_weights_register(const float *p, size_t n);
 void cuda_weights_written(const void *p, size_t bytes);
 void cuda_weights_freed(const void *p); // p is being freed: forget it if it is the registered p
-size_t cuda_weight_copy_bytes(void); // allocated now (0 before the first use)
+size_t cuda_weight_copy_bytes(void);    // allocated now (0 before the first use)
 // 1 (the default): the copy above; 0: every op converts its weights, as before 2026-11-27.
 // -1: as MOET_CUDA_WEIGHT_COPY says: unset, empty or 1 -> 1; 0 -> 0; anything else is fatal
 //   (also the initial state, read at the first registration). Takes effect at the next

@@ -230,6 +230,6 @@ extern "C" int ops_cuda_host_stats_line(char *buf, int len, int steps) {
                     "waiting for the GPU",
                     (double)st.gemm_calls / n, (double)st.lt_calls / n, (double)st.lt_queries / n,
                     (double)st.lt_fallbacks / n, (double)st.side_calls / n, cuda_gemm_streams(),
-                    1e-6 * (double)st.weight_converted / n,
-                    1e3 * st.gemm_host_s / n, 1e3 * st.wait_s / n);
+                    1e-6 * (double)st.weight_converted / n, 1e3 * st.gemm_host_s / n,
+                    1e3 * st.wait_s / n);
 }

@@ -5,9 +5,9 @@
 // change between two optimizer steps, yet each op converted them again: in training twice per
 // step (forward, and again for dinp), the LM head's once per chunk of rows each time, 6.65 G
 // values per step of bench-gpu-olmoe; in `moet generate` once per decoded token, which
-// doubles the weight traffic of a memory-bound step. Here the backend keeps one bf16 copy of the parameters the model registers
-// (Ops.params_register: m->params), cut into blocks of WCOPY_BLOCK floats with one valid flag
-// each on the host:
+// doubles the weight traffic of a memory-bound step. Here the backend keeps one bf16 copy of the
+// parameters the model registers (Ops.params_register: m->params), cut into blocks of WCOPY_BLOCK
+// floats with one valid flag each on the host:
 //   - a GEMM whose weight lies in the registered range converts those of its blocks that are not
 //     valid (only the experts with rows), marks them valid and reads the copy
 //     (weights_copy_ensure_);
@@ -35,11 +35,11 @@
 // conversion, coarse enough that the flags of 7 G parameters take 105 KiB of host memory.
 enum { WCOPY_BLOCK = 1 << 16 };
 
-static int copy_setting_ = -1;          // 1 on, 0 off, -1: not yet read from MOET_CUDA_WEIGHT_COPY
-static const float *base_ = NULL;       // the registered parameters
-static size_t n_ = 0;                   // their count
-static __nv_bfloat16 *copy_ = NULL;     // their bf16 copy, allocated at its first use
-static unsigned char *valid_ = NULL;    // per block: 1 when copy_ holds bf16(base_) there
+static int copy_setting_ = -1;       // 1 on, 0 off, -1: not yet read from MOET_CUDA_WEIGHT_COPY
+static const float *base_ = NULL;    // the registered parameters
+static size_t n_ = 0;                // their count
+static __nv_bfloat16 *copy_ = NULL;  // their bf16 copy, allocated at its first use
+static unsigned char *valid_ = NULL; // per block: 1 when copy_ holds bf16(base_) there
 static size_t nblocks_ = 0;
 
 static int copy_from_env_(void) {
@@ -108,7 +108,7 @@ void cuda_weights_written(const void *p, size_t bytes) {
     if (b <= lo || a >= hi) return;
     if (a < lo) a = lo;
     if (b > hi) b = hi;
-    const size_t f0 = (size_t)(a - lo) / sizeof(float);          // first float touched
+    const size_t f0 = (size_t)(a - lo) / sizeof(float);                       // first float touched
     const size_t f1 = ((size_t)(b - lo) + sizeof(float) - 1) / sizeof(float); // past the last
     memset(valid_ + f0 / WCOPY_BLOCK, 0, (f1 - 1) / WCOPY_BLOCK - f0 / WCOPY_BLOCK + 1);
 }

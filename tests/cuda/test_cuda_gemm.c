@@ -1060,13 +1060,14 @@ static void test_pair(void) {
 // adamw_update, and params_written after a write outside the table) must make the next GEMMs
 // read the new values.
 
-enum { WC_BLOCK = 65536, WC_OUTS = 7 };  // out, dinp, dw, out_a, out_b, dinp (pair), dw_a+dw_b
+enum { WC_BLOCK = 65536, WC_OUTS = 7 }; // out, dinp, dw, out_a, out_b, dinp (pair), dw_a+dw_b
 static const int wc_rows_[ST_E] = {0, 37, 50, 3, 70, 12, 0, 90}; // expert 0 without rows
 
 typedef struct {
     int32_t off[ST_E + 1];
     int R;
     size_t rc, ro, ew, wd, n; // wd: the dense weight's floats and padding; n: all parameters
+    size_t nout[WC_OUTS + 1]; // the outputs' floats
     float *d_inp, *d_dout, *d_dinp0, *d_dw0, *d_out[WC_OUTS + 1];
 } WcCase;
 
@@ -1088,9 +1089,7 @@ static unsigned long long wc_run_(WcCase *c, const float *base, float **got) {
                                       c->off, ST_E, ST_C, ST_OC);
     CudaHostStats st;
     cuda_host_stats(&st);
-    const size_t n[WC_OUTS + 1] = {c->ro, c->rc, (size_t)ST_OC * ST_C, c->ro,
-                                   c->ro, c->rc, c->ew,                 c->ew};
-    for (int i = 0; i <= WC_OUTS; i++) got[i] = tcu_host_from(o[i], n[i]);
+    for (int i = 0; i <= WC_OUTS; i++) got[i] = tcu_host_from(o[i], c->nout[i]);
     return st.weight_converted;
 }
 
@@ -1101,8 +1100,7 @@ static long long wc_check_(WcCase *c, const char *what, float *d_p, float *d_ref
     static const char *names[WC_OUTS + 1] = {"out",   "dinp",  "dw",   "out_a",
                                              "out_b", "dinp2", "dw_a", "dw_b"};
     const int k[WC_OUTS + 1] = {ST_C, ST_OC, c->R, ST_C, ST_C, 2 * ST_OC, 90, 90};
-    const size_t n[WC_OUTS + 1] = {c->ro, c->rc, (size_t)ST_OC * ST_C, c->ro,
-                                   c->ro, c->rc, c->ew,                 c->ew};
+    const size_t *n = c->nout;
     cuda_memcpy_d2d(d_ref, d_p, c->n * sizeof(float)); // outside the op table: d_ref is no
                                                        // parameter
     float *want[WC_OUTS + 1], *got[WC_OUTS + 1];
@@ -1116,8 +1114,8 @@ static long long wc_check_(WcCase *c, const char *what, float *d_p, float *d_ref
         char name[128];
         snprintf(name, sizeof name, "weight copy, %s: %s", what, names[i]);
         if (tol) {
-            ok &= tu_allclose(name, got[i], want[i], n[i],
-                              gemm_atol_(1, k[i], 1, 1, want[i], n[i]), 0.0);
+            ok &= tu_allclose(name, got[i], want[i], n[i], gemm_atol_(1, k[i], 1, 1, want[i], n[i]),
+                              0.0);
         } else if (memcmp(got[i], want[i], n[i] * sizeof(float)) != 0) {
             fprintf(stderr, "  %s: not the bits of the weights converted per op\n", name);
             ok = 0;
@@ -1141,8 +1139,9 @@ static void test_weight_copy(void) {
     float *hp = tcu_host_rand(n, 9204, 1.0f);
     c.d_inp = tcu_dev_from(inp, c.rc), c.d_dout = tcu_dev_from(dout, c.ro);
     c.d_dinp0 = tcu_dev_from(dinp0, c.rc), c.d_dw0 = tcu_dev_from(dw0, c.ew);
-    const size_t nout[WC_OUTS + 1] = {c.ro, c.rc, (size_t)ST_OC * ST_C, c.ro,
-                                      c.ro, c.rc, c.ew,                 c.ew};
+    const size_t nout[WC_OUTS + 1] = {c.ro, c.rc, (size_t)ST_OC * ST_C, c.ro, c.ro, c.rc,
+                                      c.ew, c.ew};
+    memcpy(c.nout, nout, sizeof nout);
     for (int i = 0; i <= WC_OUTS; i++) c.d_out[i] = cuda_malloc(nout[i] * sizeof(float));
     float *d_p = o->alloc(n * sizeof(float)), *d_ref = cuda_malloc(n * sizeof(float));
     o->to_device(d_p, hp, n * sizeof(float));
@@ -1186,8 +1185,7 @@ static void test_weight_copy(void) {
     CU_ASSERT_EQUAL(wc_check_(&c, "adamw, per tensor", d_p, d_ref, 0), 0);
     // ... and stale where they were stale: only block 1 is covered whole (to its short end)
     o->to_device(d_p, hp, n * sizeof(float));
-    o->adamw_update(d_p + c.wd, d_g, d_m, d_v, 2 * c.ew, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 3,
-                    1.0f);
+    o->adamw_update(d_p + c.wd, d_g, d_m, d_v, 2 * c.ew, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, 1.0f);
     CU_ASSERT_EQUAL(wc_check_(&c, "adamw, part", d_p, d_ref, 0), WC_BLOCK);
 
     // in chunks of a 48 KiB workspace (the weights no longer take any of it): within the bf16
