@@ -52,11 +52,9 @@ int cuda_gemm_bf16(void) {
 // read from MOET_CUDA_GEMM_OPERANDS (read at the first GEMM, or by cuda_set_gemm_bf16_operands).
 static int operands_bf16_ = -1;
 
-// An A/B switch read from the environment variable `name`: unset, empty or on_value give 1;
-// off_value gives 0 and the note "name=off_value: off_note" on stderr, so that each log shows
-// which path it ran; anything else is fatal, with a hint to run off_hint.
-static int env_switch_(const char *name, const char *on_value, const char *off_value,
-                       const char *off_note, const char *off_hint) {
+// An A/B switch read from the environment (declared in cublas_util.cuh).
+int env_switch_(const char *name, const char *on_value, const char *off_value, const char *off_note,
+                const char *off_hint) {
     const char *s = getenv(name);
     if (!s || !*s || strcmp(s, on_value) == 0) return 1;
     if (strcmp(s, off_value) == 0) {

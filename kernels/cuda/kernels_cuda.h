@@ -169,9 +169,6 @@ int cuda_gemm_lt(void);
 void cuda_set_gemm_streams(int n);
 int cuda_gemm_streams(void);
 
-// Host-side accounting of the GEMM calls and of the waits for the device, for `moet bench` to
-// tell a host-bound step (the host busy issuing work while the GPU idles) from a device-bound
-// one (the host waiting in copies to the host). Counted since the last reset.
 // The bf16 copy of the parameters for the GEMMs on bf16 operands (weights.cu). p[0..n) are the
 //   model's parameters (NULL or n = 0: none): a GEMM op whose weight lies there reads a bf16
 //   copy of them instead of converting the weight itself; the copy is converted block by block
@@ -190,6 +187,9 @@ size_t cuda_weight_copy_bytes(void);    // allocated now (0 before the first use
 void cuda_set_weight_copy(int on);
 int cuda_weight_copy(void);
 
+// Host-side accounting of the GEMM calls and of the waits for the device, for `moet bench` to
+// tell a host-bound step (the host busy issuing work while the GPU idles) from a device-bound
+// one (the host waiting in copies to the host). Counted since the last reset.
 typedef struct CudaHostStats {
     unsigned long long gemm_calls; // cuBLAS / cuBLASLt GEMM calls (a batched call counts once)
     unsigned long long lt_calls;   // of these, run by cuBLASLt with a cached algorithm

@@ -43,19 +43,10 @@ static unsigned char *valid_ = NULL; // per block: 1 when copy_ holds bf16(base_
 static size_t nblocks_ = 0;
 
 static int copy_from_env_(void) {
-    const char *s = getenv("MOET_CUDA_WEIGHT_COPY");
-    if (!s || !*s || strcmp(s, "1") == 0) return 1;
-    if (strcmp(s, "0") == 0) {
-        fprintf(stderr, "moet: note: MOET_CUDA_WEIGHT_COPY=0: the bf16-operand GEMMs convert "
-                        "their weights in every op (no bf16 copy of the parameters)\n");
-        return 0;
-    }
-    fprintf(stderr,
-            "moet: fatal: MOET_CUDA_WEIGHT_COPY=%s: expected 1 (the default) or 0\n"
-            "---> HINT: unset it, or set it to 0 to convert the weights in every GEMM op (the "
-            "A/B comparison, or to save 2 bytes of GPU memory per parameter)\n",
-            s);
-    exit(EXIT_FAILURE);
+    return env_switch_("MOET_CUDA_WEIGHT_COPY", "1", "0",
+                       "the bf16-operand GEMMs convert their weights in every op (no bf16 copy "
+                       "of the parameters)",
+                       "the GEMMs with their weights converted in every op");
 }
 
 void cuda_set_weight_copy(int on) {
