@@ -159,6 +159,22 @@ void grouped_matmul_backward_bf16(float *dinp, float *dw, const float *dout, con
                                   const float *w, const int32_t *offsets, int E, int C, int OC);
 // bf16 of n floats, round to nearest even (NaN stays NaN), as the GEMMs above see them
 void bf16_round(uint16_t *dst, const float *src, size_t n);
+// The bf16 copy of the model's parameters that the matmuls above read their weights from
+// (ops_cpu_bf16's Ops.params_register; the CPU twin of kernels/cuda/weights.cu). p[0..n) are
+// the parameters (NULL or n = 0: none): a matmul whose weight lies there whole reads the copy,
+// rounded block by block where stale, instead of rounding the weight itself. Writes mark blocks
+// stale: cpu_bf16_weights_written (ops_cpu.c calls it for to_device, copy, zero, zero_fill,
+// scale_inplace and adamw_update on that table; Ops.params_written for writes outside it).
+// cpu_bf16_weight_converted counts the values ever rounded into the copy. The switch: 1 (the
+// default) or 0, every op rounds its weights (MOET_CPU_WEIGHT_COPY, read at the first
+// registration; cpu_bf16_set_weight_copy(-1) reads it again).
+void cpu_bf16_weights_register(const float *p, size_t n);
+void cpu_bf16_weights_written(const void *p, size_t bytes);
+void cpu_bf16_weights_freed(const void *p); // p is being freed: forget it if it is registered
+size_t cpu_bf16_weight_copy_bytes(void);    // allocated now (0 before the first matmul)
+unsigned long long cpu_bf16_weight_converted(void);
+void cpu_bf16_set_weight_copy(int on);
+int cpu_bf16_weight_copy(void);
 
 // ---------------------------------------------------------------------------------------
 // Cross-entropy over the full padded vocabulary. targets[i] < 0 means "no target" (the last

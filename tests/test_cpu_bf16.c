@@ -6,8 +6,11 @@
 //   operands really are rounded);
 // - backward accumulates (beta = 1), NULL outputs are skipped, experts without rows get no
 //   gradient;
+// - the parameters' bf16 copy (params_register): the same bits as rounding the weights in every
+//   op, and after each kind of write exactly the stale blocks rounded again;
 // - a tiny MoE trains on ops_cpu_bf16() like on the fp32 reference: the losses of 20 steps
-//   stay within bf16's error of each other but are not the same numbers.
+//   stay within bf16's error of each other but are not the same numbers; with and without the
+//   weight copy they are the same numbers.
 // Skipped (exit 77) where the bf16 GEMMs cannot run: no oneDNN in the build, or a CPU without
 // AVX512-BF16 / AMX.
 #include <math.h>
@@ -220,6 +223,153 @@ static void test_grouped(void) {
 }
 
 // ---------------------------------------------------------------------------------------
+// the parameters' bf16 copy (Ops.params_register on ops_cpu_bf16(), gemm_bf16.c)
+//
+// One buffer of parameters holds a dense weight, then E experts' weights: two blocks of the
+// copy (65536 floats each, the second short). Each check runs the dense matmul and the grouped
+// matmul forward and backward on it and on an unregistered buffer with the same values: the
+// results must be the same bits, and the values rounded into the copy must be exactly the
+// blocks that a write made stale.
+
+enum { WC_BLOCK = 1 << 16, WC_C = 64, WC_OC = 96, WC_E = 12, WC_N = 40 };
+enum { WC_DENSE = WC_OC * WC_C, WC_NP = WC_DENSE + WC_E * WC_OC * WC_C }; // 79872 floats
+
+static const int32_t wc_off_[WC_E + 1] = {0,  0,  9,  20, 20, 33, 41,
+                                          41, 52, 60, 61, 70, 80}; // expert 0: no rows
+
+// the GEMMs on p through ops; returns the values rounded into the copy meanwhile
+static unsigned long long wc_run_(const Ops *o, const float *p, const float *x, const float *xr,
+                                  const float *dy, const float *dyr, float *out) {
+    const unsigned long long c0 = cpu_bf16_weight_converted();
+    const int R = wc_off_[WC_E];
+    float *y = out, *di = y + WC_N * WC_OC, *dw = di + WC_N * WC_C, *yr = dw + WC_DENSE;
+    float *dir = yr + R * WC_OC, *dwr = dir + R * WC_C;
+    memset(di, 0, sizeof(float) * (WC_N * WC_C + WC_DENSE));
+    memset(dir, 0, sizeof(float) * (R * WC_C + WC_NP - WC_DENSE));
+    o->matmul_forward(y, x, p, WC_N, WC_C, WC_OC);
+    o->matmul_backward(di, dw, dy, x, p, WC_N, WC_C, WC_OC);
+    o->grouped_matmul_forward(yr, xr, p + WC_DENSE, wc_off_, WC_E, WC_C, WC_OC);
+    o->grouped_matmul_backward(dir, dwr, dyr, xr, p + WC_DENSE, wc_off_, WC_E, WC_C, WC_OC);
+    return cpu_bf16_weight_converted() - c0;
+}
+
+enum { WC_OUT = WC_N * WC_OC + WC_N * WC_C + WC_DENSE + 80 * WC_OC + 80 * WC_C + WC_NP - WC_DENSE };
+
+typedef struct {
+    float *p, *q, *x, *xr, *dy, *dyr, *out, *want, *g, *m, *v, *mq, *vq;
+} WcBufs;
+
+// the converted count of a run on p, -1 where its results differ from those on q
+static long long wc_check_(const WcBufs *b, const char *what) {
+    const Ops *o = ops_cpu_bf16();
+    unsigned long long n = wc_run_(o, b->p, b->x, b->xr, b->dy, b->dyr, b->out);
+    // the reference: q lies outside the registered parameters, its weights rounded per op
+    wc_run_(o, b->q, b->x, b->xr, b->dy, b->dyr, b->want);
+    if (memcmp(b->out, b->want, sizeof(float) * WC_OUT) != 0) {
+        fprintf(stderr, "weight copy, %s: the results differ from per-op rounding\n", what);
+        return -1;
+    }
+    return (long long)n;
+}
+
+static void test_weight_copy(void) {
+    const Ops *o = ops_cpu_bf16();
+    WcBufs b;
+    b.p = o->alloc(sizeof(float) * WC_NP);
+    b.q = malloc(sizeof(float) * WC_NP);
+    b.x = malloc(sizeof(float) * WC_N * WC_C);
+    b.xr = malloc(sizeof(float) * 80 * WC_C);
+    b.dy = malloc(sizeof(float) * WC_N * WC_OC);
+    b.dyr = malloc(sizeof(float) * 80 * WC_OC);
+    b.out = malloc(sizeof(float) * WC_OUT);
+    b.want = malloc(sizeof(float) * WC_OUT);
+    b.g = malloc(sizeof(float) * WC_NP);
+    b.m = calloc(WC_NP, sizeof(float));
+    b.v = calloc(WC_NP, sizeof(float));
+    b.mq = calloc(WC_NP, sizeof(float));
+    b.vq = calloc(WC_NP, sizeof(float));
+    tu_fill_uniform(b.q, WC_NP, 31, 0.5f);
+    tu_fill_uniform(b.x, WC_N * WC_C, 32, 1.0f);
+    tu_fill_uniform(b.xr, 80 * WC_C, 33, 1.0f);
+    tu_fill_uniform(b.dy, WC_N * WC_OC, 34, 0.1f);
+    tu_fill_uniform(b.dyr, 80 * WC_OC, 35, 0.1f);
+    tu_fill_uniform(b.g, WC_NP, 36, 0.01f);
+    const long long all = WC_NP, blk1 = WC_NP - WC_BLOCK;
+    cpu_bf16_set_weight_copy(1);
+#define REG_() o->params_register(b.p, WC_NP)
+    o->to_device(b.p, b.q, sizeof(float) * WC_NP);
+    REG_();
+    CU_ASSERT_EQUAL(cpu_bf16_weight_copy_bytes(), 0); // allocated at its first use
+    CU_ASSERT_EQUAL(wc_check_(&b, "first use"), all);
+    CU_ASSERT_EQUAL(cpu_bf16_weight_copy_bytes(), sizeof(uint16_t) * WC_NP);
+    REG_();
+    CU_ASSERT_EQUAL(wc_check_(&b, "registered again"), all);
+    CU_ASSERT_EQUAL(wc_check_(&b, "unchanged"), 0);
+    // every writer of the op table makes the blocks it touches stale, and only those
+    float h[10];
+    for (int i = 0; i < 10; i++) h[i] = (float)i - 4.5f;
+    memcpy(b.q + 70000, h, sizeof h);
+    o->to_device(b.p + 70000, h, sizeof h);
+    CU_ASSERT_EQUAL(wc_check_(&b, "to_device"), blk1);
+    memcpy(b.q + 100, b.q + 70100, 50 * sizeof(float));
+    o->copy(b.p + 100, b.p + 70100, 50 * sizeof(float)); // reads block 1, writes block 0
+    CU_ASSERT_EQUAL(wc_check_(&b, "copy"), WC_BLOCK);
+    for (int i = WC_BLOCK - 8; i < WC_BLOCK + 8; i++) b.q[i] *= 0.75f;
+    o->scale_inplace(b.p + WC_BLOCK - 8, 0.75f, 16); // across both blocks
+    CU_ASSERT_EQUAL(wc_check_(&b, "scale_inplace"), all);
+    memset(b.q + 5, 0, 8 * sizeof(float));
+    o->zero_fill(b.p + 5, 8);
+    CU_ASSERT_EQUAL(wc_check_(&b, "zero_fill"), WC_BLOCK);
+    memset(b.q + WC_NP - 1, 0, sizeof(float));
+    o->zero(b.p + WC_NP - 1, sizeof(float)); // the short last block's last float
+    CU_ASSERT_EQUAL(wc_check_(&b, "zero"), blk1);
+    // a write the table does not see (a collective), announced
+    for (int i = 0; i < 64; i++) b.q[WC_DENSE + 7 + i] = b.p[WC_DENSE + 7 + i] = 0.25f;
+    o->params_written(b.p + WC_DENSE + 7, 64 * sizeof(float));
+    CU_ASSERT_EQUAL(wc_check_(&b, "params_written"), WC_BLOCK);
+    o->params_written(b.q, sizeof(float) * WC_NP); // outside the parameters: nothing
+    CU_ASSERT_EQUAL(wc_check_(&b, "written elsewhere"), 0);
+    // AdamW marks what it steps stale: per tensor, as optim_step, the dense weight (part of
+    // block 0), then the experts (the rest of block 0 and block 1 to its short end)
+    o->adamw_update(b.p, b.g, b.m, b.v, WC_DENSE, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 1, 1.0f);
+    adamw_update(b.q, b.g, b.mq, b.vq, WC_DENSE, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 1, 1.0f);
+    CU_ASSERT_EQUAL(wc_check_(&b, "AdamW on the dense weight"), WC_BLOCK);
+    o->adamw_update(b.p + WC_DENSE, b.g, b.m, b.v, WC_NP - WC_DENSE, 1e-2f, 0.9f, 0.95f, 1e-8f,
+                    0.1f, 1, 1.0f);
+    adamw_update(b.q + WC_DENSE, b.g, b.mq, b.vq, WC_NP - WC_DENSE, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f,
+                 1, 1.0f);
+    CU_ASSERT_EQUAL(wc_check_(&b, "AdamW on the experts"), all);
+#undef REG_
+    // freeing the parameters forgets them and their copy
+    float *p2 = o->alloc(sizeof(float) * WC_NP);
+    memcpy(p2, b.q, sizeof(float) * WC_NP);
+    o->params_register(p2, WC_NP);
+    CU_ASSERT_EQUAL(wc_run_(o, p2, b.x, b.xr, b.dy, b.dyr, b.out), all);
+    o->free(p2);
+    CU_ASSERT_EQUAL(cpu_bf16_weight_copy_bytes(), 0);
+    // switched off: no copy, every op rounds its weights (same results)
+    cpu_bf16_set_weight_copy(0);
+    o->params_register(b.p, WC_NP);
+    CU_ASSERT_EQUAL(wc_check_(&b, "switched off"), 0);
+    CU_ASSERT_EQUAL(cpu_bf16_weight_copy_bytes(), 0);
+    // the environment: 0 turns it off, 1, empty and unset leave it on
+    const char *vals[] = {"0", "1", "", NULL};
+    const int want[] = {0, 1, 1, 1};
+    for (int i = 0; i < 4; i++) {
+        if (vals[i])
+            setenv("MOET_CPU_WEIGHT_COPY", vals[i], 1);
+        else
+            unsetenv("MOET_CPU_WEIGHT_COPY");
+        cpu_bf16_set_weight_copy(-1);
+        CU_ASSERT_EQUAL(cpu_bf16_weight_copy(), want[i]);
+    }
+    o->params_register(NULL, 0);
+    o->free(b.p);
+    free(b.q), free(b.x), free(b.xr), free(b.dy), free(b.dyr), free(b.out), free(b.want);
+    free(b.g), free(b.m), free(b.v), free(b.mq), free(b.vq);
+}
+
+// ---------------------------------------------------------------------------------------
 // a tiny MoE trained on both tables
 
 static void tiny_(Config *c) {
@@ -265,6 +415,13 @@ static void test_training(void) {
     double l32[S], l16[S];
     train_(ops_cpu(), l32, S);
     train_(ops_cpu_bf16(), l16, S);
+    // the weights from the parameters' bf16 copy (the default) or rounded in every op: the same
+    // losses, bit for bit (each optimizer step makes the copy stale, and it is rounded again)
+    double l16_ops[S];
+    cpu_bf16_set_weight_copy(0);
+    train_(ops_cpu_bf16(), l16_ops, S);
+    cpu_bf16_set_weight_copy(1);
+    CU_ASSERT(memcmp(l16, l16_ops, sizeof l16) == 0);
     double worst = 0;
     int differ = 0;
     for (int s = 0; s < S; s++) {
@@ -293,6 +450,7 @@ int main(void) {
         {"matmul forward = double product of rounded operands", test_forward},
         {"matmul backward accumulates, NULL outputs skipped", test_backward},
         {"grouped expert matmul, experts without rows", test_grouped},
+        {"the parameters' bf16 copy: same bits, stale blocks only", test_weight_copy},
         {"a tiny MoE trains on bf16 operands like on fp32", test_training},
     };
     return tu_run("cpu_bf16", tests, (int)(sizeof tests / sizeof tests[0]));

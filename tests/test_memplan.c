@@ -212,20 +212,29 @@ static void test_device_scratch_and_staging(void) {
     CU_ASSERT_DOUBLE_EQUAL(mp.host_stage, 0, 0.0);
 }
 
-// precision = bf16 on cpu: the two bf16 operand buffers of kernels/cpu/gemm_bf16.c at twice
-// their largest need. Here N = 16 rows, 8 rows per expert, D 8, F 4, V 128, one head chunk of
-// 16 rows: A = max(16x8, 8x8, 16x128) = 2048, B = max(8x8, 16x8, 4x8, 8x8, 128x8) = 1024
-// elements of 2 bytes, twice each.
+// precision = bf16 on cpu: the parameters' bf16 copy (2 bytes each) and the two bf16 operand
+// buffers of kernels/cpu/gemm_bf16.c at twice their largest need. Here N = 16 rows, 8 rows per
+// expert, D 8, F 4, V 128, one head chunk of 16 rows: A = max(16x8, 8x8, 16x128) = 2048;
+// B = max(16x8, 8x8) = 128 (the rows of inp), and without the copy also the weights:
+// max(8x8, 16x8, 4x8, 8x8, 128x8) = 1024; elements of 2 bytes, twice each.
 static void test_cpu_bf16_workspace(void) {
     Config c;
     tiny_(&c, "[train]\nprecision = bf16\n");
     MemPlan mp;
     memplan_predict(&c, 1, &mp);
+    CU_ASSERT_DOUBLE_EQUAL(mp.scratch, 2.0 * 2 * (2048 + 128), 0.0);
+    CU_ASSERT_DOUBLE_EQUAL(mp.weight_copy, 3536 * 2, 0.0);
+    check_total_(&mp);
+    setenv("MOET_CPU_WEIGHT_COPY", "0", 1);
+    memplan_predict(&c, 1, &mp);
+    unsetenv("MOET_CPU_WEIGHT_COPY");
     CU_ASSERT_DOUBLE_EQUAL(mp.scratch, 2.0 * 2 * (2048 + 1024), 0.0);
+    CU_ASSERT_DOUBLE_EQUAL(mp.weight_copy, 0, 0.0);
     check_total_(&mp);
     strcpy(c.precision, "auto"); // fp32 on cpu: none
     memplan_predict(&c, 1, &mp);
     CU_ASSERT_DOUBLE_EQUAL(mp.scratch, 0, 0.0);
+    CU_ASSERT_DOUBLE_EQUAL(mp.weight_copy, 0, 0.0);
 }
 
 static void test_format_peak(void) {

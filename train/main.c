@@ -221,8 +221,10 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
                              "op's)");
     if (mp.weight_copy > 0)
         info_mem_line_("weight copy", mp.weight_copy,
-                       "cuda: the parameters in bf16 for the GEMMs (MOET_CUDA_WEIGHT_COPY=0: "
-                       "none)");
+                       strcmp(c.device, "cuda") == 0 ? "cuda: the parameters in bf16 for the GEMMs "
+                                                       "(MOET_CUDA_WEIGHT_COPY=0: none)"
+                                                     : "cpu: the parameters in bf16 for the GEMMs "
+                                                       "(MOET_CPU_WEIGHT_COPY=0: none)");
     info_mem_line_("total", mp.total, "");
     if (mp.host_stage > 0)
         info_mem_line_("host staging", mp.host_stage,
@@ -364,13 +366,18 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
     int32_t *tokens = moet_malloc((size_t)B * T * sizeof(int32_t));
     uint64_t s = c.seed;
     double *times = malloc(sizeof(double) * (size_t)steps);
+    const int cpu_bf16 = ops == ops_cpu_bf16();
+    unsigned long long wconv0 = 0; // the CPU weight copy's rounded values before the timed steps
     for (int i = 0; i < warmup + steps; i++) {
         if (i == 0 || vary) // drawn outside the timed part of the step
             for (int j = 0; j < B * T; j++) {
                 s = s * 6364136223846793005ull + 1442695040888963407ull;
                 tokens[j] = (int32_t)((s >> 33) % (uint64_t)c.vocab_size);
             }
-        if (i == warmup) ops_cuda_host_stats_reset(); // count the timed steps only
+        if (i == warmup) { // count the timed steps only
+            ops_cuda_host_stats_reset();
+            wconv0 = cpu_bf16_weight_converted();
+        }
         double t0 = moet_time();
         model_zero_grad(&m);
         model_forward_train(&m, tokens);
@@ -415,6 +422,10 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
         if (ops_cuda_host_stats_line(line, sizeof line, steps) > 0)
             printf("host, per timed step:     %s\n", line);
     }
+    if (cpu_bf16)
+        printf("weight copy:              %s; %.1f M parameters rounded into it per timed step\n",
+               cpu_bf16_weight_copy_bytes() ? "on" : "off (MOET_CPU_WEIGHT_COPY=0)",
+               1e-6 * (double)(cpu_bf16_weight_converted() - wconv0) / steps);
     free(times);
     free(tokens);
     optim_free(&opt);

@@ -116,21 +116,28 @@ void memplan_predict(const Config *c, int world, MemPlan *mp) {
         // MOET_CUDA_GEMM_STREAMS)
         mp->scratch += (E > 0 ? 5.0 : 1.0) * (32 << 20);
     }
-    // bf16 GEMMs on cpu (kernels/cpu/gemm_bf16.c): two bf16 buffers that grow by doubling, so
-    // at most twice their largest need. A holds an op's rows (inp forward, dout backward), B its
-    // weights, or for the weight gradient the rows of inp. The ops: the projections (N rows),
-    // each local expert's rows (balanced: N*K*ep/E; the dense MLP: N), the LM head per chunk
-    // of rows.
+    // bf16 GEMMs on cpu (kernels/cpu/gemm_bf16.c): the parameters' bf16 copy, unless
+    // MOET_CPU_WEIGHT_COPY=0 turns it off, and two bf16 buffers that grow by doubling, so at
+    // most twice their largest need. A holds an op's rows (inp forward, dout backward), B the
+    // rows of inp for the weight gradient, and without the copy the op's weights. The ops: the
+    // projections (N rows), each local expert's rows (balanced: N*K*ep/E; the dense MLP: N),
+    // the LM head per chunk of rows.
     if (strcmp(c->device, "cpu") == 0 && strcmp(c->precision, "bf16") == 0) {
+        const char *wc = getenv("MOET_CPU_WEIGHT_COPY");
+        const int wcopy = !(wc && strcmp(wc, "0") == 0);
+        mp->weight_copy = wcopy ? n * 2 : 0.0;
         const double N = (double)B * T, V = c->padded_vocab;
         const double ne = E > 0 ? N * K * ep / E : N, DF = D > F ? D : F;
         const double hr = model_head_rows(c, B, T);
-        double a = N * D, b = (double)D * D > N * D ? (double)D * D : N * D;
+        double a = N * D, b = N * D;
         a = a > ne * DF ? a : ne * DF;
-        b = b > (double)F * D ? b : (double)F * D;
         b = b > ne * DF ? b : ne * DF;
         a = a > hr * V ? a : hr * V;
-        b = b > V * D ? b : V * D;
+        if (!wcopy) {
+            b = b > (double)D * D ? b : (double)D * D;
+            b = b > (double)F * D ? b : (double)F * D;
+            b = b > V * D ? b : V * D;
+        }
         mp->scratch += 2 * 2 * (a + b);
     }
     mp->total = mp->params + mp->grads + mp->optim + mp->activations + mp->dispatch + mp->scratch +

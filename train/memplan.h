@@ -17,8 +17,9 @@ typedef struct {
     double scratch;     // cuda: attention scores of one sequence, forward and backward, and
                         // (bf16 GEMMs) the bf16 operand workspace, at most 1 GiB; cpu with
                         // precision = bf16: the two bf16 operand buffers of gemm_bf16.c
-    double weight_copy; // cuda, bf16 GEMMs: the parameters' bf16 copy (kernels/cuda/weights.cu,
-                        // 2 bytes each; 0 with MOET_CUDA_WEIGHT_COPY=0)
+    double weight_copy; // bf16 GEMMs: the parameters' bf16 copy, 2 bytes each (cuda:
+                        // kernels/cuda/weights.cu, 0 with MOET_CUDA_WEIGHT_COPY=0; cpu:
+                        // kernels/cpu/gemm_bf16.c, 0 with MOET_CPU_WEIGHT_COPY=0)
     double total;
     double host_stage; // host bytes: MPI staging of device buffers, per group its largest call
                        // (0 on cpu and over NCCL)

@@ -2,8 +2,9 @@
 // ([train] precision = bf16 on cpu), the CPU counterpart of kernels/cuda/gemm.cu's bf16 mode.
 //
 // Each fp32 operand is rounded to bf16 (round to nearest even, as __float2bfloat16_rn) into a
-// workspace that grows by doubling, and the product runs as a oneDNN matmul primitive, bf16 x
-// bf16 -> f32, accumulating into fp32 (beta = 1 is a sum post-op). Weights, gradients and
+// workspace that grows by doubling (the weights: into the parameters' bf16 copy, below), and the
+// product runs as a oneDNN matmul primitive, bf16 x bf16 -> f32, accumulating into fp32
+// (beta = 1 is a sum post-op). Weights, gradients and
 // activations stay fp32: only the GEMM inputs are rounded. On CPUs with AVX512-BF16 (Zen 4,
 // Cooper Lake, Sapphire Rapids: vdpbf16ps) oneDNN's kernels do twice the multiply-adds per
 // instruction of fp32 FMA. The primitives are created once per (transpose A, transpose B,
@@ -14,7 +15,9 @@
 // themselves (oneDNN's OpenMP build). Attention's small per-head products stay in fp32
 // sgemm (kernels/cpu/attention.c): the fp32 reference backend (ops_cpu) does not use this
 // file at all.
+#include "kernels/env_switch.h"
 #include "kernels/kernels.h"
+#include "kernels/weight_blocks.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -35,6 +38,98 @@ void bf16_round(uint16_t *dst, const float *src, size_t n) {
             dst[i] = (uint16_t)(u >> 16);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The registered parameters' bf16 copy (Ops.params_register on ops_cpu_bf16()).
+//
+// The matmuls below round their weights like their other operands, yet the weights change only
+// at the optimizer step: every weight was rounded twice per training step (forward, and for
+// dinp), and the LM head's weight once per chunk of rows each time (bench-cpu-moe: 16 times,
+// 412 M of the 520 M weight values rounded per step), and in decoding every weight once per
+// token. As on the GPU (kernels/cuda/weights.cu), the backend keeps one bf16 copy of the
+// parameters the model registers, in blocks of WBLOCK floats with a valid flag each
+// (kernels/weight_blocks.h):
+//   - a matmul whose weight lies in the registered range rounds those of its blocks that are not
+//     valid, marks them valid and reads the copy (wcopy_get_);
+//   - every write into the range through the op table (to_device, copy, zero, zero_fill,
+//     scale_inplace, adamw_update: ops_cpu.c) or announced by the caller (Ops.params_written)
+//     marks the blocks it touches not valid.
+// So a training step rounds each weight once, at its first matmul after the optimizer step.
+// (Unlike the GPU's, AdamW does not write the copy: its loop is bound by memory bandwidth here,
+// and the extra store cost it more than the rounding it saves, 2026-11-27-cpu-weight-copy.md.)
+// The copy holds bf16_round's values, so the products are the same bits as with per-call
+// rounding. Cost: 2 bytes per parameter. A/B switch: MOET_CPU_WEIGHT_COPY=0.
+
+static struct {
+    int setting;                  // 1 on, 0 off, -1: not yet read from MOET_CPU_WEIGHT_COPY
+    WeightBlocks wb;              // the registered parameters and the copy's valid blocks
+    uint16_t *copy;               // their bf16 copy, allocated at its first use
+    unsigned long long converted; // values rounded into the copy, ever
+} wc_ = {.setting = -1};
+
+void cpu_bf16_set_weight_copy(int on) {
+    wc_.setting = on < 0 ? kernels_env_switch("MOET_CPU_WEIGHT_COPY", "1", "0",
+                                              "the bf16 CPU matmuls round their weights in "
+                                              "every op (no bf16 copy of the parameters)",
+                                              "the bf16 CPU matmuls with their weights rounded "
+                                              "in every op")
+                         : on != 0;
+}
+
+int cpu_bf16_weight_copy(void) {
+    if (wc_.setting < 0) cpu_bf16_set_weight_copy(-1);
+    return wc_.setting;
+}
+
+static void wcopy_forget_(void) {
+    free(wc_.copy);
+    wc_.copy = NULL;
+    wblocks_clear(&wc_.wb);
+}
+
+void cpu_bf16_weights_register(const float *p, size_t n) {
+    wcopy_forget_();
+    if (p && n > 0 && cpu_bf16_weight_copy()) wblocks_set(&wc_.wb, p, n);
+}
+
+void cpu_bf16_weights_freed(const void *p) {
+    if (p && p == (const void *)wc_.wb.base) wcopy_forget_();
+}
+
+size_t cpu_bf16_weight_copy_bytes(void) {
+    return wc_.copy ? wc_.wb.n * sizeof(uint16_t) : 0;
+}
+
+unsigned long long cpu_bf16_weight_converted(void) {
+    return wc_.converted;
+}
+
+void cpu_bf16_weights_written(const void *p, size_t bytes) {
+    wblocks_written(&wc_.wb, p, bytes);
+}
+
+// w[0..n) in bf16 from the copy, its stale blocks rounded first; NULL when w is not inside the
+// registered parameters whole (or the copy is off): the caller rounds it itself.
+static const uint16_t *wcopy_get_(const float *w, size_t n) {
+    size_t i;
+    if (n == 0 || !wblocks_range(&wc_.wb, w, n, &i)) return NULL;
+    if (!wc_.copy) {
+        wc_.copy = malloc(wc_.wb.n * sizeof(uint16_t));
+        if (!wc_.copy) {
+            fprintf(stderr,
+                    "moet: fatal: out of memory allocating the parameters' bf16 copy "
+                    "(%.2f GiB; MOET_CPU_WEIGHT_COPY=0 rounds the weights per op)\n",
+                    (double)(wc_.wb.n * sizeof(uint16_t)) / (1 << 30));
+            exit(1);
+        }
+    }
+    size_t b = i / WBLOCK, f0, f1;
+    while (wblocks_next_stale(&wc_.wb, i, n, &b, &f0, &f1)) { // a run of stale blocks at a time
+        bf16_round(wc_.copy + f0, wc_.wb.base + f0, f1 - f0);
+        wc_.converted += f1 - f0;
+    }
+    return wc_.copy + i;
 }
 
 #ifdef MOET_DNNL
@@ -166,6 +261,15 @@ static void gemm_(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_
     }
 }
 
+// The weight w[0..n) in bf16: from the parameters' copy, or rounded into workspace B.
+static const uint16_t *weight_(const float *w, size_t n) {
+    const uint16_t *c = wcopy_get_(w, n);
+    if (c) return c;
+    uint16_t *b = ws_(1, n);
+    bf16_round(b, w, n);
+    return b;
+}
+
 static void ensure_open_(void) {
     char why[256];
     if (cpu_bf16_gemm_open(why, sizeof why)) {
@@ -182,10 +286,9 @@ void matmul_forward_bf16(float *out, const float *inp, const float *w, int N, in
         return;
     }
     ensure_open_();
-    uint16_t *a = ws_(0, (size_t)N * C), *b = ws_(1, (size_t)OC * C);
+    uint16_t *a = ws_(0, (size_t)N * C);
     bf16_round(a, inp, (size_t)N * C);
-    bf16_round(b, w, (size_t)OC * C);
-    gemm_(0, 1, N, OC, C, a, b, 0, out);
+    gemm_(0, 1, N, OC, C, a, weight_(w, (size_t)OC * C), 0, out);
 }
 
 // dinp += dout @ w; dw += dout^T @ inp. dout is rounded once for both products.
@@ -195,11 +298,7 @@ void matmul_backward_bf16(float *dinp, float *dw, const float *dout, const float
     ensure_open_();
     uint16_t *g = ws_(0, (size_t)N * OC);
     bf16_round(g, dout, (size_t)N * OC);
-    if (dinp) {
-        uint16_t *b = ws_(1, (size_t)OC * C);
-        bf16_round(b, w, (size_t)OC * C);
-        gemm_(0, 0, N, C, OC, g, b, 1, dinp);
-    }
+    if (dinp) gemm_(0, 0, N, C, OC, g, weight_(w, (size_t)OC * C), 1, dinp);
     if (dw) {
         uint16_t *b = ws_(1, (size_t)N * C);
         bf16_round(b, inp, (size_t)N * C);

@@ -87,6 +87,34 @@ const Ops *ops_cpu(void) {
 
 static Ops cpu_bf16_ops_;
 
+// The bf16 table's memory ops and writers: those that write into the registered parameters
+// mark their bf16 copy stale there (kernels/cpu/gemm_bf16.c), AdamW included.
+static void bf16_free_(void *p) {
+    cpu_bf16_weights_freed(p);
+    free(p);
+}
+static void bf16_zero_(void *p, size_t bytes) {
+    cpu_bf16_weights_written(p, bytes);
+    cpu_zero_(p, bytes);
+}
+static void bf16_copy_(void *dst, const void *src, size_t bytes) {
+    cpu_bf16_weights_written(dst, bytes);
+    cpu_copy_(dst, src, bytes);
+}
+static void bf16_zero_fill_(float *x, size_t n) {
+    cpu_bf16_weights_written(x, n * sizeof(float));
+    zero_fill(x, n);
+}
+static void bf16_scale_inplace_(float *x, float s, size_t n) {
+    cpu_bf16_weights_written(x, n * sizeof(float));
+    scale_inplace(x, s, n);
+}
+static void bf16_adamw_update_(float *p, const float *grad, float *m, float *v, size_t n, float lr,
+                               float b1, float b2, float eps, float wd, int t, float grad_scale) {
+    cpu_bf16_weights_written(p, n * sizeof(float));
+    adamw_update(p, grad, m, v, n, lr, b1, b2, eps, wd, t, grad_scale);
+}
+
 int ops_cpu_bf16_open(char *info, int infolen) {
     if (cpu_bf16_gemm_open(info, infolen)) return 1;
     snprintf(info, (size_t)infolen, "%s", cpu_bf16_gemm_info());
@@ -94,14 +122,24 @@ int ops_cpu_bf16_open(char *info, int infolen) {
 }
 
 const Ops *ops_cpu_bf16(void) {
-    // the reference table with the four matmuls swapped; filled on first use (C has no
-    // designated copy-and-override initialiser), always with the same values
+    // the reference table with the four matmuls swapped and the writers of the parameters
+    // wrapped (above); filled on first use (C has no designated copy-and-override
+    // initialiser), always with the same values
     if (!cpu_bf16_ops_.name) {
         Ops o = cpu_ops_;
         o.matmul_forward = matmul_forward_bf16;
         o.matmul_backward = matmul_backward_bf16;
         o.grouped_matmul_forward = grouped_matmul_forward_bf16;
         o.grouped_matmul_backward = grouped_matmul_backward_bf16;
+        o.params_register = cpu_bf16_weights_register;
+        o.params_written = cpu_bf16_weights_written;
+        o.free = bf16_free_;
+        o.zero = bf16_zero_;
+        o.to_device = bf16_copy_;
+        o.copy = bf16_copy_;
+        o.zero_fill = bf16_zero_fill_;
+        o.scale_inplace = bf16_scale_inplace_;
+        o.adamw_update = bf16_adamw_update_;
         cpu_bf16_ops_ = o;
     }
     return &cpu_bf16_ops_;

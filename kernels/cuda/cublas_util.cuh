@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/env_switch.h"
 
 // CUBLAS_CHECK(call): like CUDA_CHECK, for cuBLAS calls. On error prints
 // "moet: fatal: cuBLAS error at file:line: call: status-name" and exits with status 1.
@@ -75,11 +76,6 @@ static inline size_t ws_align_(size_t n) {
 // 16-byte and out 8-byte aligned, element by element otherwise. Enqueued on the default stream.
 void f32_to_bf16_rn_(__nv_bfloat16 *out, const float *in, size_t n);
 
-// An A/B switch read from the environment variable `name`: unset, empty or on_value give 1;
-// off_value gives 0 and the note "name=off_value: off_note" on stderr, so that each log shows
-// which path it ran; anything else is fatal, with a hint to run off_hint. Defined in gemm.cu.
-int env_switch_(const char *name, const char *on_value, const char *off_value, const char *off_note,
-                const char *off_hint);
 // The registered parameters' bf16 copy (weights.cu, cuda_weights_register). weights_copy_:
 // the copy of w[0..n), allocating the copy at its first use, or NULL when the GEMMs take no
 // bf16 operands, the copy is off, or [w, w + n) is not inside the parameters. Its values are

@@ -52,27 +52,12 @@ int cuda_gemm_bf16(void) {
 // read from MOET_CUDA_GEMM_OPERANDS (read at the first GEMM, or by cuda_set_gemm_bf16_operands).
 static int operands_bf16_ = -1;
 
-// An A/B switch read from the environment (declared in cublas_util.cuh).
-int env_switch_(const char *name, const char *on_value, const char *off_value, const char *off_note,
-                const char *off_hint) {
-    const char *s = getenv(name);
-    if (!s || !*s || strcmp(s, on_value) == 0) return 1;
-    if (strcmp(s, off_value) == 0) {
-        fprintf(stderr, "moet: note: %s=%s: %s\n", name, off_value, off_note);
-        return 0;
-    }
-    fprintf(stderr,
-            "moet: fatal: %s=%s: expected %s (the default) or %s\n"
-            "---> HINT: unset it, or set it to %s to run %s (the A/B comparison)\n",
-            name, s, on_value, off_value, off_value, off_hint);
-    exit(EXIT_FAILURE);
-}
-
 static int operands_from_env_(void) {
-    return env_switch_("MOET_CUDA_GEMM_OPERANDS", "bf16", "fp32",
-                       "the bf16-mode GEMMs take fp32 operands (CUBLAS_COMPUTE_32F_FAST_16BF; "
-                       "cuBLAS may run TF32)",
-                       "the bf16-mode GEMMs on fp32 operands");
+    return kernels_env_switch(
+        "MOET_CUDA_GEMM_OPERANDS", "bf16", "fp32",
+        "the bf16-mode GEMMs take fp32 operands (CUBLAS_COMPUTE_32F_FAST_16BF; "
+        "cuBLAS may run TF32)",
+        "the bf16-mode GEMMs on fp32 operands");
 }
 
 void cuda_set_gemm_bf16_operands(int on) {
@@ -275,10 +260,11 @@ static void lanes_join_(int n) {
 static int lt_mode_ = -1;
 
 static int lt_from_env_(void) {
-    return env_switch_("MOET_CUDA_GEMM_LT", "1", "0",
-                       "the bf16-operand GEMMs go through cublasGemmEx (an algorithm heuristic "
-                       "per new shape)",
-                       "the bf16-operand GEMMs through cublasGemmEx");
+    return kernels_env_switch(
+        "MOET_CUDA_GEMM_LT", "1", "0",
+        "the bf16-operand GEMMs go through cublasGemmEx (an algorithm heuristic "
+        "per new shape)",
+        "the bf16-operand GEMMs through cublasGemmEx");
 }
 
 void cuda_set_gemm_lt(int on) {

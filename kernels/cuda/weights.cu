@@ -6,8 +6,8 @@
 // step (forward, and again for dinp), the LM head's once per chunk of rows each time, 6.65 G
 // values per step of bench-gpu-olmoe; in `moet generate` once per decoded token, which
 // doubles the weight traffic of a memory-bound step. Here the backend keeps one bf16 copy of the
-// parameters the model registers (Ops.params_register: m->params), cut into blocks of WCOPY_BLOCK
-// floats with one valid flag each on the host:
+// parameters the model registers (Ops.params_register: m->params), cut into blocks of WBLOCK
+// floats with one valid flag each on the host (kernels/weight_blocks.h):
 //   - a GEMM whose weight lies in the registered range converts those of its blocks that are not
 //     valid (only the experts with rows), marks them valid and reads the copy
 //     (weights_copy_ensure_);
@@ -29,24 +29,18 @@
 
 #include "kernels/cuda/cublas_util.cuh"
 #include "kernels/cuda/kernels_cuda.h"
+#include "kernels/weight_blocks.h"
 
-// 65536 floats (256 KiB, 128 KiB of bf16): fine enough that the few floats of a small write
-// (the experts' bias, written every step with aux-loss-free balancing) cost one block's
-// conversion, coarse enough that the flags of 7 G parameters take 105 KiB of host memory.
-enum { WCOPY_BLOCK = 1 << 16 };
-
-static int copy_setting_ = -1;       // 1 on, 0 off, -1: not yet read from MOET_CUDA_WEIGHT_COPY
-static const float *base_ = NULL;    // the registered parameters
-static size_t n_ = 0;                // their count
-static __nv_bfloat16 *copy_ = NULL;  // their bf16 copy, allocated at its first use
-static unsigned char *valid_ = NULL; // per block: 1 when copy_ holds bf16(base_) there
-static size_t nblocks_ = 0;
+static int copy_setting_ = -1;      // 1 on, 0 off, -1: not yet read from MOET_CUDA_WEIGHT_COPY
+static WeightBlocks wb_ = {0};      // the registered parameters and the copy's valid blocks
+static __nv_bfloat16 *copy_ = NULL; // their bf16 copy, allocated at its first use
 
 static int copy_from_env_(void) {
-    return env_switch_("MOET_CUDA_WEIGHT_COPY", "1", "0",
-                       "the bf16-operand GEMMs convert their weights in every op (no bf16 copy "
-                       "of the parameters)",
-                       "the GEMMs with their weights converted in every op");
+    return kernels_env_switch(
+        "MOET_CUDA_WEIGHT_COPY", "1", "0",
+        "the bf16-operand GEMMs convert their weights in every op (no bf16 copy "
+        "of the parameters)",
+        "the GEMMs with their weights converted in every op");
 }
 
 void cuda_set_weight_copy(int on) {
@@ -63,91 +57,55 @@ static void forget_(void) {
         CUDA_CHECK(cudaDeviceSynchronize()); // GEMMs queued on side streams may still read it
         cuda_free(copy_);
     }
-    free(valid_);
-    base_ = NULL;
-    n_ = 0;
     copy_ = NULL;
-    valid_ = NULL;
-    nblocks_ = 0;
+    wblocks_clear(&wb_);
 }
 
 void cuda_weights_register(const float *p, size_t n) {
     forget_();
-    if (!p || n == 0 || !cuda_weight_copy()) return;
-    base_ = p;
-    n_ = n;
-    nblocks_ = (n + WCOPY_BLOCK - 1) / WCOPY_BLOCK;
-    valid_ = (unsigned char *)calloc(nblocks_, 1);
-    if (!valid_) {
-        fprintf(stderr, "moet: fatal: out of host memory for the weight copy's flags\n");
-        exit(EXIT_FAILURE);
-    }
+    if (p && n > 0 && cuda_weight_copy()) wblocks_set(&wb_, p, n);
 }
 
 void cuda_weights_freed(const void *p) {
-    if (p && p == (const void *)base_) forget_();
+    if (p && p == (const void *)wb_.base) forget_();
 }
 
 size_t cuda_weight_copy_bytes(void) {
-    return copy_ ? n_ * sizeof(__nv_bfloat16) : 0;
+    return copy_ ? wb_.n * sizeof(__nv_bfloat16) : 0;
 }
 
 void cuda_weights_written(const void *p, size_t bytes) {
-    if (!base_ || bytes == 0) return;
-    const char *lo = (const char *)base_, *hi = lo + n_ * sizeof(float);
-    const char *a = (const char *)p, *b = a + bytes;
-    if (b <= lo || a >= hi) return;
-    if (a < lo) a = lo;
-    if (b > hi) b = hi;
-    const size_t f0 = (size_t)(a - lo) / sizeof(float);                       // first float touched
-    const size_t f1 = ((size_t)(b - lo) + sizeof(float) - 1) / sizeof(float); // past the last
-    memset(valid_ + f0 / WCOPY_BLOCK, 0, (f1 - 1) / WCOPY_BLOCK - f0 / WCOPY_BLOCK + 1);
-}
-
-// The floats [i, i + n) of the registered parameters, when w lies there whole.
-static int range_(const float *w, size_t n, size_t *i) {
-    if (!base_ || w < base_ || w >= base_ + n_ || n > n_ - (size_t)(w - base_)) return 0;
-    *i = (size_t)(w - base_);
-    return 1;
+    wblocks_written(&wb_, p, bytes);
 }
 
 const __nv_bfloat16 *weights_copy_(const float *w, size_t n) {
     size_t i;
-    if (!gemm_bf16_operands_() || !range_(w, n, &i)) return NULL;
-    if (!copy_) copy_ = (__nv_bfloat16 *)cuda_malloc(n_ * sizeof(__nv_bfloat16));
+    if (!gemm_bf16_operands_() || !wblocks_range(&wb_, w, n, &i)) return NULL;
+    if (!copy_) copy_ = (__nv_bfloat16 *)cuda_malloc(wb_.n * sizeof(__nv_bfloat16));
     return copy_ + i;
 }
 
 void weights_copy_ensure_(const float *w, size_t n) {
     size_t i;
-    if (n == 0 || !copy_ || !range_(w, n, &i)) return;
-    const size_t b1 = (i + n - 1) / WCOPY_BLOCK;
-    for (size_t b = i / WCOPY_BLOCK; b <= b1;) {
-        if (valid_[b]) {
-            b++;
-            continue;
-        }
-        size_t e = b + 1; // a run of blocks that are not valid: one launch
-        while (e <= b1 && !valid_[e]) e++;
-        const size_t f0 = b * WCOPY_BLOCK, f1 = e * WCOPY_BLOCK < n_ ? e * WCOPY_BLOCK : n_;
-        f32_to_bf16_rn_(copy_ + f0, base_ + f0, f1 - f0);
+    if (n == 0 || !copy_ || !wblocks_range(&wb_, w, n, &i)) return;
+    size_t b = i / WBLOCK, f0, f1;
+    while (wblocks_next_stale(&wb_, i, n, &b, &f0, &f1)) { // a run of stale blocks: one launch
+        f32_to_bf16_rn_(copy_ + f0, wb_.base + f0, f1 - f0);
         cuda_host_stats_acc_()->weight_converted += f1 - f0;
-        memset(valid_ + b, 1, e - b);
-        b = e;
     }
 }
 
 __nv_bfloat16 *weights_copy_for_update_(const float *p, size_t n) {
     size_t i;
-    if (n == 0 || !copy_ || !range_(p, n, &i)) {
+    if (n == 0 || !copy_ || !wblocks_range(&wb_, p, n, &i)) {
         cuda_weights_written(p, n * sizeof(float)); // a part outside the copy's reach
         return NULL;
     }
     // the blocks covered whole get every value new: valid from now on, whatever they were;
     // those covered in part keep their state (the rest of them is unchanged)
-    const size_t b0 = (i + WCOPY_BLOCK - 1) / WCOPY_BLOCK;
-    size_t b1 = (i + n) / WCOPY_BLOCK; // past the last covered whole
-    if (i + n == n_) b1 = nblocks_;    // the last block is short
-    if (b1 > b0) memset(valid_ + b0, 1, b1 - b0);
+    const size_t b0 = (i + WBLOCK - 1) / WBLOCK;
+    size_t b1 = (i + n) / WBLOCK;         // past the last covered whole
+    if (i + n == wb_.n) b1 = wb_.nblocks; // the last block is short
+    if (b1 > b0) memset(wb_.valid + b0, 1, b1 - b0);
     return copy_ + i;
 }
