@@ -4,12 +4,11 @@
 // Each fp32 operand is rounded to bf16 (round to nearest even, as __float2bfloat16_rn) into a
 // workspace that grows by doubling (the weights: into the parameters' bf16 copy, below), and the
 // product runs as a oneDNN matmul primitive, bf16 x bf16 -> f32, accumulating into fp32
-// (beta = 1 is a sum post-op). Weights, gradients and
-// activations stay fp32: only the GEMM inputs are rounded. On CPUs with AVX512-BF16 (Zen 4,
-// Cooper Lake, Sapphire Rapids: vdpbf16ps) oneDNN's kernels do twice the multiply-adds per
-// instruction of fp32 FMA. The primitives are created once per (transpose A, transpose B,
-// beta) with runtime M, N, K, so that the per-expert row counts, which change every step, do
-// not create primitives.
+// (beta = 1 is a sum post-op). Weights, gradients and activations stay fp32: only the GEMM
+// inputs are rounded. On CPUs with AVX512-BF16 (Zen 4, Cooper Lake, Sapphire Rapids:
+// vdpbf16ps) oneDNN's kernels do twice the multiply-adds per instruction of fp32 FMA. The
+// primitives are created once per (transpose A, transpose B, beta) with runtime M, N, K, so
+// that the per-expert row counts, which change every step, do not create primitives.
 //
 // Like sgemm, these are called outside our own parallel regions and use all threads
 // themselves (oneDNN's OpenMP build). Attention's small per-head products stay in fp32
@@ -107,29 +106,6 @@ unsigned long long cpu_bf16_weight_converted(void) {
 
 void cpu_bf16_weights_written(const void *p, size_t bytes) {
     wblocks_written(&wc_.wb, p, bytes);
-}
-
-// w[0..n) in bf16 from the copy, its stale blocks rounded first; NULL when w is not inside the
-// registered parameters whole (or the copy is off): the caller rounds it itself.
-static const uint16_t *wcopy_get_(const float *w, size_t n) {
-    size_t i;
-    if (n == 0 || !wblocks_range(&wc_.wb, w, n, &i)) return NULL;
-    if (!wc_.copy) {
-        wc_.copy = malloc(wc_.wb.n * sizeof(uint16_t));
-        if (!wc_.copy) {
-            fprintf(stderr,
-                    "moet: fatal: out of memory allocating the parameters' bf16 copy "
-                    "(%.2f GiB; MOET_CPU_WEIGHT_COPY=0 rounds the weights per op)\n",
-                    (double)(wc_.wb.n * sizeof(uint16_t)) / (1 << 30));
-            exit(1);
-        }
-    }
-    size_t b = i / WBLOCK, f0, f1;
-    while (wblocks_next_stale(&wc_.wb, i, n, &b, &f0, &f1)) { // a run of stale blocks at a time
-        bf16_round(wc_.copy + f0, wc_.wb.base + f0, f1 - f0);
-        wc_.converted += f1 - f0;
-    }
-    return wc_.copy + i;
 }
 
 #ifdef MOET_DNNL
@@ -259,6 +235,29 @@ static void gemm_(int ta, int tb, int64_t M, int64_t N, int64_t K, const uint16_
                 (long long)N, (long long)K);
         exit(1);
     }
+}
+
+// w[0..n) in bf16 from the copy, its stale blocks rounded first; NULL when w is not inside the
+// registered parameters whole (or the copy is off): the caller rounds it itself.
+static const uint16_t *wcopy_get_(const float *w, size_t n) {
+    size_t i;
+    if (n == 0 || !wblocks_range(&wc_.wb, w, n, &i)) return NULL;
+    if (!wc_.copy) {
+        wc_.copy = malloc(wc_.wb.n * sizeof(uint16_t));
+        if (!wc_.copy) {
+            fprintf(stderr,
+                    "moet: fatal: out of memory allocating the parameters' bf16 copy "
+                    "(%.2f GiB; MOET_CPU_WEIGHT_COPY=0 rounds the weights per op)\n",
+                    (double)(wc_.wb.n * sizeof(uint16_t)) / (1 << 30));
+            exit(1);
+        }
+    }
+    size_t b = i / WBLOCK, f0, f1;
+    while (wblocks_next_stale(&wc_.wb, i, n, &b, &f0, &f1)) { // a run of stale blocks at a time
+        bf16_round(wc_.copy + f0, wc_.wb.base + f0, f1 - f0);
+        wc_.converted += f1 - f0;
+    }
+    return wc_.copy + i;
 }
 
 // The weight w[0..n) in bf16: from the parameters' copy, or rounded into workspace B.
