@@ -64,9 +64,10 @@ static inline int wblocks_range(const WeightBlocks *w, const float *x, size_t n,
 // Start with *b = i / WBLOCK.
 static inline int wblocks_next_stale(WeightBlocks *w, size_t i, size_t n, size_t *b, size_t *f0,
                                      size_t *f1) {
+    if (n == 0) return 0;
     const size_t last = (i + n - 1) / WBLOCK;
     while (*b <= last && w->valid[*b]) (*b)++;
-    if (n == 0 || *b > last) return 0;
+    if (*b > last) return 0;
     size_t e = *b + 1;
     while (e <= last && !w->valid[e]) e++;
     *f0 = *b * WBLOCK;
