@@ -59,6 +59,7 @@ for cu in "$ROOT"/kernels/cuda/*.cu; do
   out="$BUILD/src/$name.cpp"; obj="$BUILD/obj/cu_$name.o"
   if stale "$src" "$obj" || [ "$ROOT/kernels/cuda/common.cuh" -nt "$obj" ] ||
      [ "$ROOT/kernels/cuda/cublas_util.cuh" -nt "$obj" ] || [ "$ROOT/kernels/cuda/kernels_cuda.h" -nt "$obj" ] ||
+     [ "$ROOT/kernels/env_switch.h" -nt "$obj" ] || [ "$ROOT/kernels/weight_blocks.h" -nt "$obj" ] ||
      [ "$HERE/inc/cublas_v2.h" -nt "$obj" ] || [ "$HERE/inc/cublasLt.h" -nt "$obj" ] || [ -n "${PATCHED_CU_DIR:-}" ]; then
     "$CONVERT" "$src" "$out"
     echo "g++ $CXXFLAGS -c $out -o $obj" >> "$jobs_file"
