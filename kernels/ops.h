@@ -14,6 +14,7 @@
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -41,6 +42,12 @@ typedef struct Ops {
     // for the bytes it writes, before the next matmul reads them.
     void (*params_register)(const float *p, size_t n);
     void (*params_written)(const void *p, size_t bytes);
+    // Optional timing marks for ops_profile (NULL: the host clock serves, as on the CPU, whose
+    // ops have finished when they return). mark(i) records mark i (i >= 0) in the order of the
+    // ops: on cuda an event on the stream every op runs on, timestamped when the GPU gets
+    // there. mark_ms(i, j) waits for mark j and returns the milliseconds from mark i to mark j.
+    void (*mark)(int i);
+    double (*mark_ms)(int i, int j);
 
     // the ops of kernels.h (same arguments and semantics unless noted)
     void (*embedding_forward)(float *out, const int32_t *tokens, const float *wte, int N, int D);
@@ -129,6 +136,31 @@ int ops_cpu_bf16_open(char *info, int infolen);
 // (kernels/cpu/ops_shadow.c): bit-identical to ops_cpu(), it proves without a GPU that the
 // model, optimizer, trainer and checkpoints move backend memory only through the table.
 const Ops *ops_cpu_shadow(void);
+// The op-level profiler (kernels/cpu/ops_profile.c, `moet bench --profile`): a table that runs
+// every op of `inner` (results bit for bit the same) and, inside ops_profile_step_begin/_end,
+// times each op between two marks (inner->mark, else the host clock). The times add up per op
+// and shape over the profiled steps: where a step goes, op by op, with the FLOP rate of the
+// matmuls and attention, the bandwidth of the other ops, and the time between ops (host code;
+// on a GPU the time it waited for the host). One profiled table per process: a second
+// ops_profile() call replaces the first.
+const Ops *ops_profile(const Ops *inner);
+void ops_profile_reset(void);      // forget the totals
+void ops_profile_step_begin(void); // the ops from here on are timed
+void ops_profile_step_end(void);   // waits for the step's last op and adds its times up
+typedef struct {
+    const char *op; // the op's name in the table ("grouped_matmul_forward_pair", ...)
+    int c, oc;      // matmuls: inner and output width (C, OC); else 0
+    long calls;     // over the profiled steps
+    double ms;      // total time inside the op, over the profiled steps
+    double flops;   // total FLOPs (matmuls, attention: full square, as ARCHITECTURE §10); else 0
+    double bytes;   // total bytes the other ops must move at least (fp32 reads + writes); else 0
+} OpsProfileRow;
+// The totals so far, largest ms first: fills rows[0..min(n, max)) and returns n, the number of
+// rows there are. *steps, *span_ms (first mark to last, summed over the steps) and *between_ms
+// (the span's time outside every op) where not NULL.
+int ops_profile_rows(OpsProfileRow *rows, int max, int *steps, double *span_ms, double *between_ms);
+// Prints the totals per step as a table (unit "GFLOP/s" or "TFLOP/s" for the rate column).
+void ops_profile_print(FILE *f, int tflops);
 // The CUDA backend, NULL in a build without CUDA. Call ops_cuda_open first.
 const Ops *ops_cuda(void);
 // Selects GPU `device` for this process and sets the GEMM precision (bf16: 1, exact fp32: 0).

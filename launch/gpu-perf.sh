@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU speed checks of issue 9 in one short run (an estimated 7-9 minutes on an H100; not
+# The GPU speed checks of issue 9 in one short run (an estimated 8-10 minutes on an H100; not
 # yet run on one), for a device session with little time. launch/gpu-check.sh runs
 # everything; this runs only:
 #   1. cuda_test_cuda_gemm and cuda_test_cuda_train: the GEMM paths measured below (cuBLASLt
@@ -13,7 +13,9 @@
 #      (the expert GEMMs one after the other on one stream). Each prints its host line: GEMM
 #      calls, host time in them, weights converted, waits;
 #   3. bench/vs_pytorch.py against HF transformers eager and torch.compile, on new tokens every
-#      step, where torch and transformers are installed.
+#      step, where torch and transformers are installed;
+#   (first of the benches) moet bench --profile: where a step goes, op by op (events around
+#      each op: ms, calls, TFLOP/s of the matmuls and attention, the GPU's wait for the host).
 #   bash launch/gpu-perf.sh [BUNDLE] [LOGDIR]
 # BUNDLE and LOGDIR as for launch/gpu-check.sh (a folder from launch/gpu-bundle.sh, its
 # .tar.gz, or a build folder; default gpu-bundle and gpu-logs). Prints a summary of the bench
@@ -25,6 +27,7 @@ source launch/gpu-common.bash "$@" # BUNDLE, LOG, BIN, check, fail; the GPU's na
 check cuda_test_cuda_gemm "$BIN/cuda_test_cuda_gemm"
 check cuda_test_cuda_train "$BIN/cuda_test_cuda_train"
 B=(bench configs/bench-gpu-olmoe.ini --steps 10 --warmup 3)
+check profile "$BIN/moet" "${B[@]}" --profile
 for round in 1 2; do
   check "perf_default_$round" "$BIN/moet" "${B[@]}"
   check "perf_no_weight_copy_$round" env MOET_CUDA_WEIGHT_COPY=0 "$BIN/moet" "${B[@]}"
@@ -38,6 +41,7 @@ if python3 -c 'import torch, transformers' 2>/dev/null; then
     --device cuda --threads "$OMP_NUM_THREADS" --steps 10 --warmup 3 --compile --vary-tokens
   grep -E '^\|' "$LOG/vs_pytorch_vary.log" || true
 fi
+sed -n '/^where a step goes/,$p' "$LOG/profile.log" | head -45
 for f in "$LOG"/perf_*.log; do
   printf '%-34s %s | %s | %s\n' "$(basename "$f" .log)" \
     "$(grep -o 'step time (median of [0-9]*): [0-9.]* s' "$f")" \

@@ -277,7 +277,7 @@ int cmd_info(int argc, char **argv, MoetErr *err) {
 
 static const char *BENCH_HELP =
     "usage: moet bench CONFIG [--set section.key=value]... [--steps N] [--warmup W]\n"
-    "                  [--vary-tokens]\n"
+    "                  [--vary-tokens] [--profile]\n"
     "\n"
     "Times training steps (forward, backward and the AdamW update) of the model on random\n"
     "tokens (micro_batch x seq_len from the config) on the config's [train] device, and prints\n"
@@ -290,6 +290,10 @@ static const char *BENCH_HELP =
     "  --vary-tokens  new random tokens for every step (drawn outside the timed part), so that\n"
     "                 the experts' row counts change from step to step as in training; by\n"
     "                 default every step sees the same tokens\n"
+    "  --profile      time every op of the timed steps and print where a step goes: ms per\n"
+    "                 step per op (matmuls per shape, with their FLOP rate), and the time\n"
+    "                 between ops (host code; on cuda, time the GPU waited for the host). On\n"
+    "                 cuda the times are events around each op, so the steps run as usual\n"
     "\n"
     "On cuda it also prints where the host's time went in the timed steps: GEMM calls (and\n"
     "how many cuBLASLt ran from its algorithm cache), host time inside them, and time spent\n"
@@ -311,7 +315,7 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
         return MOET_OK;
     }
     ConfigArgs ca = {0};
-    int steps = 5, warmup = 2, vary = 0, rc = MOET_OK;
+    int steps = 5, warmup = 2, vary = 0, profile = 0, rc = MOET_OK;
     for (int i = 1; i < argc; i++) {
         if (take_set_(&ca, argc, argv, &i, err, &rc)) {
             if (rc) return rc;
@@ -321,6 +325,8 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
             warmup = atoi(argv[++i]);
         } else if (strcmp(argv[i], "--vary-tokens") == 0) {
             vary = 1;
+        } else if (strcmp(argv[i], "--profile") == 0) {
+            profile = 1;
         } else if (argv[i][0] == '-') {
             return moet_errf(err, MOET_EUSAGE, "bench: unknown option %s (see moet bench "
                              "--help)", argv[i]);
@@ -355,7 +361,8 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
     }
 
     Model m;
-    if ((rc = model_create_ops(&m, &c, ops, 0, 1, err))) return rc;
+    // --profile: the model and the optimizer run on the timing wrapper of the backend
+    if ((rc = model_create_ops(&m, &c, profile ? ops_profile(ops) : ops, 0, 1, err))) return rc;
     model_init_weights(&m, c.seed);
     if ((rc = model_set_batch(&m, B, T, err))) {
         model_free(&m);
@@ -379,6 +386,7 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
             wconv0 = cpu_bf16_weight_converted();
         }
         double t0 = moet_time();
+        if (profile && i >= warmup) ops_profile_step_begin();
         model_zero_grad(&m);
         model_forward_train(&m, tokens);
         model_backward(&m);
@@ -386,6 +394,7 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
         optim_step(&opt, &m, &c, c.lr * 1e-3f, optim_clip_scale(gnorm, c.grad_clip));
         ops->sync();
         double dt = moet_time() - t0;
+        ops_profile_step_end(); // adds the step's op times up (nothing without --profile)
         if (i >= warmup) times[i - warmup] = dt;
         printf("step %d%s: %.3f s, loss %.4f (ce %.4f lb %.4f z %.4f)\n", i + 1,
                i < warmup ? " (warm-up)" : "", dt, m.loss, m.ce, m.lb, m.z);
@@ -426,6 +435,7 @@ int cmd_bench(int argc, char **argv, MoetErr *err) {
         printf("weight copy:              %s; %.1f M parameters rounded into it per timed step\n",
                cpu_bf16_weight_copy_bytes() ? "on" : "off (MOET_CPU_WEIGHT_COPY=0)",
                1e-6 * (double)(cpu_bf16_weight_converted() - wconv0) / steps);
+    if (profile) ops_profile_print(stdout, gpu);
     free(times);
     free(tokens);
     optim_free(&opt);

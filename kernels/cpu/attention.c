@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "kernels/cpu/lane_sums.h"
 #include "kernels/cpu/simd_math.h"
 
 // Query rows per block. A strip of scores is (ATTN_BQ, T) floats per thread: 1 MiB at T=4096.
@@ -35,6 +36,7 @@ static float *scratch_alloc_(int T) {
 // probabilities, the rest 0. Returns the row's log-sum-exp.
 static float softmax_row_(float *row, int nk, int kend) {
     float m = row[0];
+#pragma omp simd reduction(max : m)
     for (int j = 1; j < nk; j++) m = row[j] > m ? row[j] : m;
     double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
@@ -119,9 +121,7 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout, cons
                     for (int j = nk; j < kend; j++) row[j] = 0.0f;
                     const float *go = dout + qoff + (size_t)i * ld,
                                 *o = out + qoff + (size_t)i * ld;
-                    double d = 0.0;
-                    for (int c = 0; c < Dh; c++) d += (double)go[c] * o[c];
-                    dsum[i] = d;
+                    dsum[i] = lane_dot(go, o, (size_t)Dh);
                 }
                 if (dv) {
                     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, kend, Dh, bq, 1.0f, p,

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "kernels/cpu/lane_sums.h"
 #include "kernels/cpu/simd_math.h"
 
 // Column slice that one thread owns in the backward passes that sum over rows (embedding, the
@@ -57,8 +58,7 @@ void rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, in
     for (int i = 0; i < N; i++) {
         const float *xi = x + (size_t)i * D;
         float *oi = out + (size_t)i * D;
-        double ss = 0.0;
-        for (int c = 0; c < D; c++) ss += (double)xi[c] * xi[c];
+        const double ss = lane_sum_sq(xi, (size_t)D);
         const float r = (float)(1.0 / sqrt(ss / D + (double)eps));
         for (int c = 0; c < D; c++) oi[c] = xi[c] * r * w[c];
         rstd[i] = r;
@@ -76,8 +76,7 @@ void rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, c
             const float *xi = x + (size_t)i * D, *gi = dout + (size_t)i * D;
             float *dxi = dx + (size_t)i * D;
             const double r = rstd[i];
-            double dot = 0.0;
-            for (int c = 0; c < D; c++) dot += (double)gi[c] * w[c] * xi[c];
+            const double dot = lane_dot3(gi, w, xi, (size_t)D);
             const float k = (float)(r * r * dot / D);
             const float rf = (float)r;
             for (int c = 0; c < D; c++) dxi[c] += rf * (gi[c] * w[c] - xi[c] * k);
@@ -149,8 +148,8 @@ void adamw_update(float *p, const float *grad, float *m, float *v, size_t n, flo
     }
 }
 
-// A fixed number of chunks, each summed in order, then the chunk sums in order: the result
-// does not depend on the thread count (bitwise-reproducible gradient norms).
+// A fixed number of chunks (lane_sum_sq each), then the chunk sums in order: the result does not
+// depend on the thread count (bitwise-reproducible gradient norms).
 #define SUMSQ_CHUNKS 256
 
 double sum_squares(const float *x, size_t n) {
@@ -158,9 +157,7 @@ double sum_squares(const float *x, size_t n) {
 #pragma omp parallel for schedule(static) if (n >= PAR_MIN)
     for (int c = 0; c < SUMSQ_CHUNKS; c++) {
         const size_t i0 = n * c / SUMSQ_CHUNKS, i1 = n * (c + 1) / SUMSQ_CHUNKS;
-        double s = 0.0;
-        for (size_t i = i0; i < i1; i++) s += (double)x[i] * x[i];
-        part[c] = s;
+        part[c] = lane_sum_sq(x + i0, i1 - i0);
     }
     double total = 0.0;
     for (int c = 0; c < SUMSQ_CHUNKS; c++) total += part[c];

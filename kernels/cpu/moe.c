@@ -5,6 +5,8 @@
 
 #include <string.h>
 
+#include "kernels/cpu/lane_sums.h"
+
 // Loops over fewer elements than this run on the calling thread: waking the team costs more
 // than it saves, and on a loaded machine a barrier can wait a whole time slice for a thread.
 #define PAR_MIN 65536
@@ -78,9 +80,7 @@ void unpermute_backward(float *dyp, float *dtopk_w, const float *dout, const flo
                 for (int c = 0; c < D; c++) dyp[row + c] += w * g[c];
             }
             if (dtopk_w) {
-                double dot = 0.0;
-                for (int c = 0; c < D; c++) dot += (double)g[c] * yp[row + c];
-                dtopk_w[a] += (float)dot;
+                dtopk_w[a] += (float)lane_dot(g, yp + row, (size_t)D);
             }
         }
     }

@@ -12,28 +12,46 @@
 // Rotates every (b, t, h) row of src by +angle (dir = 1, forward) or -angle (dir = -1, the
 // transpose, backward). dst = R src when acc = 0, dst += R src when acc = 1. Both elements of
 // a pair are read before either is written, so dst may alias src when acc = 0.
+// Per position t the cos and sin of ROPE_CHUNK pairs go into small arrays first; then every
+// (b, h) row takes them in a loop over consecutive pairs, which vectorizes (a loop over the
+// rows for one pair at a time, stride Dh, did not: 13-15 GB/s).
 // Row t is at position pos0 + t. dst, src are (B,T,H,Dh)
+enum { ROPE_CHUNK = 64 };
+
 static void rope_apply_(float *dst, const float *src, int B, int T, int H, int Dh, float theta,
                         float dir, int acc, int pos0) {
     const int half = Dh / 2;
     const size_t ld = (size_t)H * Dh;
 #pragma omp parallel for schedule(static) if ((size_t)B * T * H * Dh >= PAR_MIN)
     for (int t = 0; t < T; t++) {
-        for (int i = 0; i < half; i++) {
-            const double inv_freq = pow((double)theta, -2.0 * i / Dh);
-            const double ang = (double)(pos0 + t) * inv_freq;
-            const float c = (float)cos(ang), s = dir * (float)sin(ang);
+        for (int i0 = 0; i0 < half; i0 += ROPE_CHUNK) {
+            const int ni = half - i0 < ROPE_CHUNK ? half - i0 : ROPE_CHUNK;
+            float c[ROPE_CHUNK], s[ROPE_CHUNK];
+            for (int i = 0; i < ni; i++) {
+                const double inv_freq = pow((double)theta, -2.0 * (i0 + i) / Dh);
+                const double ang = (double)(pos0 + t) * inv_freq;
+                c[i] = (float)cos(ang);
+                s[i] = dir * (float)sin(ang);
+            }
             for (int b = 0; b < B; b++) {
                 for (int h = 0; h < H; h++) {
-                    const size_t o = ((size_t)b * T + t) * ld + (size_t)h * Dh + i;
-                    const float x1 = src[o], x2 = src[o + half];
-                    const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
+                    const size_t o = ((size_t)b * T + t) * ld + (size_t)h * Dh + (size_t)i0;
+                    const float *x1 = src + o, *x2 = src + o + half;
+                    float *y1 = dst + o, *y2 = dst + o + half;
                     if (acc) {
-                        dst[o] += y1;
-                        dst[o + half] += y2;
+#pragma omp simd
+                        for (int i = 0; i < ni; i++) {
+                            const float a = x1[i], e = x2[i];
+                            y1[i] += a * c[i] - e * s[i];
+                            y2[i] += e * c[i] + a * s[i];
+                        }
                     } else {
-                        dst[o] = y1;
-                        dst[o + half] = y2;
+#pragma omp simd
+                        for (int i = 0; i < ni; i++) {
+                            const float a = x1[i], e = x2[i];
+                            y1[i] = a * c[i] - e * s[i];
+                            y2[i] = e * c[i] + a * s[i];
+                        }
                     }
                 }
             }

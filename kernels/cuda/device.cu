@@ -105,6 +105,39 @@ void cuda_synchronize(void) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Timing marks (Ops.mark / mark_ms, for kernels/cpu/ops_profile.c): one event per mark number,
+// recorded on the legacy stream, where every op runs and where the side streams of the expert
+// GEMMs join before their op returns. The events are created on first use and kept.
+static cudaEvent_t *marks_;
+static int n_marks_;
+
+void cuda_mark(int i) {
+    if (i >= n_marks_) {
+        int n = n_marks_ ? n_marks_ : 1024;
+        while (n <= i) n *= 2;
+        cudaEvent_t *m = (cudaEvent_t *)realloc(marks_, (size_t)n * sizeof *m);
+        if (!m) {
+            fprintf(stderr, "moet: fatal: cuda_mark: out of host memory\n");
+            exit(EXIT_FAILURE);
+        }
+        for (int j = n_marks_; j < n; j++)
+            CUDA_CHECK(cudaEventCreateWithFlags(&m[j], cudaEventDefault));
+        marks_ = m;
+        n_marks_ = n;
+    }
+    CUDA_CHECK(cudaEventRecord(marks_[i], 0));
+}
+
+double cuda_mark_ms(int i, int j) {
+    const double t0 = cuda_host_now_();
+    CUDA_CHECK(cudaEventSynchronize(marks_[j]));
+    add_wait_(t0);
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, marks_[i], marks_[j]));
+    return (double)ms;
+}
+
+// ---------------------------------------------------------------------------------------
 // Device memory
 // Bytes handed out by cuda_malloc and not yet freed (for `moet bench` and the logs). The live
 // allocations sit in a small table searched linearly: the backend makes a few hundred at most,

@@ -202,6 +202,10 @@ typedef struct CudaHostStats {
 } CudaHostStats;
 void cuda_host_stats(CudaHostStats *s);
 void cuda_host_stats_reset(void);
+// Timing marks (Ops.mark, Ops.mark_ms): cuda_mark records event i (created on first use) on
+// the legacy stream; cuda_mark_ms waits for event j and returns the ms from event i to j.
+void cuda_mark(int i);
+double cuda_mark_ms(int i, int j);
 
 // Matmul (cuBLAS, row-major as kernels.h): out = inp @ w^T; backward accumulates
 // dinp += dout @ w and dw += dout^T @ inp (either may be NULL).

@@ -147,6 +147,8 @@ static void fill_table_(Ops *o) {
     o->mem_stats = cuda_mem_stats;
     o->params_register = cuda_weights_register;
     o->params_written = cuda_weights_written;
+    o->mark = cuda_mark;
+    o->mark_ms = cuda_mark_ms;
     o->embedding_forward = cuda_embedding_forward;
     o->embedding_backward = embedding_backward_;
     o->rmsnorm_forward = cuda_rmsnorm_forward;

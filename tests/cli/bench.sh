@@ -5,7 +5,11 @@
 #       no GPU lines (device memory, the host line) on the CPU;
 #   (b) --vary-tokens: step 1 trains on the same first batch (the same loss, bit for bit, as
 #       printed), steps 2 and 3 on new ones (losses that differ from (a)'s);
-#   (c) usage errors exit 2 with the reason: an unknown option, --steps 0.
+#   (c) usage errors exit 2 with the reason: an unknown option, --steps 0;
+#   (d) --profile: the same losses as (a); the table of where a step goes, with the LM head's
+#       matmuls [64 -> 50304] and their GFLOP/s (no GB/s), AdamW with its GB/s (no GFLOP/s),
+#       the time between ops, and the step line, whose ms per step agree with the printed step
+#       times (mean within 25 %).
 # Usage, from the repository root (ctest does this): bash tests/cli/bench.sh PATH/TO/moet
 source "$(dirname "$0")/common.bash" bench "$@"
 export OMP_NUM_THREADS=2
@@ -66,5 +70,30 @@ if [[ $rc -eq 2 ]] && grep -q -- '--steps must be >= 1' "$tmp/err"; then
     ok "bench: --steps 0 exits 2"
 else
     bad "bench: --steps 0 exits 2" "exit $rc"
+fi
+
+# (d)
+bench profile --steps 2 --warmup 1 --profile
+if [[ $rc -eq 0 && $(loss profile 1) == "$l1a" && $(loss profile 3) == "$l3a" ]]; then
+    ok "bench --profile: the same losses ($(loss profile 3) at step 3)"
+else
+    bad "bench --profile: the same losses" "exit $rc, step 3 loss $(loss profile 3) vs $l3a"
+fi
+f=$tmp/profile.out
+# the mean of the timed steps' times (s) and the profile's step line (ms per step)
+mean=$(sed -n 's/^step [23]: \([0-9.]*\) s,.*/\1/p' "$f" | awk '{ s += $1; n++ } END { if (n) print s / n }')
+span=$(awk '/the step, first mark to last$/ { print $1 }' "$f")
+if grep -q '^where a step goes (--profile: 2 steps, per step; host clock around each op):$' "$f" &&
+    grep -Eq '^ +ms +share +calls +GFLOP/s +GB/s +op \[C -> OC\]$' "$f" &&
+    grep -Eq '^ +[0-9.]+ +[0-9.]+% +1\.0 +[0-9.]+ {11}matmul_forward \[64 -> 50304\]$' "$f" &&
+    grep -Eq '^ +[0-9.]+ +[0-9.]+% +1\.0 +[0-9.]+ {11}matmul_backward \[64 -> 50304\]$' "$f" &&
+    grep -Eq '^ +[0-9.]+ +[0-9.]+% +[0-9.]+ {11,}[0-9.]+  adamw_update$' "$f" &&
+    grep -Eq '^ +[0-9.]+ +[0-9.]+% +\(between ops: host code outside the ops\)$' "$f" &&
+    grep -Eq '^ +[0-9.]+ +100\.0% +the step, first mark to last$' "$f" &&
+    awk -v m="$mean" -v s="$span" 'BEGIN { exit !(m > 0 && s > 0 && s / (1e3 * m) > 0.75 && s / (1e3 * m) < 1.25) }'; then
+    ok "bench --profile: the table ($span ms per step against steps of $mean s)"
+else
+    cp "$f" "$tmp/err"
+    bad "bench --profile: the table" "exit $rc; $span ms per step against steps of $mean s"
 fi
 finish

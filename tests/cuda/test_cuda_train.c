@@ -300,6 +300,52 @@ static void test_balancing_vs_cpu(void) {
     run_close_(&g);
 }
 
+// The op profiler on the GPU table (`moet bench --profile`): events around every op on the
+// legacy stream. The same bits as without it; the times are events' differences, none negative;
+// the experts' gate and up go through the pair op, counted with both GEMMs' FLOPs.
+static void test_profile(void) {
+    char info[512];
+    CU_ASSERT_EQUAL_FATAL(ops_cuda_open(0, 1, info, sizeof info), 0);
+    enum { S = 2 };
+    double plain[S], prof[S];
+    Run r;
+    run_open_(&r, ops_cuda());
+    model_init_weights(&r.m, r.c.seed);
+    run_steps_(&r, 0, S, plain);
+    run_close_(&r);
+    run_open_(&r, ops_profile(ops_cuda()));
+    model_init_weights(&r.m, r.c.seed);
+    for (int s = 0; s < S; s++) {
+        ops_profile_step_begin();
+        run_steps_(&r, s, s + 1, prof);
+        ops_profile_step_end();
+    }
+    const Config c = r.c;
+    run_close_(&r);
+    CU_ASSERT(memcmp(plain, prof, sizeof plain) == 0);
+
+    enum { MAXR = 128 };
+    OpsProfileRow rows[MAXR];
+    int steps = 0;
+    double span = 0, between = 0;
+    const int n = ops_profile_rows(rows, MAXR, &steps, &span, &between);
+    CU_ASSERT_EQUAL(steps, S);
+    CU_ASSERT(n > 10 && n <= MAXR);
+    CU_ASSERT(span > 0.0 && between >= -1e-3 * span);
+    const OpsProfileRow *pair = NULL;
+    for (int i = 0; i < n && i < MAXR; i++) {
+        CU_ASSERT(rows[i].ms >= 0.0 && rows[i].calls > 0);
+        if (strcmp(rows[i].op, "grouped_matmul_forward_pair") == 0) pair = &rows[i];
+    }
+    const double R = (double)c.micro_batch * c.seq_len * c.top_k;
+    CU_ASSERT_FATAL(pair != NULL);
+    CU_ASSERT(pair->c == c.d_model && pair->oc == c.expert_d_ff);
+    CU_ASSERT_EQUAL(pair->calls, (long)S * c.n_layers);
+    CU_ASSERT(pair->flops == 4.0 * R * c.d_model * c.expert_d_ff * S * c.n_layers);
+    printf("  %d profiled steps: %.2f ms per step, %.2f ms between ops, %d rows\n", steps,
+           span / steps, between / steps, n);
+}
+
 int main(void) {
     if (ops_cuda() == NULL || ops_cuda_device_count() == 0) {
         printf("skipped: no CUDA device\n");
@@ -312,6 +358,7 @@ int main(void) {
         {"resume on the GPU (bitwise) and GPU -> CPU", test_resume},
         {"20 steps, sigmoid router, expert bias, global-batch lb, vs the CPU",
          test_balancing_vs_cpu},
+        {"the op profiler on the GPU: same bits, times and FLOPs add up", test_profile},
     };
     return tu_run("cuda_train", tests, (int)(sizeof tests / sizeof tests[0]));
 }

@@ -5,6 +5,7 @@
 #include <execinfo.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cstdarg>
@@ -406,10 +407,19 @@ struct CUstream_st {
     uint64_t forked;                            // legacy_epoch_ of the last fork it waited on
     std::vector<std::pair<uintptr_t, size_t>> ws; // GEMM workspaces its queued work uses
 };
+static double now_s_() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 struct CUevent_st {
     bool stalled;
     cudaStream_t stream; // where it was last recorded (null: the legacy stream)
     uint64_t epoch;      // legacy_epoch_ when recorded on the legacy stream
+    unsigned flags;      // cudaEventDisableTiming: no timestamps (cudaEventElapsedTime refuses)
+    double t;            // host seconds when recorded on the legacy stream (whose work is done
+                         // by then); -1: never recorded, or last recorded on a created stream
 };
 static std::map<const void *, int> streams_, events_; // live handles
 static uint64_t legacy_epoch_ = 1;
@@ -508,9 +518,9 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
     flush_(s);
     return cudaSuccess;
 }
-cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) {
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags) {
     if (!e) return set_err_(cudaErrorInvalidValue);
-    *e = new CUevent_st{false, nullptr, 0};
+    *e = new CUevent_st{false, nullptr, 0, flags, -1.0};
     events_[*e] = 1;
     return cudaSuccess;
 }
@@ -524,6 +534,20 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
     e->stalled = stalled_;
     e->stream = is_legacy_(s) ? nullptr : s;
     e->epoch = is_legacy_(s) ? legacy_epoch_ : 0;
+    e->t = is_legacy_(s) ? now_s_() : -1.0;
+    return cudaSuccess;
+}
+// Timestamps exist for events recorded on the legacy stream only (the backend's marks); an event
+// without one is refused as CUDA refuses an event that has not completed or cannot time.
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
+    if (!ms || !events_.count(start) || !events_.count(end))
+        return set_err_(cudaErrorInvalidResourceHandle);
+    if ((start->flags | end->flags) & cudaEventDisableTiming)
+        return set_err_(cudaErrorInvalidResourceHandle);
+    if (start->t < 0.0 || end->t < 0.0)
+        emu_fatal_("cudaEventElapsedTime on an event never recorded, or recorded on a created "
+                   "stream (not modelled: the backend times on the legacy stream)");
+    *ms = (float)(1e3 * (end->t - start->t));
     return cudaSuccess;
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {

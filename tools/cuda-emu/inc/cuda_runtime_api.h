@@ -97,6 +97,7 @@ cudaError_t cudaEventDestroy(cudaEvent_t e);
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s);
 cudaError_t cudaEventQuery(cudaEvent_t e);
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end);
 
 // For the emulated libraries (emu_nccl.cpp): 1 when s is the legacy / per-thread stream, 0 or a
 // live stream; the device access window (device memory readable and writable until closed;
