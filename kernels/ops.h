@@ -148,12 +148,13 @@ void ops_profile_reset(void);      // forget the totals
 void ops_profile_step_begin(void); // the ops from here on are timed
 void ops_profile_step_end(void);   // waits for the step's last op and adds its times up
 typedef struct {
-    const char *op; // the op's name in the table ("grouped_matmul_forward_pair", ...)
-    int c, oc;      // matmuls: inner and output width (C, OC); else 0
-    long calls;     // over the profiled steps
-    double ms;      // total time inside the op, over the profiled steps
-    double flops;   // total FLOPs (matmuls, attention: full square, as ARCHITECTURE §10); else 0
-    double bytes;   // total bytes the other ops must move at least (fp32 reads + writes); else 0
+    const char *op;   // the op's name in the table ("grouped_matmul_forward_pair", ...)
+    int c, oc;        // matmuls: inner and output width (C, OC); else 0
+    long calls;       // over the profiled steps
+    double ms;        // total time inside the op, over the profiled steps
+    double before_ms; // total time from the previous op's end (or the step's start) to its start
+    double flops;     // total FLOPs (matmuls, attention: full square, as ARCHITECTURE §10); else 0
+    double bytes;     // total bytes the other ops must move at least (fp32 reads + writes); else 0
 } OpsProfileRow;
 // The totals so far, largest ms first: fills rows[0..min(n, max)) and returns n, the number of
 // rows there are. *steps, *span_ms (first mark to last, summed over the steps) and *between_ms

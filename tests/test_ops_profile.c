@@ -139,6 +139,9 @@ static void test_accounting(void) {
     }
     CU_ASSERT(between >= 0.0);
     CU_ASSERT(fabs(inside + between - span) <= 1e-9 * span);
+    double before = 0;
+    for (int i = 0; i < n && i < MAXR; i++) before += r[i].before_ms;
+    CU_ASSERT(before >= 0.0 && before <= between + 1e-9 * span); // between also has the tail
     printf("\n  %d steps: %.2f ms per step, %.3f ms of it between ops, %d rows\n", steps,
            span / steps, between / steps, n);
 
@@ -194,6 +197,9 @@ static void test_between(void) {
     CU_ASSERT(z && z->calls == 1 && z->ms < 10.0);
     CU_ASSERT(s && s->calls == 1 && s->ms < 10.0);
     CU_ASSERT(between >= 29.0);
+    // the sleep is the time before scale_inplace, not before the first op
+    CU_ASSERT(s && s->before_ms >= 29.0 && s->before_ms <= between);
+    CU_ASSERT(z && z->before_ms < 10.0);
     printf("\n  30 ms of host sleep between two ops: %.2f ms between, %.3f + %.3f ms in the ops\n",
            between, z ? z->ms : -1.0, s ? s->ms : -1.0);
 }

@@ -110,7 +110,7 @@ static OpsProfileRow *row_(int op, int c, int oc) {
         if (P_.rows[i].op == OP_NAMES_[op] && P_.rows[i].c == c && P_.rows[i].oc == oc)
             return &P_.rows[i];
     P_.rows = grow_(P_.rows, &P_.cap_rows, P_.n_rows + 1, sizeof *P_.rows);
-    P_.rows[P_.n_rows] = (OpsProfileRow){OP_NAMES_[op], c, oc, 0, 0.0, 0.0, 0.0};
+    P_.rows[P_.n_rows] = (OpsProfileRow){OP_NAMES_[op], c, oc, 0, 0.0, 0.0, 0.0, 0.0};
     return &P_.rows[P_.n_rows++];
 }
 
@@ -134,15 +134,18 @@ void ops_profile_step_end(void) {
     P_.active = 0;
     const double span = mark_ms_(0, last); // waits for the step's last op
     double inside = 0.0;
+    int prev = 0; // the mark before the op's start: the step's start, then the previous op's end
     for (int i = 0; i < P_.n_calls; i++) {
         const Call_ *k = &P_.calls[i];
         OpsProfileRow *r = row_(k->op, k->c, k->oc);
         const double ms = mark_ms_(k->a, k->b);
         r->calls++;
         r->ms += ms;
+        r->before_ms += mark_ms_(prev, k->a);
         r->flops += k->flops;
         r->bytes += k->bytes;
         inside += ms;
+        prev = k->b;
     }
     P_.steps++;
     P_.span_ms += span;
@@ -174,8 +177,8 @@ void ops_profile_print(FILE *f, int tflops) {
             steps == 1 ? "" : "s",
             P_.in->mark ? "time on the GPU between events around each op"
                         : "host clock around each op");
-    fprintf(f, "%10s %7s %7s %9s %8s  %s\n", "ms", "share", "calls", tflops ? "TFLOP/s" : "GFLOP/s",
-            "GB/s", "op [C -> OC]");
+    fprintf(f, "%10s %7s %7s %8s %9s %8s  %s\n", "ms", "share", "calls", "before",
+            tflops ? "TFLOP/s" : "GFLOP/s", "GB/s", "op [C -> OC]");
     for (int i = 0; i < n; i++) {
         const OpsProfileRow *r = &P_.rows[i];
         char rate[32] = "", bw[32] = "", shape[48] = "";
@@ -184,18 +187,21 @@ void ops_profile_print(FILE *f, int tflops) {
         if (r->bytes > 0.0 && r->ms > 0.0)
             snprintf(bw, sizeof bw, "%.1f", r->bytes / (1e-3 * r->ms) / 1e9);
         if (r->c || r->oc) snprintf(shape, sizeof shape, " [%d -> %d]", r->c, r->oc);
-        fprintf(f, "%10.2f %6.1f%% %7.1f %9s %8s  %s%s\n", r->ms * per,
-                span > 0.0 ? 100.0 * r->ms / span : 0.0, (double)r->calls * per, rate, bw, r->op,
-                shape);
+        fprintf(f, "%10.2f %6.1f%% %7.1f %8.2f %9s %8s  %s%s\n", r->ms * per,
+                span > 0.0 ? 100.0 * r->ms / span : 0.0, (double)r->calls * per, r->before_ms * per,
+                rate, bw, r->op, shape);
     }
-    fprintf(f, "%10.2f %6.1f%% %7s %9s %8s  %s\n", between * per,
-            span > 0.0 ? 100.0 * between / span : 0.0, "", "", "",
+    fprintf(f, "%10.2f %6.1f%% %7s %8s %9s %8s  %s\n", between * per,
+            span > 0.0 ? 100.0 * between / span : 0.0, "", "", "", "",
             P_.in->mark ? "(between ops: the GPU waited for the host)"
                         : "(between ops: host code outside the ops)");
-    fprintf(f, "%10.2f %6.1f%% %7s %9s %8s  %s\n", span * per, 100.0, "", "", "",
+    fprintf(f, "%10.2f %6.1f%% %7s %8s %9s %8s  %s\n", span * per, 100.0, "", "", "", "",
             "the step, first mark to last");
-    fprintf(f, "(FLOP/s: attention counts the full (T,T) square, as the MFU; GB/s: the fp32 bytes "
-               "an op must read and write at least)\n");
+    fprintf(f,
+            "(before: ms from the previous op's end to this op's start%s; FLOP/s: attention "
+            "counts the full (T,T) square, as the MFU; GB/s: the fp32 bytes an op must read "
+            "and write at least)\n",
+            P_.in->mark ? ", the GPU idle" : "");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -84,10 +84,10 @@ f=$tmp/profile.out
 mean=$(sed -n 's/^step [23]: \([0-9.]*\) s,.*/\1/p' "$f" | awk '{ s += $1; n++ } END { if (n) print s / n }')
 span=$(awk '/the step, first mark to last$/ { print $1 }' "$f")
 if grep -q '^where a step goes (--profile: 2 steps, per step; host clock around each op):$' "$f" &&
-    grep -Eq '^ +ms +share +calls +GFLOP/s +GB/s +op \[C -> OC\]$' "$f" &&
-    grep -Eq '^ +[0-9.]+ +[0-9.]+% +1\.0 +[0-9.]+ {11}matmul_forward \[64 -> 50304\]$' "$f" &&
-    grep -Eq '^ +[0-9.]+ +[0-9.]+% +1\.0 +[0-9.]+ {11}matmul_backward \[64 -> 50304\]$' "$f" &&
-    grep -Eq '^ +[0-9.]+ +[0-9.]+% +[0-9.]+ {11,}[0-9.]+  adamw_update$' "$f" &&
+    grep -Eq '^ +ms +share +calls +before +GFLOP/s +GB/s +op \[C -> OC\]$' "$f" &&
+    grep -Eq '^ +[0-9.]+ +[0-9.]+% +1\.0 +[0-9.]+ +[0-9.]+ {11}matmul_forward \[64 -> 50304\]$' "$f" &&
+    grep -Eq '^ +[0-9.]+ +[0-9.]+% +1\.0 +[0-9.]+ +[0-9.]+ {11}matmul_backward \[64 -> 50304\]$' "$f" &&
+    grep -Eq '^ +[0-9.]+ +[0-9.]+% +[0-9.]+ +[0-9.]+ {11,}[0-9.]+  adamw_update$' "$f" &&
     grep -Eq '^ +[0-9.]+ +[0-9.]+% +\(between ops: host code outside the ops\)$' "$f" &&
     grep -Eq '^ +[0-9.]+ +100\.0% +the step, first mark to last$' "$f" &&
     awk -v m="$mean" -v s="$span" 'BEGIN { exit !(m > 0 && s > 0 && s / (1e3 * m) > 0.75 && s / (1e3 * m) < 1.25) }'; then

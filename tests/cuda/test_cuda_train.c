@@ -334,7 +334,7 @@ static void test_profile(void) {
     CU_ASSERT(span > 0.0 && between >= -1e-3 * span);
     const OpsProfileRow *pair = NULL;
     for (int i = 0; i < n && i < MAXR; i++) {
-        CU_ASSERT(rows[i].ms >= 0.0 && rows[i].calls > 0);
+        CU_ASSERT(rows[i].ms >= 0.0 && rows[i].calls > 0 && rows[i].before_ms >= 0.0);
         if (strcmp(rows[i].op, "grouped_matmul_forward_pair") == 0) pair = &rows[i];
     }
     const double R = (double)c.micro_batch * c.seq_len * c.top_k;
