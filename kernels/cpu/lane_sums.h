@@ -14,16 +14,6 @@ static inline double lanes_total_(const double *s) {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-// sum x_i^2
-static inline double lane_sum_sq(const float *x, size_t n) {
-    double s[SUM_LANES] = {0.0}, tail = 0.0;
-    size_t i = 0;
-    for (; i + SUM_LANES <= n; i += SUM_LANES)
-        for (int j = 0; j < SUM_LANES; j++) s[j] += (double)x[i + j] * x[i + j];
-    for (; i < n; i++) tail += (double)x[i] * x[i];
-    return lanes_total_(s) + tail;
-}
-
 // sum a_i b_i
 static inline double lane_dot(const float *a, const float *b, size_t n) {
     double s[SUM_LANES] = {0.0}, tail = 0.0;
@@ -42,4 +32,9 @@ static inline double lane_dot3(const float *a, const float *b, const float *c, s
         for (int j = 0; j < SUM_LANES; j++) s[j] += (double)a[i + j] * b[i + j] * c[i + j];
     for (; i < n; i++) tail += (double)a[i] * b[i] * c[i];
     return lanes_total_(s) + tail;
+}
+
+// sum x_i^2
+static inline double lane_sum_sq(const float *x, size_t n) {
+    return lane_dot(x, x, n);
 }
