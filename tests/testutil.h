@@ -14,6 +14,7 @@ typedef struct {
 } TuTest;
 
 // Runs the tests as one CUnit suite named `suite`; returns 0 when all pass, 1 otherwise.
+// TU_ONLY=text in the environment runs only the tests whose name holds text (none: 1).
 int tu_run(const char *suite, const TuTest *tests, int n_tests);
 
 // Fills x with uniform values in [-scale, scale) from a fixed seed (splitmix64).

@@ -66,6 +66,12 @@ int gemm_bf16_operands_(void);
 __nv_bfloat16 *gemm_workspace_(size_t elems);
 // The limit that ops plan their chunks against, in bf16 elements (cuda_set_gemm_workspace_limit).
 size_t gemm_workspace_limit_elems_(void);
+// The flash forward of one sequence (attention_flash.cu): q16, k16, v16 its (T, H*Dh) bf16
+// copies, out (T, H*Dh), lse (H, T); Dh as cuda_attention_flash(Dh) accepts.
+void cuda_attention_flash_forward_(float *out, float *lse, const __nv_bfloat16 *q16,
+                                   const __nv_bfloat16 *k16, const __nv_bfloat16 *v16, int T, int H,
+                                   int Dh);
+
 // n rounded up to a multiple of 128 elements (256 bytes): the start of the next slice.
 static inline size_t ws_align_(size_t n) {
     return (n + 127) & ~(size_t)127;

@@ -256,6 +256,16 @@ size_t cuda_attention_scratch_bytes(int T, int H);
 // over the blocks in block order: still the same bits from run to run).
 void cuda_set_attention_query_block(int qb);
 int cuda_attention_query_block(int T);
+// The flash forward (attention_flash.cu, opt-in): in bf16-operand mode the training
+// attention's forward runs as one fused kernel per sequence (scores on chip, the causal half of
+// the work, no (H,T,T) matrix) for head sizes 16, 32, 64 and 128; the backward is unchanged (it
+// recomputes the scores and reads the forward's lse). On an H100 it is no faster than the GEMM
+// path yet, so it is off by default. cuda_set_attention_flash(1) on, 0 off (the GEMM path,
+// with its query blocks), -1 (also the initial setting, read at the first attention): as
+// MOET_CUDA_ATTN_FLASH says (1 on; unset, empty or 0 off; anything else fatal).
+// cuda_attention_flash(Dh): 1 when a forward of head size Dh takes the kernel.
+void cuda_set_attention_flash(int on);
+int cuda_attention_flash(int Dh);
 // Generation (kernels.h attention_forward_cached): Tq queries over Tk cached keys of one
 // sequence; scratch holds the (H,Tq,Tk) scores: cuda_attention_cached_scratch_bytes bytes.
 void cuda_attention_forward_cached(float *out, const float *q, const float *k, const float *v,

@@ -275,10 +275,12 @@ static void test_grouped_matmul(void) {
 // Forward against the CPU; then backward, with the CPU's out and lse given to both backends,
 // into gradients pre-filled with random values, for the outputs selected by the mask
 // (1 dq, 2 dk, 4 dv; the others are NULL and must stay untouched).
+static float attn_q_scale_ = 1.0f; // |q| bound of attention_case_ (k, v, dO: 1)
+
 static void attention_case_(int B, int T, int H, int Dh, int grads, int mode, uint64_t seed) {
     const int bf16 = mode != MODE_FP32;
     const size_t n = (size_t)B * T * H * Dh, nl = (size_t)B * H * T;
-    float *q = tcu_host_rand(n, seed, 1.0f), *k = tcu_host_rand(n, seed + 1, 1.0f);
+    float *q = tcu_host_rand(n, seed, attn_q_scale_), *k = tcu_host_rand(n, seed + 1, 1.0f);
     float *v = tcu_host_rand(n, seed + 2, 1.0f), *dout = tcu_host_rand(n, seed + 3, 1.0f);
     float *dq0 = tcu_host_rand(n, seed + 4, 0.5f), *dk0 = tcu_host_rand(n, seed + 5, 0.5f);
     float *dv0 = tcu_host_rand(n, seed + 6, 0.5f);
@@ -381,6 +383,7 @@ static void test_attention(void) {
 // every backward subset; each against the CPU as above. Then the generation path, which must
 // ignore the setting (one block over all Tk keys).
 static void test_attention_query_blocks(void) {
+    cuda_set_attention_flash(0); // the bf16 forward's blocks too (the flash kernel has none)
     CU_ASSERT_EQUAL(cuda_attention_query_block(128), 128); // below 512: one block
     CU_ASSERT_EQUAL(cuda_attention_query_block(512), 128);
     CU_ASSERT_EQUAL(cuda_attention_query_block(4096), 1024);
@@ -418,6 +421,7 @@ static void test_attention_query_blocks(void) {
     if (saved) setenv("MOET_CUDA_ATTN_QBLOCK", saved, 1);
     free(saved);
     cuda_set_attention_query_block(0);
+    cuda_set_attention_flash(-1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -444,6 +448,72 @@ static void env_switch_cases_(const char *name, void (*setter)(int), int (*gette
     }
     if (saved) setenv(name, saved, 1);
     free(saved);
+}
+
+// ---------------------------------------------------------------------------------------
+// Flash attention forward
+
+// The flash forward (attention_flash.cu, cuda_set_attention_flash): the head sizes it takes;
+// each of them against the CPU, forward and the backward that reads its lse, over one tile,
+// one row into a second tile, and several tiles with a partial last one (T = 200: 64 + 64 +
+// 64 + 8 rows, the longest tile first), also with scores spread over tens (the kernel's
+// rescaling of O), with the GEMM path (off) on the same cases; fp32 mode
+// never takes it (its fp32 tolerance would fail on bf16 operands); the same bits twice; the
+// switch as MOET_CUDA_ATTN_FLASH says (off by default).
+static int same_run_(const char *name, const float *a, const float *b, size_t n); // below
+
+static int flash128_(void) {
+    return cuda_attention_flash(128);
+}
+
+static void test_attention_flash(void) {
+    cuda_set_attention_flash(1);
+    CU_ASSERT_TRUE(cuda_attention_flash(16) && cuda_attention_flash(32));
+    CU_ASSERT_TRUE(cuda_attention_flash(64) && cuda_attention_flash(128));
+    CU_ASSERT_FALSE(cuda_attention_flash(8) || cuda_attention_flash(48));
+    CU_ASSERT_FALSE(cuda_attention_flash(256));
+    for (int on = 1; on >= 0; on--) {
+        cuda_set_attention_flash(on);
+        CU_ASSERT_EQUAL(cuda_attention_flash(128), on);
+        attention_case_(1, 64, 2, 16, 7, MODE_BF16, 3800);   // exactly one tile
+        attention_case_(1, 65, 2, 64, 7, MODE_BF16, 3810);   // one row into a second tile
+        attention_case_(2, 200, 2, 128, 7, MODE_BF16, 3820); // OLMoE's head size
+        attention_case_(1, 130, 3, 32, 7, MODE_BF16_GEMMEX, 3830);
+        // scores spread over tens (|q| up to 16): rows' maxima move on later tiles, so the
+        // kernel rescales O there (with |q| <= 1 only the first tile sets them)
+        attn_q_scale_ = 16.0f;
+        attention_case_(1, 200, 2, 128, 7, MODE_BF16, 3850);
+        attn_q_scale_ = 1.0f;
+    }
+    cuda_set_attention_flash(1);
+    attention_case_(1, 130, 2, 32, 7, MODE_FP32, 3840);
+    // deterministic: the same bits twice (out and lse), over 3 tiles
+    set_mode_(MODE_BF16);
+    {
+        const int T = 130, H = 2, Dh = 64;
+        const size_t n = (size_t)T * H * Dh, nl = (size_t)H * T;
+        float *q = tcu_host_rand(n, 3860, 4.0f), *k = tcu_host_rand(n, 3861, 1.0f);
+        float *v = tcu_host_rand(n, 3862, 1.0f);
+        float *d_q = tcu_dev_from(q, n), *d_k = tcu_dev_from(k, n), *d_v = tcu_dev_from(v, n);
+        float *d_out = cuda_malloc(n * sizeof(float)), *d_lse = cuda_malloc(nl * sizeof(float));
+        void *scratch = cuda_malloc(cuda_attention_scratch_bytes(T, H));
+        float *res[2][2];
+        for (int r = 0; r < 2; r++) {
+            cuda_zero(d_out, n * sizeof(float));
+            cuda_attention_forward(d_out, d_lse, d_q, d_k, d_v, 1, T, H, Dh, scratch);
+            res[r][0] = tcu_host_from(d_out, n), res[r][1] = tcu_host_from(d_lse, nl);
+        }
+        CU_ASSERT_TRUE(same_run_("flash attention_forward out", res[0][0], res[1][0], n));
+        CU_ASSERT_TRUE(same_run_("flash attention_forward lse", res[0][1], res[1][1], nl));
+        for (int r = 0; r < 2; r++) free(res[r][0]), free(res[r][1]);
+        cuda_free(d_q), cuda_free(d_k), cuda_free(d_v), cuda_free(d_out), cuda_free(d_lse);
+        cuda_free(scratch);
+        free(q), free(k), free(v);
+    }
+    static const EnvCase env[] = {{"1", 1}, {"0", 0}, {"", 0}, {NULL, 0}};
+    env_switch_cases_("MOET_CUDA_ATTN_FLASH", cuda_set_attention_flash, flash128_, env, 4);
+    cuda_set_attention_flash(-1);
+    set_mode_(MODE_BF16);
 }
 
 static void test_gemm_mode(void) {
@@ -755,7 +825,11 @@ static void test_bf16_operands_exact(void) {
         exact_matmul_case_(rows, 4, 45, 33, kind, 0, 6200 + 10 * kind);
         exact_matmul_case_(one, 1, 512, 48, kind, 1, 6300 + 10 * kind);
         cuda_set_gemm_workspace_limit(0);
-        exact_attention_case_(kind, 6400 + 10 * kind);
+        for (int flash = 0; flash <= 1; flash++) { // the GEMM path and the flash kernel
+            cuda_set_attention_flash(flash);
+            exact_attention_case_(kind, 6400 + 10 * kind);
+        }
+        cuda_set_attention_flash(-1);
     }
     set_mode_(MODE_BF16);
 }
@@ -1244,6 +1318,13 @@ int main(void) {
                 getenv("MOET_CUDA_GEMM_STREAMS") ? ": unset MOET_CUDA_GEMM_STREAMS" : "");
         return 1;
     }
+    if (cuda_attention_flash(128)) {
+        fprintf(stderr,
+                "test_cuda_gemm: the bf16 attention forward must default to the GEMM "
+                "path (the flash kernel is opt-in)%s\n",
+                getenv("MOET_CUDA_ATTN_FLASH") ? ": unset MOET_CUDA_ATTN_FLASH" : "");
+        return 1;
+    }
     if (cuda_weight_copy() != 1) {
         fprintf(stderr, "test_cuda_gemm: the GEMMs must default to the weight copy (1)%s\n",
                 getenv("MOET_CUDA_WEIGHT_COPY") ? ": unset MOET_CUDA_WEIGHT_COPY" : "");
@@ -1255,6 +1336,7 @@ int main(void) {
         {"grouped matmul forward and backward", test_grouped_matmul},
         {"attention forward and backward", test_attention},
         {"attention in causal query blocks", test_attention_query_blocks},
+        {"attention forward as one flash kernel", test_attention_flash},
         {"bf16 operands in chunks of a small workspace", test_workspace_chunks},
         {"bf16 operand workspace: grows by at least doubling", test_workspace_growth},
         {"bf16 operands rounded to nearest even, exactly", test_bf16_operands_exact},

@@ -3,9 +3,10 @@
 //       -> emu_launch("kernel", kernel, grid, block, smem, stream, args)
 //   extern __shared__ [__align__(N)] T name[];
 //       -> T *name = (T *)emu_dyn_smem;            (the block's dynamic shared memory)
-//   __shared__ T name[...];
-//       -> static T name[...]; registered with the emulator, which fills it with a poison
-//          pattern before every block (shared memory is not initialised on a GPU)
+//   __shared__ [__align__(N) | alignas(N)] T name[...];
+//       -> static [the same alignment] T name[...]; registered with the emulator, which fills
+//          it with a poison pattern before every block (shared memory is not initialised on a
+//          GPU). The dynamic shared memory is 128-byte aligned (emu_runtime.cpp).
 // Everything else is copied as it is; the emulator's headers supply the CUDA built-ins.
 // Comments are copied untouched (a "<<<" or "__shared__" inside one is not rewritten).
 #include <ctype.h>
@@ -32,39 +33,42 @@ static int is_ident_(char c) {
     return isalnum((unsigned char)c) || c == '_' || c == ':';
 }
 
-// Reads an identifier (letters, digits, _ and ::) into buf.
-static void ident_(char *buf, size_t n) {
-    size_t k = 0;
-    while (pos < len && is_ident_(src[pos]) && k + 1 < n) buf[k++] = src[pos++];
-    buf[k] = 0;
-    if (!k) die_("expected a name");
-}
-
 // __shared__ declarations; pos is at "__shared__", `ext` says an "extern " came before (already
 // consumed).
 static void shared_(int ext) {
-    char type[128], name[128];
     pos += strlen("__shared__");
     skip_ws_();
-    if (at_("__align__(")) {
+    size_t align = pos, align_len = 0; // the alignment, kept on the static array
+    if (at_("__align__(") || at_("alignas(")) {
         while (pos < len && src[pos] != ')') pos++;
         pos++;
+        align_len = pos - align;
         skip_ws_();
     }
-    ident_(type, sizeof type);
-    skip_ws_();
-    ident_(name, sizeof name);
-    skip_ws_();
-    size_t dims = pos;
+    // TYPE NAME DIMS ';': the name is the identifier before the first '[' (or '=', or the
+    // end), the type everything before it (several words: "unsigned char", "const T *")
+    const size_t t0 = pos;
     while (pos < len && src[pos] != ';') pos++;
     if (pos >= len) die_("unterminated __shared__ declaration");
+    size_t d = t0;
+    while (d < pos && src[d] != '[' && src[d] != '=') d++;
+    size_t ne = d;
+    while (ne > t0 && isspace((unsigned char)src[ne - 1])) ne--;
+    size_t nb = ne;
+    while (nb > t0 && (isalnum((unsigned char)src[nb - 1]) || src[nb - 1] == '_')) nb--;
+    size_t te = nb;
+    while (te > t0 && isspace((unsigned char)src[te - 1])) te--;
+    if (nb == ne || te == t0) die_("expected a type and a name after __shared__");
+    const int tl = (int)(te - t0), nl = (int)(ne - nb);
+    const char *type = src + t0, *name = src + nb;
     if (ext) {
-        fprintf(out, "%s *%s = (%s *)emu_dyn_smem;", type, name, type);
+        fprintf(out, "%.*s *%.*s = (%.*s *)emu_dyn_smem;", tl, type, nl, name, tl, type);
     } else {
         fprintf(out,
-                "static %s %s%.*s; static const bool %s_emu_reg_ = "
-                "(emu_shared_register(%s, sizeof %s), true); (void)%s_emu_reg_;",
-                type, name, (int)(pos - dims), src + dims, name, name, name, name);
+                "%.*s%sstatic %.*s %.*s%.*s; static const bool %.*s_emu_reg_ = "
+                "(emu_shared_register((void *)&%.*s, sizeof %.*s), true); (void)%.*s_emu_reg_;",
+                (int)align_len, src + align, align_len ? " " : "", tl, type, nl, name,
+                (int)(pos - ne), src + ne, nl, name, nl, name, nl, name, nl, name);
     }
     pos++; // ';'
 }

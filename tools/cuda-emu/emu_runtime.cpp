@@ -654,6 +654,7 @@ struct Fiber {
     unsigned tid;
     unsigned xchg_n;     // warp exchanges done in this block
     int xchg_src;        // source lane of the pending exchange
+    const char *wsync;   // the wmma call at the pending warp barrier (null: shuffle or vote)
     const void *bar_at;  // call site of the pending __syncthreads
 };
 static const size_t kStack = 256 * 1024;
@@ -662,8 +663,9 @@ static void *sched_sp_;
 static Fiber *cur_;
 static EmuKernelCall call_;
 static unsigned nthreads_;
-// warp exchange buffers: [warp][parity][lane]
+// warp exchange buffers: [warp][parity][lane]; the lanes released from each exchange
 static uint64_t xbuf_[32][2][32];
+static unsigned xmask_[32][2];
 
 static void fiber_main_(void *arg) {
     Fiber *f = (Fiber *)arg;
@@ -728,6 +730,7 @@ void emu_warp_exchange(const void *in, void *out, size_t size, int src) {
     memcpy(&v, in, size);
     xbuf_[w][par][lane] = v;
     f->xchg_src = src;
+    f->wsync = nullptr;
     yield_(F_WARP_BAR);
     f->xchg_n++;
     v = xbuf_[w][par][src];
@@ -735,8 +738,47 @@ void emu_warp_exchange(const void *in, void *out, size_t size, int src) {
 }
 
 void emu_syncwarp(void) {
+    if (!cur_) emu_fatal_("__syncwarp outside a kernel");
     int dummy = 0, r;
     emu_warp_exchange(&dummy, &r, sizeof dummy, (int)(cur_->tid & 31));
+}
+
+// Warp votes (__ballot_sync, __any_sync, __all_sync): a barrier of the warp like a shuffle;
+// each lane posts its predicate and reads every lane's. Returns the ballot of the lanes that
+// took part (bit = lane), *active the lanes that took part (not exited, inside the block). As
+// on the GPU the mask does not filter the result (an H100 gives __ballot_sync(0xffff, 1) ==
+// 0xffffffff when the whole warp calls it), but a lane must name itself in it.
+unsigned emu_warp_vote(const char *api, unsigned mask, int pred, unsigned *active) {
+    if (!cur_) emu_fatal_("%s outside a kernel", api);
+    Fiber *f = cur_;
+    const unsigned w = f->tid >> 5, lane = f->tid & 31, par = f->xchg_n & 1;
+    if (!(mask >> lane & 1))
+        emu_fatal_("%s: lane %u calls it with mask %#x, which does not name the lane "
+                   "(undefined on the GPU)",
+                   api, lane, mask);
+    xbuf_[w][par][lane] = pred != 0;
+    f->xchg_src = (int)lane;
+    f->wsync = nullptr;
+    yield_(F_WARP_BAR);
+    f->xchg_n++;
+    const unsigned m = xmask_[w][par];
+    unsigned bits = 0;
+    for (unsigned l = 0; l < 32; l++)
+        if ((m >> l & 1) && xbuf_[w][par][l]) bits |= 1u << l;
+    *active = m;
+    return bits;
+}
+
+// The warp barrier of a wmma *_sync call (inc/mma.h): every lane of the warp must reach the
+// same call; exited lanes or a partial warp are fatal (the GPU needs the whole warp).
+void emu_wmma_sync(const char *api) {
+    if (!cur_) emu_fatal_("%s outside a kernel", api);
+    Fiber *f = cur_;
+    f->xchg_src = (int)(f->tid & 31);
+    f->wsync = api;
+    yield_(F_WARP_BAR);
+    f->xchg_n++;
+    f->wsync = nullptr;
 }
 
 // static __shared__ arrays: poisoned before every block
@@ -747,6 +789,55 @@ void emu_shared_register(void *p, size_t n) {
 }
 
 static std::vector<char> dyn_smem_buf_;
+static size_t dyn_smem_size_; // the launch's dynamic shared memory (bytes)
+
+// The operand checks of wmma::load_matrix_sync / store_matrix_sync (inc/mma.h): the pointer
+// 256-bit aligned, ldm a multiple of 16 bytes (8 bf16 or 4 floats), the 16 x 16 tile (the
+// elements p[0 .. 15 * ldm + 15]) inside one device allocation or one shared array (or the
+// thread's own stack).
+void emu_wmma_check(const char *api, const void *p, unsigned ldm, size_t esz) {
+    if (!cur_) emu_fatal_("%s outside a kernel", api);
+    if ((uintptr_t)p % 32)
+        emu_fatal_("%s: the pointer %p is not 256-bit (32-byte) aligned", api, p);
+    const unsigned mult = (unsigned)(16 / esz);
+    if (ldm % mult)
+        emu_fatal_("%s: ldm %u is not a multiple of %u (%zu-byte elements: ldm must be a "
+                   "multiple of 16 bytes)",
+                   api, ldm, mult, esz);
+    const uintptr_t a = (uintptr_t)p, end = a + ((size_t)15 * ldm + 16) * esz;
+    uintptr_t base;
+    if (const Alloc *al = find_alloc_(p, &base)) {
+        if (end > base + al->size)
+            emu_fatal_("%s: the 16 x 16 tile at %p (ldm %u: %zu bytes from it) runs past the end "
+                       "of its device allocation [%p, +%zu): OUT OF BOUNDS",
+                       api, p, ldm, (size_t)(end - a), (void *)base, al->size);
+        return;
+    }
+    const uintptr_t d0 = (uintptr_t)emu_dyn_smem;
+    if (a >= d0 && a < d0 + dyn_smem_size_) {
+        if (end > d0 + dyn_smem_size_)
+            emu_fatal_("%s: the 16 x 16 tile at %p (ldm %u: %zu bytes from it) runs past the end "
+                       "of the dynamic shared memory (%zu bytes at %p): OUT OF BOUNDS",
+                       api, p, ldm, (size_t)(end - a), dyn_smem_size_, (void *)d0);
+        return;
+    }
+    for (auto &r : shared_regs_) {
+        const uintptr_t s0 = (uintptr_t)r.first;
+        if (a >= s0 && a < s0 + r.second) {
+            if (end > s0 + r.second)
+                emu_fatal_("%s: the 16 x 16 tile at %p (ldm %u: %zu bytes from it) runs past the "
+                           "end of its __shared__ array (%zu bytes at %p): OUT OF BOUNDS",
+                           api, p, ldm, (size_t)(end - a), r.second, (void *)s0);
+            return;
+        }
+    }
+    const uintptr_t k0 = (uintptr_t)cur_->stack;
+    if (a >= k0 && end <= k0 + kStack) return; // the thread's local memory
+    emu_fatal_("%s: %p is neither device memory nor shared memory (a host pointer, freed, or "
+               "out of bounds)",
+               api, p);
+}
+
 static std::map<std::string, int> warned_;
 
 static void warn_once_(const char *kernel, const char *what) {
@@ -765,6 +856,7 @@ static void run_block_(const char *name, std::vector<unsigned> &order) {
         f.tid = t;
         f.state = F_READY;
         f.xchg_n = 0;
+        f.wsync = nullptr;
         fiber_start_(&f);
     }
     if (opt_order_ == 2) std::shuffle(order.begin(), order.end(), rng_);
@@ -797,6 +889,32 @@ static void run_block_(const char *name, std::vector<unsigned> &order) {
                 other += s == F_BLOCK_BAR;
             }
             if (!at || other) continue;
+            // a wmma call: every lane of the warp at the same call
+            const char *api = nullptr;
+            unsigned api_lane = 0;
+            for (unsigned t = l0; t < l1 && !api; t++)
+                if (fibers_[t].state == F_WARP_BAR && fibers_[t].wsync) {
+                    api = fibers_[t].wsync;
+                    api_lane = t - l0;
+                }
+            if (api) {
+                for (unsigned t = l0; t < l1; t++) {
+                    const Fiber &f = fibers_[t];
+                    if (f.state == F_WARP_BAR && (!f.wsync || strcmp(f.wsync, api) != 0))
+                        emu_fatal_("kernel %s block %u warp %u: lane %u is at %s while lane %u "
+                                   "is at %s (divergent warp-synchronous code)",
+                                   name, blockIdx.x, w, t - l0,
+                                   f.wsync ? f.wsync : "a shuffle, vote or __syncwarp", api_lane,
+                                   api);
+                }
+                if (gone || l1 - l0 < 32)
+                    emu_fatal_("kernel %s block %u warp %u: %s with %s (every lane of the warp "
+                               "must call it)",
+                               name, blockIdx.x, w, api,
+                               gone ? "exited lanes"
+                                    : "a partial warp (block size not a "
+                                      "multiple of 32)");
+            }
             if (gone || l1 - l0 < 32) {
                 // a full-mask shuffle with exited or missing lanes: undefined on the GPU
                 for (unsigned t = l0; t < l1; t++) {
@@ -820,11 +938,15 @@ static void run_block_(const char *name, std::vector<unsigned> &order) {
                 if (f.state != F_WARP_BAR) continue;
                 if (n0 == ~0u) n0 = f.xchg_n;
                 if (f.xchg_n != n0)
-                    emu_fatal_("kernel %s block %u warp %u: lanes at different shuffles "
-                               "(divergent warp-synchronous code)",
+                    emu_fatal_("kernel %s block %u warp %u: lanes at different shuffles, votes "
+                               "or wmma calls (divergent warp-synchronous code)",
                                name, blockIdx.x, w);
                 f.state = F_READY;
             }
+            unsigned m = 0;
+            for (unsigned t = l0; t < l1; t++)
+                if (fibers_[t].state == F_READY) m |= 1u << (t - l0);
+            xmask_[w][n0 & 1] = m;
             released = true;
         }
         if (released) continue;
@@ -903,8 +1025,10 @@ void emu_run_grid(const char *name, const void *kernel, dim3 grid, dim3 block, s
     blockDim = block;
     gridDim = grid;
     fibers_reserve_(nthreads_);
-    dyn_smem_buf_.assign(smem + 16, 0);
-    emu_dyn_smem = dyn_smem_buf_.data();
+    // 128-byte aligned (wmma wants 32, cp.async.bulk / TMA 128)
+    dyn_smem_buf_.assign(smem + 16 + 128, 0);
+    emu_dyn_smem = (char *)(((uintptr_t)dyn_smem_buf_.data() + 127) & ~(uintptr_t)127);
+    dyn_smem_size_ = smem;
     std::vector<unsigned> order(nthreads_);
     for (unsigned t = 0; t < nthreads_; t++) order[t] = opt_order_ == 1 ? nthreads_ - 1 - t : t;
     const unsigned long long nblocks = (unsigned long long)grid.x * grid.y * grid.z;

@@ -2,9 +2,12 @@
 # run.sh: builds moet's CUDA backend for the host emulator (tools/cuda-emu/README.md) into
 # /tmp/cuda-emu-build and runs the CUDA tests under it, printing their summaries.
 #   tools/cuda-emu/run.sh [test ...]
-# Tests (default: all): kernels gemm gemm_lt_refused moe_ops train nccl_comm nccl_stall nccl_error
-# train_gpu. gemm_lt_refused runs the gemm test with EMU_LT_REFUSE=1 (cuBLASLt refuses every
-# algorithm: gemm.cu's fallback to cublasGemmEx).
+# Tests (default: all): wmma kernels gemm gemm_lt_refused moe_ops train nccl_comm nccl_stall
+# nccl_error train_gpu. wmma is the emulator's own self-test of inc/mma.h and the warp votes
+# (tools/cuda-emu/selftest_wmma.cu: PASS, then each misuse it lists must be a fatal error); run
+# alone it builds only the emulator runtime and the self-test. gemm_lt_refused runs the gemm
+# test with EMU_LT_REFUSE=1 (cuBLASLt refuses every algorithm: gemm.cu's fallback to
+# cublasGemmEx).
 # nccl_comm runs tests/cuda/test_nccl_comm.c on 2 ranks (mpirun, the emulated NCCL over MPI);
 # nccl_stall checks that a hung NCCL all-reduce ends the job with the timeout message, and
 # nccl_error that an error NCCL reports (a dead peer) while a rank waits ends it at once;
@@ -24,8 +27,11 @@ JOBS=${JOBS:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export TU_VERBOSE=${TU_VERBOSE:-1}
 TESTS=("$@")
-[ ${#TESTS[@]} -eq 0 ] && TESTS=(kernels gemm gemm_lt_refused moe_ops train nccl_comm nccl_stall nccl_error train_gpu)
+[ ${#TESTS[@]} -eq 0 ] && TESTS=(wmma kernels gemm gemm_lt_refused moe_ops train nccl_comm nccl_stall nccl_error train_gpu)
 mkdir -p "$BUILD/src" "$BUILD/obj"
+# only the self-test asked for: the moet sources are not built
+ONLY_SELFTEST=1
+for t in "${TESTS[@]}"; do [ "$t" = wmma ] || ONLY_SELFTEST=0; done
 
 BLAS_INC=/usr/include/x86_64-linux-gnu/openblas-openmp
 BLAS_LIB=/usr/lib/x86_64-linux-gnu/openblas-openmp
@@ -42,7 +48,7 @@ LIBS="$BLAS_LIB/libopenblas.so -Wl,-rpath,$BLAS_LIB $(pkg-config --libs $PKGS) -
 # compile SRC OBJ CMD...: only when SRC (or an emulator file) is newer than OBJ
 stale() { [ ! -f "$2" ] || [ "$1" -nt "$2" ] || [ "$HERE/inc/cuda_runtime.h" -nt "$2" ] ||
           [ "$HERE/inc/cuda_runtime_api.h" -nt "$2" ] || [ "$HERE/inc/nccl.h" -nt "$2" ] ||
-          [ "$HERE/inc/cuda_bf16.h" -nt "$2" ] ||
+          [ "$HERE/inc/cuda_bf16.h" -nt "$2" ] || [ "$HERE/inc/mma.h" -nt "$2" ] ||
           [ "$HERE/convert.c" -nt "$2" ]; }
 
 # the .cu -> .cpp rewriter (tools/cuda-emu/convert.c)
@@ -52,7 +58,8 @@ if [ ! -x "$CONVERT" ] || [ "$HERE/convert.c" -nt "$CONVERT" ]; then
 fi
 
 jobs_file="$BUILD/jobs.txt"; : > "$jobs_file"
-for cu in "$ROOT"/kernels/cuda/*.cu; do
+CUS=("$ROOT"/kernels/cuda/*.cu); [ $ONLY_SELFTEST = 1 ] && CUS=()
+for cu in "${CUS[@]}"; do
   name=$(basename "$cu" .cu)
   src=$cu
   [ -n "${PATCHED_CU_DIR:-}" ] && [ -f "$PATCHED_CU_DIR/$name.cu" ] && src="$PATCHED_CU_DIR/$name.cu"
@@ -69,13 +76,20 @@ obj="$BUILD/obj/emu_runtime.o"
 if stale "$HERE/emu_runtime.cpp" "$obj" || [ "$HERE/inc/cublas_v2.h" -nt "$obj" ] || [ "$HERE/inc/cublasLt.h" -nt "$obj" ]; then
   echo "g++ $CXXFLAGS -c $HERE/emu_runtime.cpp -o $obj" >> "$jobs_file"
 fi
+obj="$BUILD/obj/selftest_wmma.o"
+if stale "$HERE/selftest_wmma.cu" "$obj"; then
+  "$CONVERT" "$HERE/selftest_wmma.cu" "$BUILD/src/selftest_wmma.cpp"
+  echo "g++ $CXXFLAGS -c $BUILD/src/selftest_wmma.cpp -o $obj" >> "$jobs_file"
+fi
 obj="$BUILD/obj/emu_nccl.o"
-if stale "$HERE/emu_nccl.cpp" "$obj"; then
+[ $ONLY_SELFTEST = 1 ] || if stale "$HERE/emu_nccl.cpp" "$obj"; then
   echo "g++ $CXXFLAGS $MPI_CXXFLAGS -c $HERE/emu_nccl.cpp -o $obj" >> "$jobs_file"
 fi
 CSRC=$(ls "$ROOT"/kernels/cpu/*.c "$ROOT"/train/*.c "$ROOT"/data/*.c "$ROOT"/tests/testutil.c |
        grep -v '/train/main\.c$')
-for c in $CSRC "$ROOT"/tests/cuda/test_*.c "$ROOT"/train/main.c; do
+CFILES="$CSRC $(echo "$ROOT"/tests/cuda/test_*.c) $ROOT/train/main.c"
+[ $ONLY_SELFTEST = 1 ] && CFILES=""
+for c in $CFILES; do
   rel=${c#$ROOT/}; obj="$BUILD/obj/$(echo "$rel" | tr / _ | sed 's/\.c$/.o/')"
   # headers: rebuild everything C when any repository header is newer than the object
   if stale "$c" "$obj" || [ -n "$(find "$ROOT/kernels" "$ROOT/train" "$ROOT/data" "$ROOT/tests" \
@@ -88,13 +102,15 @@ if [ -s "$jobs_file" ]; then
   echo "== building ($(wc -l < "$jobs_file") files, $JOBS jobs) into $BUILD"
   xargs -P "$JOBS" -I{} -d '\n' sh -c '{} || { echo "FAILED: {}" >&2; exit 255; }' < "$jobs_file"
 fi
-rm -f "$BUILD/libmoet_core_emu.a"
-ar rcs "$BUILD/libmoet_core_emu.a" $(for c in $CSRC; do rel=${c#$ROOT/}; echo "$BUILD/obj/$(echo "$rel" | tr / _ | sed 's/\.c$/.o/')"; done) \
-  "$BUILD"/obj/cu_*.o "$BUILD/obj/emu_runtime.o" "$BUILD/obj/emu_nccl.o"
+g++ -o "$BUILD/selftest_wmma" "$BUILD/obj/selftest_wmma.o" "$BUILD/obj/emu_runtime.o" $LIBS
 # test name -> program: kernels -> cuda_test_cuda_kernels (tests/cuda/test_cuda_kernels.c),
 # nccl_comm and nccl_stall -> cuda_test_nccl_comm (tests/cuda/test_nccl_comm.c)
 prog() { case $1 in nccl_*) echo cuda_test_nccl_comm ;; train_gpu) echo moet ;; gemm_lt_refused) echo cuda_test_cuda_gemm ;;
-          *) echo "cuda_test_cuda_$1" ;; esac; }
+          wmma) echo selftest_wmma ;; *) echo "cuda_test_cuda_$1" ;; esac; }
+if [ $ONLY_SELFTEST = 0 ]; then
+rm -f "$BUILD/libmoet_core_emu.a"
+ar rcs "$BUILD/libmoet_core_emu.a" $(for c in $CSRC; do rel=${c#$ROOT/}; echo "$BUILD/obj/$(echo "$rel" | tr / _ | sed 's/\.c$/.o/')"; done) \
+  "$BUILD"/obj/cu_*.o "$BUILD/obj/emu_runtime.o" "$BUILD/obj/emu_nccl.o"
 for t in kernels gemm moe_ops train nccl_comm; do
   p=$(prog "$t")
   g++ -o "$BUILD/$p" "$BUILD/obj/tests_cuda_${p#cuda_}.o" \
@@ -102,6 +118,7 @@ for t in kernels gemm moe_ops train nccl_comm; do
 done
 # the moet executable itself, for the CLI test of multi-rank training on (emulated) GPUs
 g++ -o "$BUILD/moet" "$BUILD/obj/train_main.o" "$BUILD/libmoet_core_emu.a" $LIBS
+fi
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe --mca btl tcp,self -np 2)
 
 status=0
@@ -114,6 +131,17 @@ for t in "${TESTS[@]}"; do
   start=$(date +%s)
   set +e
   case $t in
+  wmma) # the self-test, then each misuse must end in the emulator's fatal error
+    "$BUILD/selftest_wmma" > "$log" 2>&1
+    rc=$?
+    sed 's/^/  /' "$log"
+    for m in misaligned ldm store_misaligned oob divergent exited vote_mask; do
+      { (ulimit -c 0; exec "$BUILD/selftest_wmma" $m) > "$BUILD/test_wmma_$m.log" 2>&1; } 2>/dev/null
+      got=$?
+      msg=$(grep -m1 '^\*\*\* cuda-emu: ' "$BUILD/test_wmma_$m.log" | sed 's/^\*\*\* cuda-emu: //')
+      if [ $got -ne 0 ] && [ -n "$msg" ]; then echo "  ok $m: $msg"
+      else echo "  FAIL $m: exit $got, no fatal error (log $BUILD/test_wmma_$m.log)"; rc=1; fi
+    done ;;
   nccl_comm) # 2 ranks, one emulated GPU each
     EMU_DEVICES=2 "${MPIRUN[@]}" "$BUILD/$(prog "$t")" > "$log" 2>&1
     rc=$? ;;
@@ -148,7 +176,7 @@ for t in "${TESTS[@]}"; do
   set -e
   # the CUnit summary, the worst |err|/tol of each check (the maximum over its calls), the
   # train test's loss comparisons, and every message of the emulator or of a failed check
-  awk '/worst \|err\|\/tol =/ { n = $0; sub(/ *worst \|err\|\/tol = .*/, "", n); sub(/^ *Test: .*\.\.\. */, "", n); sub(/^ */, "", n); gsub(/ [^ ]*=[^ ]*/, "", n); gsub(/ [0-9]+x[0-9]+(x[0-9]+)?/, "", n);
+  [ "$t" = wmma ] || awk '/worst \|err\|\/tol =/ { n = $0; sub(/ *worst \|err\|\/tol = .*/, "", n); sub(/^ *Test: .*\.\.\. */, "", n); sub(/^ */, "", n); gsub(/ [^ ]*=[^ ]*/, "", n); gsub(/ [0-9]+x[0-9]+(x[0-9]+)?/, "", n);
          v = $NF + 0; if (!(n in w) || v > w[n]) w[n] = v; if (!(n in o)) o[n] = ++k; next }
        /Run Summary|suites|tests |asserts|Elapsed/ { sum = sum $0 "\n"; next }
        /cuda-emu|fatal|FAIL|differ|got |steps [0-9]|resume|skipped|Test: |^ok |^skip |train_gpu:/ { print }

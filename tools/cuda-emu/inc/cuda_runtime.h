@@ -55,6 +55,9 @@ extern char *emu_dyn_smem;
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
+#ifndef __align__
+#define __align__(n) __attribute__((aligned(n)))
+#endif
 
 void emu_syncthreads(const char *file, int line);
 #define __syncthreads() emu_syncthreads(__FILE__, __LINE__)
@@ -91,6 +94,24 @@ template <class T> T __shfl_down_sync(unsigned, T v, unsigned d, int w = 32) {
     return emu_shfl_(v, src >= w ? lane : lane + (int)d);
 }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu_syncwarp(); }
+
+// Warp votes: a barrier of the warp like a shuffle (every lane posts its predicate, then each
+// reads all), over the lanes that take part (exited lanes do not). The mask must name the
+// calling lane (fatal otherwise); like the shuffles, partial masks are not modelled: every
+// live lane of the warp must reach the vote, and the result covers them all, as on an H100.
+unsigned emu_warp_vote(const char *api, unsigned mask, int pred, unsigned *active);
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    unsigned active;
+    return emu_warp_vote("__ballot_sync", mask, pred, &active);
+}
+inline int __any_sync(unsigned mask, int pred) {
+    unsigned active;
+    return emu_warp_vote("__any_sync", mask, pred, &active) != 0;
+}
+inline int __all_sync(unsigned mask, int pred) {
+    unsigned active;
+    return emu_warp_vote("__all_sync", mask, pred, &active) == active;
+}
 
 // Math: plain libm (no --use_fast_math approximations, no FMA contraction).
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
