@@ -35,8 +35,9 @@
 // 24.8 ms per step against 21.0 (first version, which rescaled O on every tile where a row's max
 // grew), then 0.248 s against 0.247 s per step with the reference max of FA_STALE. WMMA keeps
 // S and P in shared memory (its fragments' layout is not documented), so each tile moves S, P
-// and sometimes O through shared memory besides the K and V fragments every warp loads: the
-// kernel is bound by shared-memory bandwidth, about 220 TFLOP/s on the causal half. Faster
+// and sometimes O through shared memory besides the K and V fragments every warp loads: by an
+// estimate of those bytes (not profiled with ncu) the kernel is bound by shared-memory
+// bandwidth; it reached about 220 TFLOP/s on the causal half. Faster
 // needs S and P in registers (mma.sync with a known layout, or wgmma), asynchronous K/V loads,
 // and a flash backward (the backward, 42 ms, still goes through (H,T,T) matrices).
 #include <math.h>
