@@ -241,28 +241,21 @@ static void attention_forward_bf16_(float *out, float *lse, const float *q, cons
     const long long TT = (long long)T * T;
     const float scale = 1.0f / sqrtf((float)Dh);
     const size_t blk = ws_align_((size_t)T * ld); // one sequence's q, k or v in bf16
-    if (cuda_attention_flash(Dh)) {               // attention_flash.cu: no scores in s
-        __nv_bfloat16 *q16 = gemm_workspace_(3 * blk);
-        __nv_bfloat16 *k16 = q16 + blk, *v16 = k16 + blk;
-        for (int b = 0; b < B; b++) {
-            const size_t base = (size_t)b * T * ld;
-            f32_to_bf16_rn_(q16, q + base, (size_t)T * ld);
-            f32_to_bf16_rn_(k16, k + base, (size_t)T * ld);
-            f32_to_bf16_rn_(v16, v + base, (size_t)T * ld);
-            cuda_attention_flash_forward_(out + base, lse + (size_t)b * H * T, q16, k16, v16, T, H,
-                                          Dh);
-        }
-        return;
-    }
+    const int flash = cuda_attention_flash(Dh);   // attention_flash.cu: no scores in s, no P
     const int hc = head_chunk_(3 * blk, (size_t)TT, 1, H);
     const int qblk = cuda_attention_query_block(T);
-    __nv_bfloat16 *q16 = gemm_workspace_(3 * blk + ws_align_((size_t)hc * TT));
+    __nv_bfloat16 *q16 = gemm_workspace_(3 * blk + (flash ? 0 : ws_align_((size_t)hc * TT)));
     __nv_bfloat16 *k16 = q16 + blk, *v16 = k16 + blk, *p16 = v16 + blk;
     for (int b = 0; b < B; b++) {
         const size_t base = (size_t)b * T * ld;
         f32_to_bf16_rn_(q16, q + base, (size_t)T * ld);
         f32_to_bf16_rn_(k16, k + base, (size_t)T * ld);
         f32_to_bf16_rn_(v16, v + base, (size_t)T * ld);
+        if (flash) {
+            cuda_attention_flash_forward_(out + base, lse + (size_t)b * H * T, q16, k16, v16, T, H,
+                                          Dh);
+            continue;
+        }
         // the scores as scores_ computes them: S^T (T,T) = scale * K (T,Dh) * Q^T (Dh,T)
         scores_bf16_(s, q16, k16, T, H, Dh, scale, qblk);
         softmax_pv_bf16_(out + base, lse + (size_t)b * H * T, s, v16, p16, T, T, H, Dh, hc, qblk);

@@ -164,8 +164,7 @@ __global__ void __launch_bounds__(FA_THREADS)
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         l = l * alpha + sum;
         m = m_new;
-        int grew = alpha != 1.0f;
-        for (int off = 16; off > 0; off /= 2) grew |= __shfl_xor_sync(0xffffffffu, grew, off);
+        const int grew = __any_sync(0xffffffffu, alpha != 1.0f); // some row's m moved
         __syncwarp(); // S is read; P is written
 
         // O = alpha O, through the staging area, where some row's max grew

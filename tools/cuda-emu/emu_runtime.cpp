@@ -805,32 +805,23 @@ void emu_wmma_check(const char *api, const void *p, unsigned ldm, size_t esz) {
                    "multiple of 16 bytes)",
                    api, ldm, mult, esz);
     const uintptr_t a = (uintptr_t)p, end = a + ((size_t)15 * ldm + 16) * esz;
+    // true when the tile starts in [lo, lo + size); fatal when it starts there and runs past
+    auto inside = [&](const char *what, uintptr_t lo, size_t size) {
+        if (a < lo || a >= lo + size) return false;
+        if (end > lo + size)
+            emu_fatal_("%s: the 16 x 16 tile at %p (ldm %u: %zu bytes from it) runs past the end "
+                       "of %s (%zu bytes at %p): OUT OF BOUNDS",
+                       api, p, ldm, (size_t)(end - a), what, size, (void *)lo);
+        return true;
+    };
     uintptr_t base;
     if (const Alloc *al = find_alloc_(p, &base)) {
-        if (end > base + al->size)
-            emu_fatal_("%s: the 16 x 16 tile at %p (ldm %u: %zu bytes from it) runs past the end "
-                       "of its device allocation [%p, +%zu): OUT OF BOUNDS",
-                       api, p, ldm, (size_t)(end - a), (void *)base, al->size);
+        inside("its device allocation", base, al->size);
         return;
     }
-    const uintptr_t d0 = (uintptr_t)emu_dyn_smem;
-    if (a >= d0 && a < d0 + dyn_smem_size_) {
-        if (end > d0 + dyn_smem_size_)
-            emu_fatal_("%s: the 16 x 16 tile at %p (ldm %u: %zu bytes from it) runs past the end "
-                       "of the dynamic shared memory (%zu bytes at %p): OUT OF BOUNDS",
-                       api, p, ldm, (size_t)(end - a), dyn_smem_size_, (void *)d0);
-        return;
-    }
-    for (auto &r : shared_regs_) {
-        const uintptr_t s0 = (uintptr_t)r.first;
-        if (a >= s0 && a < s0 + r.second) {
-            if (end > s0 + r.second)
-                emu_fatal_("%s: the 16 x 16 tile at %p (ldm %u: %zu bytes from it) runs past the "
-                           "end of its __shared__ array (%zu bytes at %p): OUT OF BOUNDS",
-                           api, p, ldm, (size_t)(end - a), r.second, (void *)s0);
-            return;
-        }
-    }
+    if (inside("the dynamic shared memory", (uintptr_t)emu_dyn_smem, dyn_smem_size_)) return;
+    for (auto &r : shared_regs_)
+        if (inside("its __shared__ array", (uintptr_t)r.first, r.second)) return;
     const uintptr_t k0 = (uintptr_t)cur_->stack;
     if (a >= k0 && end <= k0 + kStack) return; // the thread's local memory
     emu_fatal_("%s: %p is neither device memory nor shared memory (a host pointer, freed, or "
