@@ -11,6 +11,10 @@
 // - Matrices are row-major; weights are stored (out, in) as in HF / torch.nn.Linear.
 // - Every backward function ACCUMULATES (+=) into its gradient outputs, activations and
 //   parameters alike; the caller zeroes them. A NULL gradient output is skipped.
+//   Exceptions, marked WRITES below: the backward of an op whose input has no other way into
+//   the loss in the model (rope, swiglu, permute, unpermute, the grouped expert matmuls' input,
+//   the cross-entropy) writes (=) those gradients, so the caller neither zeroes them nor has
+//   them read back (less memory traffic). Parameter gradients always accumulate.
 // - Forward functions overwrite their outputs.
 // - Token-indexed activations are (N, C) with N = B*T in (b, t) order.
 
@@ -39,8 +43,8 @@ void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp
 
 // ---------------------------------------------------------------------------------------
 // RoPE, rotate-half layout (pairs i and i + Dh/2), HF convention; position = t within each
-// sequence. inp/out are (B,T,H,Dh) = (N, H*Dh). Forward may work in place (out == inp);
-// backward accumulates, so dinp must not alias dout.
+// sequence. inp/out are (B,T,H,Dh) = (N, H*Dh). Both may work in place (out == inp,
+// dinp == dout); backward WRITES dinp = R^T dout.
 void rope_forward(float *out, const float *inp, int B, int T, int H, int Dh, float theta);
 void rope_backward(float *dinp, const float *dout, int B, int T, int H, int Dh, float theta);
 // RoPE for generation: one sequence of T rows at positions pos0 .. pos0+T-1 (a prompt, or the
@@ -64,7 +68,7 @@ void attention_forward_cached(float *out, const float *q, const float *k, const 
                               int Tk, int H, int Dh);
 
 // ---------------------------------------------------------------------------------------
-// SwiGLU: out = silu(g) * u. out, g, u are (n)
+// SwiGLU: out = silu(g) * u. out, g, u are (n). Backward WRITES dg and du.
 void swiglu_forward(float *out, const float *g, const float *u, size_t n);
 void swiglu_backward(float *dg, float *du, const float *dout, const float *g, const float *u,
                      size_t n);
@@ -120,7 +124,7 @@ void moe_plan(int32_t *counts, int32_t *offsets, int32_t *row_token, int32_t *as
 
 // Permute: xp[r] = x[row_token[r]]. xp is (R,D), x is (N,D)
 void permute_forward(float *xp, const float *x, const int32_t *row_token, int R, int D);
-// dx[t] += sum_j dxp[assign_row[t*K+j]]: a gather per token, no atomics
+// WRITES dx[t] = sum_j dxp[assign_row[t*K+j]], j in order: a gather per token, no atomics
 void permute_backward(float *dx, const float *dxp, const int32_t *assign_row, int N, int K,
                       int D);
 
@@ -128,7 +132,8 @@ void permute_backward(float *dx, const float *dxp, const int32_t *assign_row, in
 // out is (N,D), yp is (R,D), topk_w is (N,K)
 void unpermute_forward(float *out, const float *yp, const float *topk_w,
                        const int32_t *assign_row, int N, int K, int D);
-// dyp[row] += w * dout[t]; dtopk_w[t,j] += dot(dout[t], yp[row])
+// WRITES dyp[row] = w * dout[t] and dtopk_w[t,j] = dot(dout[t], yp[row]) for every
+// assignment (t, j) and its row = assign_row[t*K+j]: every routed row once
 void unpermute_backward(float *dyp, float *dtopk_w, const float *dout, const float *yp,
                         const float *topk_w, const int32_t *assign_row, int N, int K, int D);
 
@@ -138,12 +143,20 @@ void unpermute_backward(float *dyp, float *dtopk_w, const float *dout, const flo
 // out is (R,OC), inp is (R,C), w is (E,OC,C), offsets is (E+1) with offsets[0] = 0
 void grouped_matmul_forward(float *out, const float *inp, const float *w,
                             const int32_t *offsets, int E, int C, int OC);
-// dinp is (R,C), dw is (E,OC,C); experts with no rows get no gradient
+// WRITES dinp[offsets[e]:offsets[e+1]] = dout[same rows] @ w[e] (the rows of every expert);
+// dw[e] += dout[rows]^T @ inp[rows]; experts with no rows get no gradient.
+// dinp is (R,C), dw is (E,OC,C)
 void grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
                              const float *w, const int32_t *offsets, int E, int C, int OC);
+// The backward of two grouped matmuls of the same input (the experts' gate and up): WRITES
+// dinp = dout_a @ w_a + dout_b @ w_b per expert (a's product, then b's added to it), and
+// dw_a, dw_b accumulate as in grouped_matmul_backward. Any output may be NULL.
+void grouped_matmul_backward_pair(float *dinp, float *dw_a, float *dw_b, const float *dout_a,
+                                  const float *dout_b, const float *inp, const float *w_a,
+                                  const float *w_b, const int32_t *offsets, int E, int C, int OC);
 
 // ---------------------------------------------------------------------------------------
-// The same four matmuls with bf16 operands and fp32 accumulation (kernels/cpu/gemm_bf16.c,
+// The same matmuls with bf16 operands and fp32 accumulation (kernels/cpu/gemm_bf16.c,
 // [train] precision = bf16 on cpu, through oneDNN): the operands are rounded to bf16 (nearest
 // even), the products and the accumulation into out / dinp / dw are fp32.
 // cpu_bf16_gemm_open returns 0 where they can run, else 1 with the reason in why (a build
@@ -157,6 +170,10 @@ void grouped_matmul_forward_bf16(float *out, const float *inp, const float *w,
                                  const int32_t *offsets, int E, int C, int OC);
 void grouped_matmul_backward_bf16(float *dinp, float *dw, const float *dout, const float *inp,
                                   const float *w, const int32_t *offsets, int E, int C, int OC);
+void grouped_matmul_backward_pair_bf16(float *dinp, float *dw_a, float *dw_b, const float *dout_a,
+                                       const float *dout_b, const float *inp, const float *w_a,
+                                       const float *w_b, const int32_t *offsets, int E, int C,
+                                       int OC);
 // bf16 of n floats, round to nearest even (NaN stays NaN), as the GEMMs above see them
 void bf16_round(uint16_t *dst, const float *src, size_t n);
 // The bf16 copy of the model's parameters that the matmuls above read their weights from
@@ -183,9 +200,8 @@ int cpu_bf16_weight_copy(void);
 double crossentropy_forward(float *losses, const float *logits, const int32_t *targets, int N,
                             int V);
 // Fused forward + backward in one pass over the logits: dlogits = scale*(softmax - onehot)
-// written (not accumulated: the one exception to the rule above) into dlogits, which may
-// alias logits; rows without target get 0. losses may be NULL.
-// Returns the summed loss, like crossentropy_forward.
+// WRITTEN (not accumulated) into dlogits, which may alias logits; rows without target get 0.
+// losses may be NULL. Returns the summed loss, like crossentropy_forward.
 double crossentropy_forward_backward(float *dlogits, float *losses, const float *logits,
                                      const int32_t *targets, int N, int V, float scale);
 

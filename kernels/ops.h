@@ -103,12 +103,13 @@ typedef struct Ops {
                                     int OC);
     // Optional (NULL: the two calls): the grouped matmul of one input with two weight tensors
     // (the experts' gate and up), with the results of grouped_matmul_forward on (out_a, w_a)
-    // then (out_b, w_b), and its backward, those of grouped_matmul_backward on (dw_a, dout_a,
-    // w_a) then (dw_b, dout_b, w_b) into the same dinp (dw_a and dw_b both or neither). For a
-    // backend that converts its operands (cuda: the input's rows once, not twice).
+    // then (out_b, w_b). For a backend that converts its operands (cuda: the input's rows once,
+    // not twice).
     void (*grouped_matmul_forward_pair)(float *out_a, float *out_b, const float *inp,
                                         const float *w_a, const float *w_b,
                                         const int32_t *offsets_host, int E, int C, int OC);
+    // The backward of those two (kernels.h; every backend has it: dinp is written, so two
+    // grouped_matmul_backward calls could not sum into it).
     void (*grouped_matmul_backward_pair)(float *dinp, float *dw_a, float *dw_b,
                                          const float *dout_a, const float *dout_b,
                                          const float *inp, const float *w_a, const float *w_b,

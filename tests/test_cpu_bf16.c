@@ -4,8 +4,9 @@
 // - every product equals a double-precision product of the bf16-rounded operands up to fp32
 //   summation error, and differs from the unrounded fp32 product by more than that (so the
 //   operands really are rounded);
-// - backward accumulates (beta = 1), NULL outputs are skipped, experts without rows get no
-//   gradient;
+// - backward accumulates (beta = 1), except the grouped matmuls' dinp, which is written
+//   (kernels.h; the pair's too: the sum of both products); NULL outputs are skipped, experts
+//   without rows get no gradient;
 // - the parameters' bf16 copy (params_register): the same bits as rounding the weights in every
 //   op, and after each kind of write exactly the stale blocks rounded again;
 // - a tiny MoE trains on ops_cpu_bf16() like on the fp32 reference: the losses of 20 steps
@@ -191,13 +192,17 @@ static void test_grouped(void) {
     const int R = off[E];
     float *inp = malloc((size_t)R * C * 4), *w = malloc((size_t)E * OC * C * 4);
     float *out = malloc((size_t)R * OC * 4), *dout = malloc((size_t)R * OC * 4);
-    float *di = calloc((size_t)R * C, 4), *dw = malloc((size_t)E * OC * C * 4);
+    float *di = malloc((size_t)R * C * 4), *dw = malloc((size_t)E * OC * C * 4);
+    float *dip = malloc((size_t)R * C * 4);
+    for (size_t i = 0; i < (size_t)R * C; i++) di[i] = dip[i] = NAN; // written over
     tu_fill_uniform(inp, (size_t)R * C, 21, 1.0f);
     tu_fill_uniform(w, (size_t)E * OC * C, 22, 0.5f);
     tu_fill_uniform(dout, (size_t)R * OC, 23, 0.1f);
     for (size_t i = 0; i < (size_t)E * OC * C; i++) dw[i] = 7.0f;
     grouped_matmul_forward_bf16(out, inp, w, off, E, C, OC);
     grouped_matmul_backward_bf16(di, dw, dout, inp, w, off, E, C, OC);
+    // the pair with the same weights and gradients twice: dinp = twice the product
+    grouped_matmul_backward_pair_bf16(dip, NULL, NULL, dout, dout, inp, w, w, off, E, C, OC);
     int ok = 1;
     for (int e = 0; e < E; e++) {
         const int r0 = off[e], n = off[e + 1] - r0;
@@ -211,6 +216,12 @@ static void test_grouped(void) {
         ok &= close_("grouped forward", out + (size_t)r0 * OC, NULL, want, mag, (size_t)n * OC,
                      C);
         free(want), free(mag);
+        want = malloc((size_t)n * C * 8), mag = malloc((size_t)n * C * 8);
+        ref_(want, mag, dout + (size_t)r0 * OC, we, n, C, OC, 0, 0); // dinp rows = dout @ w_e
+        ok &= close_("grouped dinp", di + (size_t)r0 * C, NULL, want, mag, (size_t)n * C, OC);
+        ok &= close_("pair dinp", dip + (size_t)r0 * C, di + (size_t)r0 * C, want, mag,
+                     (size_t)n * C, OC);
+        free(want), free(mag);
         double *ww = malloc((size_t)OC * C * 8), *mw = malloc((size_t)OC * C * 8);
         float seven[OC * C];
         for (int i = 0; i < OC * C; i++) seven[i] = 7.0f;
@@ -219,7 +230,7 @@ static void test_grouped(void) {
         free(ww), free(mw);
     }
     CU_ASSERT(ok);
-    free(inp), free(w), free(out), free(dout), free(di), free(dw);
+    free(inp), free(w), free(out), free(dout), free(di), free(dw), free(dip);
 }
 
 // ---------------------------------------------------------------------------------------

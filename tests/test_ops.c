@@ -1,6 +1,7 @@
 // test_ops: the CPU kernels of kernels/kernels.h. Forward results against naive references in
 // double written here; every backward against central finite differences of its forward, and
-// against itself called twice (backward accumulates); the MoE dispatch plan's invariants.
+// against itself called twice (a backward that accumulates gives twice the gradient, one that
+// WRITES, kernels.h, the same bits over NaN); the MoE dispatch plan's invariants.
 // Each op runs at a small size (every input element probed) and at a size above the kernels'
 // OpenMP thresholds (random probes), so that both the serial and the parallel paths are tested.
 #include "kernels/kernels.h"
@@ -76,6 +77,39 @@ static int check_doubled_(const char *name, const float *g2, const float *g1, si
     for (size_t i = 0; i < n; i++) want[i] = 2.0f * g1[i];
     int ok = tu_allclose(name, g2, want, n, 1e-6 * tu_max_abs(g1, n) + 1e-30, 1e-5);
     free(want);
+    return ok;
+}
+
+// A gradient buffer full of NaN, for the backward ops that WRITE their gradients: a NaN left
+// over, or read and added to, shows.
+static float *fnan_(Arena *a, size_t n) {
+    float *p = fa_(a, n);
+    for (size_t i = 0; i < n; i++) p[i] = NAN;
+    return p;
+}
+
+// got: what a writing backward left in a NaN-filled buffer (called twice: the second call
+// must not add); want: its result in a zeroed buffer. The same bits.
+static int check_written_(const char *name, const float *got, const float *want, size_t n) {
+    if (memcmp(got, want, n * sizeof(float)) == 0) return 1;
+    size_t i = 0;
+    while (i < n && memcmp(got + i, want + i, sizeof(float)) == 0) i++;
+    fprintf(stderr, "  %s: element %zu is %g, want %g (not written, or accumulated)\n", name, i,
+            got[i], want[i]);
+    return 0;
+}
+
+// A writing backward with two outputs, one of them NULL: the other is still written (equal
+// to want up to rounding: the loop may compile differently without the NULL one), and the
+// NULL one's buffer `untouched` still holds only NaN.
+static int check_alone_(const char *name, const float *got, const float *want, size_t n,
+                        const float *untouched, size_t n_untouched) {
+    int ok = tu_allclose(name, got, want, n, 1e-6 * tu_max_abs(want, n) + 1e-30, 1e-5);
+    for (size_t i = 0; i < n_untouched; i++)
+        if (!isnan(untouched[i])) {
+            fprintf(stderr, "  %s: the NULL output's buffer was written at %zu\n", name, i);
+            return 0;
+        }
     return ok;
 }
 
@@ -449,11 +483,14 @@ static void rope_case_(int B, int T, int H, int Dh, size_t max_probe) {
     rope_forward(inplace, inplace, B, T, H, Dh, theta);
     CU_ASSERT(memcmp(inplace, out, n * sizeof(float)) == 0);
 
-    float *g1 = fa_(&A, n), *g2 = fa_(&A, n);
+    float *g1 = fa_(&A, n), *g2 = fnan_(&A, n);
     rope_backward(g1, r, B, T, H, Dh, theta);
     rope_backward(g2, r, B, T, H, Dh, theta);
     rope_backward(g2, r, B, T, H, Dh, theta);
-    CU_ASSERT(check_doubled_("rope dinp doubled", g2, g1, n));
+    CU_ASSERT(check_written_("rope dinp written", g2, g1, n));
+    float *g3 = fcopy_(&A, r, n); // in place
+    rope_backward(g3, g3, B, T, H, Dh, theta);
+    CU_ASSERT(memcmp(g3, g1, n * sizeof(float)) == 0);
 
     FdOp op = {.fwd = rope_fwd_, .ctx = &c, .r = r, .n_out = n, .h = FD_H};
     CU_ASSERT(fd_check_("rope dinp", &op, inp, g1, n, max_probe, 6));
@@ -603,13 +640,17 @@ static void swiglu_case_(size_t n, size_t max_probe) {
     for (size_t i = 0; i < n; i++) want[i] = g[i] / (1.0 + exp(-(double)g[i])) * u[i];
     CU_ASSERT(allclose_d_("swiglu out", out, want, n, 1e-7, 1e-6));
 
-    float *dg = fa_(&A, n), *du = fa_(&A, n), *dg2 = fa_(&A, n), *du2 = fa_(&A, n);
+    float *dg = fa_(&A, n), *du = fa_(&A, n), *dg2 = fnan_(&A, n), *du2 = fnan_(&A, n);
     swiglu_backward(dg, du, r, g, u, n);
-    swiglu_backward(dg2, NULL, r, g, u, n);
     swiglu_backward(dg2, du2, r, g, u, n);
-    swiglu_backward(NULL, du2, r, g, u, n);
-    CU_ASSERT(check_doubled_("swiglu dg doubled", dg2, dg, n));
-    CU_ASSERT(check_doubled_("swiglu du doubled", du2, du, n));
+    swiglu_backward(dg2, du2, r, g, u, n);
+    CU_ASSERT(check_written_("swiglu dg written", dg2, dg, n));
+    CU_ASSERT(check_written_("swiglu du written", du2, du, n));
+    float *dg3 = fnan_(&A, n), *du3 = fnan_(&A, n);
+    swiglu_backward(dg3, NULL, r, g, u, n);
+    CU_ASSERT(check_alone_("swiglu dg alone", dg3, dg, n, du3, n));
+    swiglu_backward(NULL, du3, r, g, u, n);
+    CU_ASSERT(check_alone_("swiglu du alone", du3, du, n, NULL, 0));
 
     FdOp op = {.fwd = swi_fwd_, .ctx = &c, .r = r, .n_out = n, .h = FD_H};
     CU_ASSERT(fd_check_("swiglu dg", &op, g, dg, n, max_probe, 10));
@@ -938,11 +979,11 @@ static void permute_case_(int N, int K, int E, int D, size_t max_probe) {
     }
     CU_ASSERT(ok);
 
-    float *dx = fa_(&A, (size_t)N * D), *dx2 = fa_(&A, (size_t)N * D);
+    float *dx = fa_(&A, (size_t)N * D), *dx2 = fnan_(&A, (size_t)N * D);
     permute_backward(dx, r, assign_row, N, K, D);
     permute_backward(dx2, r, assign_row, N, K, D);
     permute_backward(dx2, r, assign_row, N, K, D);
-    CU_ASSERT(check_doubled_("permute dx doubled", dx2, dx, (size_t)N * D));
+    CU_ASSERT(check_written_("permute dx written", dx2, dx, (size_t)N * D));
     FdOp op = {.fwd = perm_fwd_, .ctx = &c, .r = r, .n_out = (size_t)R * D, .h = FD_H};
     CU_ASSERT(fd_check_("permute dx", &op, x, dx, (size_t)N * D, max_probe, 20));
     arena_free_(&A);
@@ -988,13 +1029,17 @@ static void unpermute_case_(int N, int K, int E, int D, size_t max_probe) {
     }
     CU_ASSERT(allclose_d_("unpermute out", out, want, no, 1e-6, 1e-6));
 
-    float *dyp = fa_(&A, ny), *dw = fa_(&A, R), *dyp2 = fa_(&A, ny), *dw2 = fa_(&A, R);
+    float *dyp = fa_(&A, ny), *dw = fa_(&A, R), *dyp2 = fnan_(&A, ny), *dw2 = fnan_(&A, R);
     unpermute_backward(dyp, dw, r, yp, w, assign_row, N, K, D);
-    unpermute_backward(dyp2, NULL, r, yp, w, assign_row, N, K, D);
     unpermute_backward(dyp2, dw2, r, yp, w, assign_row, N, K, D);
-    unpermute_backward(NULL, dw2, r, yp, w, assign_row, N, K, D);
-    CU_ASSERT(check_doubled_("unpermute dyp doubled", dyp2, dyp, ny));
-    CU_ASSERT(check_doubled_("unpermute dtopk_w doubled", dw2, dw, R));
+    unpermute_backward(dyp2, dw2, r, yp, w, assign_row, N, K, D);
+    CU_ASSERT(check_written_("unpermute dyp written", dyp2, dyp, ny));
+    CU_ASSERT(check_written_("unpermute dtopk_w written", dw2, dw, R));
+    float *dyp3 = fnan_(&A, ny), *dw3 = fnan_(&A, R);
+    unpermute_backward(dyp3, NULL, r, yp, w, assign_row, N, K, D);
+    CU_ASSERT(check_alone_("unpermute dyp alone", dyp3, dyp, ny, dw3, R));
+    unpermute_backward(NULL, dw3, r, yp, w, assign_row, N, K, D);
+    CU_ASSERT(check_alone_("unpermute dtopk_w alone", dw3, dw, R, NULL, 0));
     FdOp op = {.fwd = unperm_fwd_, .ctx = &c, .r = r, .n_out = no, .h = FD_H};
     CU_ASSERT(fd_check_("unpermute dyp", &op, yp, dyp, ny, max_probe, 21));
     CU_ASSERT(fd_check_("unpermute dtopk_w", &op, w, dw, R, max_probe, 22));
@@ -1036,13 +1081,14 @@ static void test_grouped_matmul(void) {
     }
     CU_ASSERT(allclose_d_("grouped_matmul out", out, want, R * OC, 1e-5, 1e-5));
 
-    float *di = fa_(&A, R * C), *dw = fa_(&A, E * OC * C), *di2 = fa_(&A, R * C);
+    // dinp is written, dw accumulates
+    float *di = fa_(&A, R * C), *dw = fa_(&A, E * OC * C), *di2 = fnan_(&A, R * C);
     float *dw2 = fa_(&A, E * OC * C);
     grouped_matmul_backward(di, dw, r, inp, w, offsets, E, C, OC);
     grouped_matmul_backward(di2, NULL, r, inp, w, offsets, E, C, OC);
     grouped_matmul_backward(di2, dw2, r, inp, w, offsets, E, C, OC);
     grouped_matmul_backward(NULL, dw2, r, inp, w, offsets, E, C, OC);
-    CU_ASSERT(check_doubled_("grouped_matmul dinp doubled", di2, di, R * C));
+    CU_ASSERT(check_written_("grouped_matmul dinp written", di2, di, R * C));
     CU_ASSERT(check_doubled_("grouped_matmul dw doubled", dw2, dw, E * OC * C));
     // the empty expert's gradient is left alone, whatever it holds
     float *dw3 = fa_(&A, E * OC * C);
@@ -1055,6 +1101,23 @@ static void test_grouped_matmul(void) {
     FdOp op = {.fwd = gmm_fwd_, .ctx = &c, .r = r, .n_out = R * OC, .h = FD_H};
     CU_ASSERT(fd_check_("grouped_matmul dinp", &op, inp, di, R * C, PROBES_ALL, 23));
     CU_ASSERT(fd_check_("grouped_matmul dw", &op, w, dw, E * OC * C, PROBES_ALL, 24));
+
+    // The pair (gate and up of the same input): dinp = a's + b's gradient, written over NaN;
+    // each dw accumulates as in the single op; with dinp NULL only the dw.
+    float *wb = fr_(&A, E * OC * C, 154, 0.5f), *rb = fr_(&A, R * OC, 155, 1.0f);
+    float *dib = fa_(&A, R * C), *dwb = fa_(&A, E * OC * C);
+    grouped_matmul_backward(dib, dwb, rb, inp, wb, offsets, E, C, OC);
+    float *dip = fnan_(&A, R * C), *dwpa = fa_(&A, E * OC * C), *dwpb = fa_(&A, E * OC * C);
+    grouped_matmul_backward_pair(dip, dwpa, dwpb, r, rb, inp, w, wb, offsets, E, C, OC);
+    grouped_matmul_backward_pair(dip, NULL, NULL, r, rb, inp, w, wb, offsets, E, C, OC);
+    float *sum = fa_(&A, R * C);
+    for (int i = 0; i < R * C; i++) sum[i] = di[i] + dib[i];
+    CU_ASSERT(tu_allclose("pair dinp", dip, sum, R * C, 1e-6 * tu_max_abs(sum, R * C), 1e-5));
+    CU_ASSERT(memcmp(dwpa, dw, sizeof(float) * E * OC * C) == 0);
+    CU_ASSERT(memcmp(dwpb, dwb, sizeof(float) * E * OC * C) == 0);
+    grouped_matmul_backward_pair(NULL, dwpa, dwpb, r, rb, inp, w, wb, offsets, E, C, OC);
+    CU_ASSERT(check_doubled_("pair dw_a doubled", dwpa, dw, E * OC * C));
+    CU_ASSERT(check_doubled_("pair dw_b doubled", dwpb, dwb, E * OC * C));
     arena_free_(&A);
 }
 

@@ -226,7 +226,6 @@ int dispatch_backward(Dispatcher *d, int l, const float *d_yp, DispatchRows *row
                                 (size_t)d->D * sizeof(float), err);
     if (rc) return rc;
     gather_rows_(d->ops, d->d_y, d->raw, ly->perm_d, ly->rows, d->D);
-    if (ly->rows > 0) d->ops->zero(d->d_x, (size_t)ly->rows * d->D * sizeof(float));
     rows_of_(d, ly, rows);
     grads->d_y = d->d_y;
     grads->d_x = d->d_x;

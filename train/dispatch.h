@@ -56,8 +56,9 @@ int dispatch_forward(Dispatcher *d, int l, const int32_t *counts, const float *x
 int dispatch_combine(Dispatcher *d, int l, float *yp, MoetErr *err);
 
 // Backward, layer l: d_yp (R,D) in plan order goes to the expert owners; returns the saved
-// rows of the layer and gradient scratch with grads->d_y filled (regrouped). The caller fills
-// grads->d_x (it is zeroed here), then calls dispatch_backward_return.
+// rows of the layer and gradient scratch with grads->d_y filled (regrouped). The caller writes
+// grads->d_x (every row; the experts' backward writes it, kernels.h), then calls
+// dispatch_backward_return.
 int dispatch_backward(Dispatcher *d, int l, const float *d_yp, DispatchRows *rows,
                       DispatchGrads *grads, MoetErr *err);
 // Sends grads->d_x back to the token owners: d_xp (R,D) in plan order (overwritten).

@@ -803,8 +803,7 @@ void model_backward(Model *m) {
             MoeLayerLoss rerun;
             layer_forward_(m, l, &rerun, NULL);
         }
-        // MLP block; d_res is d out = d h (residual) + the path through the MLP
-        k->zero_fill(m->d_ln, ND);
+        // MLP block; d_res is d out = d h (residual) + the path through the MLP (both write d_ln)
         if (m->E > 0) moe_backward(m, l, m->d_res, m->d_ln, lb_scale, z_scale);
         else mlp_backward(m, l, m->d_res, m->d_ln);
         k->rmsnorm_backward(m->d_res, gp->ln2, m->d_ln, a->h, p->ln2, a->ln2_rstd, N, D);
@@ -816,12 +815,10 @@ void model_backward(Model *m) {
         k->zero_fill(m->d_v, ND);
         k->attention_backward(m->d_qr, m->d_kr, m->d_v, m->d_att, a->att, a->att_lse, a->qr, a->kr,
                            a->v, B, T, H, Dh);
-        // RoPE backward into d_att (free again), then q_norm backward into d_q
-        k->zero_fill(m->d_att, ND);
+        // RoPE backward into d_att (free again; it writes), then q_norm backward into d_q
         k->rope_backward(m->d_att, m->d_qr, B, T, H, Dh, theta);
         k->zero_fill(m->d_q, ND);
         k->rmsnorm_backward(m->d_q, gp->q_norm, m->d_att, a->q, p->q_norm, a->qn_rstd, N, D);
-        k->zero_fill(m->d_att, ND);
         k->rope_backward(m->d_att, m->d_kr, B, T, H, Dh, theta);
         k->zero_fill(m->d_k, ND);
         k->rmsnorm_backward(m->d_k, gp->k_norm, m->d_att, a->k, p->k_norm, a->kn_rstd, N, D);

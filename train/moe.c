@@ -91,18 +91,13 @@ static void gate_up_forward_(const Ops *k, float *g, float *u, const float *x,
     k->grouped_matmul_forward(u, x, p->w_up, offsets, E, D, F);
 }
 
-// Its backward: dx += dg @ w_gate + du @ w_up (in that order), dw_gate += dg^T x, dw_up +=
-// du^T x; dx NULL, or dw_gate and dw_up both NULL, skips those.
+// Its backward: dx = dg @ w_gate + du @ w_up (written), dw_gate += dg^T x, dw_up += du^T x;
+// dx NULL, or dw_gate and dw_up both NULL, skips those.
 static void gate_up_backward_(const Ops *k, float *dx, float *dw_gate, float *dw_up,
                               const float *dg, const float *du, const float *x,
                               const LayerParams *p, const int32_t *offsets, int E, int D, int F) {
-    if (k->grouped_matmul_backward_pair) {
-        k->grouped_matmul_backward_pair(dx, dw_gate, dw_up, dg, du, x, p->w_gate, p->w_up,
-                                        offsets, E, D, F);
-        return;
-    }
-    k->grouped_matmul_backward(dx, dw_gate, dg, x, p->w_gate, offsets, E, D, F);
-    k->grouped_matmul_backward(dx, dw_up, du, x, p->w_up, offsets, E, D, F);
+    k->grouped_matmul_backward_pair(dx, dw_gate, dw_up, dg, du, x, p->w_gate, p->w_up, offsets, E,
+                                    D, F);
 }
 
 // Expert parallelism (m->disp): the routed rows travel to the ranks holding their experts, the
@@ -156,11 +151,6 @@ static void moe_backward_ep_(Model *m, int l) {
     DispatchGrads dg;
     ep_check_(dispatch_backward(m->disp, l, m->d_yp, &rw, &dg, &err), &err);
     size_t RF = (size_t)rw.rows * F;
-    if (RF > 0) {
-        k->zero_fill(dg.d_a, RF);
-        k->zero_fill(dg.d_g, RF);
-        k->zero_fill(dg.d_u, RF);
-    }
     // dgrad, and the input gradients start their way back
     k->grouped_matmul_backward(dg.d_a, NULL, dg.d_y, rw.a, p->w_down, rw.offsets, El, F, D);
     if (RF > 0) k->swiglu_backward(dg.d_g, dg.d_u, dg.d_a, rw.g, rw.u, RF);
@@ -186,25 +176,18 @@ void moe_backward(Model *m, int l, const float *d_out, float *d_ln2, double lb_s
     int64_t total = 0;
     for (int e = 0; e < E; e++) total += fc[e];
 
-    // combine
-    k->zero_fill(m->d_yp, (size_t)R * D);
-    k->zero_fill(m->d_topk_w, (size_t)N * K);
+    // combine (the backward ops here write their input gradients: no zeroing, kernels.h)
     k->unpermute_backward(m->d_yp, m->d_topk_w, d_out, a->yp, a->topk_w, a->assign_row, N, K, D);
     // experts
     if (m->disp) {
         moe_backward_ep_(m, l);
     } else {
-        k->zero_fill(m->d_a, (size_t)R * F);
-        k->grouped_matmul_backward(m->d_a, gp->w_down, m->d_yp, a->a, p->w_down, offsets, E, F,
-                                   D);
-        k->zero_fill(m->d_g, (size_t)R * F);
-        k->zero_fill(m->d_u, (size_t)R * F);
+        k->grouped_matmul_backward(m->d_a, gp->w_down, m->d_yp, a->a, p->w_down, offsets, E, F, D);
         k->swiglu_backward(m->d_g, m->d_u, m->d_a, a->g, a->u, (size_t)R * F);
-        k->zero_fill(m->d_xp, (size_t)R * D);
         gate_up_backward_(k, m->d_xp, gp->w_gate, gp->w_up, m->d_g, m->d_u, a->xp, p, offsets,
                           E, D, F);
     }
-    // dispatch
+    // dispatch: d_ln2 written here, the router's matmul below adds to it
     k->permute_backward(d_ln2, m->d_xp, a->assign_row, N, K, D);
 
     // router: lb = E * sum_e f_e * mean_t p_te, so d lb / d p_te = E * f_e / N (f constant,
@@ -241,9 +224,8 @@ void mlp_backward(Model *m, int l, const float *d_out, float *d_ln2) {
     int N = m->B * m->T, D = m->D, F = m->F;
     m->ops->zero_fill(m->d_a, (size_t)N * F);
     m->ops->matmul_backward(m->d_a, gp->w_down, d_out, a->a, p->w_down, N, F, D);
-    m->ops->zero_fill(m->d_g, (size_t)N * F);
-    m->ops->zero_fill(m->d_u, (size_t)N * F);
     m->ops->swiglu_backward(m->d_g, m->d_u, m->d_a, a->g, a->u, (size_t)N * F);
+    m->ops->zero_fill(d_ln2, (size_t)N * D);
     m->ops->matmul_backward(d_ln2, gp->w_gate, m->d_g, a->ln2, p->w_gate, N, D, F);
     m->ops->matmul_backward(d_ln2, gp->w_up, m->d_u, a->ln2, p->w_up, N, D, F);
 }

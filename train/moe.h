@@ -16,11 +16,12 @@ typedef struct {
 // (the counts behind the lb loss's f_e: this micro-batch's, or with m->lb_global_counts /
 // m->lb_global_comm the global batch's, which backward then uses too).
 void moe_forward(Model *m, int l, MoeLayerLoss *loss);
-// Backward: d_out (N,D) is the gradient reaching mlp_out; ACCUMULATES into d_ln2 (N,D) and the
-// layer's parameter gradients. lb_scale / z_scale are d(loss)/d(layer lb) and d(layer z).
+// Backward: d_out (N,D) is the gradient reaching mlp_out; WRITES d_ln2 (N,D), the gradient
+// reaching ln2, and ACCUMULATES into the layer's parameter gradients. lb_scale / z_scale are
+// d(loss)/d(layer lb) and d(layer z).
 void moe_backward(Model *m, int l, const float *d_out, float *d_ln2, double lb_scale,
                   double z_scale);
 
-// The dense SwiGLU MLP (n_experts = 0) in the same place.
+// The dense SwiGLU MLP (n_experts = 0) in the same place, with the same contract.
 void mlp_forward(Model *m, int l);
 void mlp_backward(Model *m, int l, const float *d_out, float *d_ln2);

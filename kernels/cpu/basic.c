@@ -116,15 +116,15 @@ void swiglu_forward(float *out, const float *g, const float *u, size_t n) {
     }
 }
 
-// silu(g) = g * s with s = sigmoid(g); d silu / dg = s * (1 + g * (1 - s)).
+// silu(g) = g * s with s = sigmoid(g); d silu / dg = s * (1 + g * (1 - s)). Writes dg, du.
 void swiglu_backward(float *dg, float *du, const float *dout, const float *g, const float *u,
                      size_t n) {
 #pragma omp parallel for simd schedule(static) if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         const float x = g[i];
         const float s = 1.0f / (1.0f + expf(-x));
-        if (dg) dg[i] += dout[i] * u[i] * s * (1.0f + x * (1.0f - s));
-        if (du) du[i] += dout[i] * x * s;
+        if (dg) dg[i] = dout[i] * u[i] * s * (1.0f + x * (1.0f - s));
+        if (du) du[i] = dout[i] * x * s;
     }
 }
 

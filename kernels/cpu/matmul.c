@@ -5,6 +5,7 @@
 #include "kernels/kernels.h"
 
 #include <cblas.h>
+#include <string.h>
 
 // out is (N,OC), inp is (N,C), w is (OC,C)
 void matmul_forward(float *out, const float *inp, const float *w, int N, int C, int OC) {
@@ -48,10 +49,15 @@ static void grouped_forward_(MatmulFwd mm, float *out, const float *inp, const f
     }
 }
 
+// dinp_written: dinp's rows [0, offsets[E]) are zeroed first, so that the matmuls' sums into
+// them (beta = 1) write them (kernels.h); else they accumulate onto what is there. dw
+// accumulates.
 // dinp is (R,C), dw is (E,OC,C), dout is (R,OC), inp is (R,C), w is (E,OC,C)
 static void grouped_backward_(MatmulBwd mm, float *dinp, float *dw, const float *dout,
                               const float *inp, const float *w, const int32_t *offsets, int E,
-                              int C, int OC) {
+                              int C, int OC, int dinp_written) {
+    if (dinp && dinp_written && offsets[E] > 0)
+        memset(dinp, 0, (size_t)offsets[E] * C * sizeof(float));
     for (int e = 0; e < E; e++) {
         const int r0 = offsets[e], n = offsets[e + 1] - r0;
         if (n <= 0) continue;
@@ -67,7 +73,15 @@ void grouped_matmul_forward(float *out, const float *inp, const float *w, const 
 
 void grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
                              const float *w, const int32_t *offsets, int E, int C, int OC) {
-    grouped_backward_(matmul_backward, dinp, dw, dout, inp, w, offsets, E, C, OC);
+    grouped_backward_(matmul_backward, dinp, dw, dout, inp, w, offsets, E, C, OC, 1);
+}
+
+// dinp = dout_a @ w_a + dout_b @ w_b (written), dw_a and dw_b accumulate
+void grouped_matmul_backward_pair(float *dinp, float *dw_a, float *dw_b, const float *dout_a,
+                                  const float *dout_b, const float *inp, const float *w_a,
+                                  const float *w_b, const int32_t *offsets, int E, int C, int OC) {
+    grouped_backward_(matmul_backward, dinp, dw_a, dout_a, inp, w_a, offsets, E, C, OC, 1);
+    grouped_backward_(matmul_backward, dinp, dw_b, dout_b, inp, w_b, offsets, E, C, OC, 0);
 }
 
 void grouped_matmul_forward_bf16(float *out, const float *inp, const float *w,
@@ -77,5 +91,13 @@ void grouped_matmul_forward_bf16(float *out, const float *inp, const float *w,
 
 void grouped_matmul_backward_bf16(float *dinp, float *dw, const float *dout, const float *inp,
                                   const float *w, const int32_t *offsets, int E, int C, int OC) {
-    grouped_backward_(matmul_backward_bf16, dinp, dw, dout, inp, w, offsets, E, C, OC);
+    grouped_backward_(matmul_backward_bf16, dinp, dw, dout, inp, w, offsets, E, C, OC, 1);
+}
+
+void grouped_matmul_backward_pair_bf16(float *dinp, float *dw_a, float *dw_b, const float *dout_a,
+                                       const float *dout_b, const float *inp, const float *w_a,
+                                       const float *w_b, const int32_t *offsets, int E, int C,
+                                       int OC) {
+    grouped_backward_(matmul_backward_bf16, dinp, dw_a, dout_a, inp, w_a, offsets, E, C, OC, 1);
+    grouped_backward_(matmul_backward_bf16, dinp, dw_b, dout_b, inp, w_b, offsets, E, C, OC, 0);
 }

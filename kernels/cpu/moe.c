@@ -37,12 +37,14 @@ void permute_forward(float *xp, const float *x, const int32_t *row_token, int R,
     }
 }
 
+// Writes dx: 0 + the K rows in order (the same sums as accumulating into a zeroed dx).
 // dx is (N,D), dxp is (R,D), assign_row is (N,K)
 void permute_backward(float *dx, const float *dxp, const int32_t *assign_row, int N, int K, int D) {
     if (!dx) return;
 #pragma omp parallel for schedule(static) if ((size_t)N * K * D >= PAR_MIN)
     for (int t = 0; t < N; t++) {
         float *dst = dx + (size_t)t * D;
+        for (int c = 0; c < D; c++) dst[c] = 0.0f;
         for (int j = 0; j < K; j++) {
             const float *src = dxp + (size_t)assign_row[(size_t)t * K + j] * D;
             for (int c = 0; c < D; c++) dst[c] += src[c];
@@ -65,7 +67,8 @@ void unpermute_forward(float *out, const float *yp, const float *topk_w, const i
     }
 }
 
-// Every routed row belongs to exactly one (t, j), so the loop over tokens writes disjoint rows.
+// Every routed row belongs to exactly one (t, j), so the loop over tokens writes disjoint rows,
+// each once.
 // dyp is (R,D), dtopk_w is (N,K), dout is (N,D), yp is (R,D), topk_w and assign_row are (N,K)
 void unpermute_backward(float *dyp, float *dtopk_w, const float *dout, const float *yp,
                         const float *topk_w, const int32_t *assign_row, int N, int K, int D) {
@@ -77,10 +80,10 @@ void unpermute_backward(float *dyp, float *dtopk_w, const float *dout, const flo
             const size_t row = (size_t)assign_row[a] * D;
             if (dyp) {
                 const float w = topk_w[a];
-                for (int c = 0; c < D; c++) dyp[row + c] += w * g[c];
+                for (int c = 0; c < D; c++) dyp[row + c] = w * g[c];
             }
             if (dtopk_w) {
-                dtopk_w[a] += (float)lane_dot(g, yp + row, (size_t)D);
+                dtopk_w[a] = (float)lane_dot(g, yp + row, (size_t)D);
             }
         }
     }

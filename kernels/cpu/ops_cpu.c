@@ -73,6 +73,7 @@ static const Ops cpu_ops_ = {
     .unpermute_backward = unpermute_backward,
     .grouped_matmul_forward = grouped_matmul_forward,
     .grouped_matmul_backward = grouped_matmul_backward,
+    .grouped_matmul_backward_pair = grouped_matmul_backward_pair,
     .crossentropy_forward = crossentropy_forward,
     .crossentropy_forward_backward = crossentropy_forward_backward,
     .adamw_update = adamw_update,
@@ -122,7 +123,7 @@ int ops_cpu_bf16_open(char *info, int infolen) {
 }
 
 const Ops *ops_cpu_bf16(void) {
-    // the reference table with the four matmuls swapped and the writers of the parameters
+    // the reference table with the matmuls swapped and the writers of the parameters
     // wrapped (above); filled on first use (C has no designated copy-and-override
     // initialiser), always with the same values
     if (!cpu_bf16_ops_.name) {
@@ -131,6 +132,7 @@ const Ops *ops_cpu_bf16(void) {
         o.matmul_backward = matmul_backward_bf16;
         o.grouped_matmul_forward = grouped_matmul_forward_bf16;
         o.grouped_matmul_backward = grouped_matmul_backward_bf16;
+        o.grouped_matmul_backward_pair = grouped_matmul_backward_pair_bf16;
         o.params_register = cpu_bf16_weights_register;
         o.params_written = cpu_bf16_weights_written;
         o.free = bf16_free_;

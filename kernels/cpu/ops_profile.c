@@ -272,7 +272,7 @@ static void rope_backward_(float *dinp, const float *dout, int B, int T, int H, 
                            float theta) {
     const int a = begin_();
     IN_->rope_backward(dinp, dout, B, T, H, Dh, theta);
-    end_(OP_rope_backward, a, 0.0, 12.0 * B * T * H * Dh, 0, 0);
+    end_(OP_rope_backward, a, 0.0, 8.0 * B * T * H * Dh, 0, 0);
 }
 static void rope_forward_at_(float *out, const float *inp, int T, int H, int Dh, float theta,
                              int pos0) {
@@ -308,7 +308,7 @@ static void swiglu_backward_(float *dg, float *du, const float *dout, const floa
                              const float *u, size_t n) {
     const int a = begin_();
     IN_->swiglu_backward(dg, du, dout, g, u, n);
-    end_(OP_swiglu_backward, a, 0.0, 4.0 * n * (3 + 2 * (dg != NULL) + 2 * (du != NULL)), 0, 0);
+    end_(OP_swiglu_backward, a, 0.0, 4.0 * n * (3 + (dg != NULL) + (du != NULL)), 0, 0);
 }
 static void add_forward_(float *out, const float *x, const float *y, size_t n) {
     const int a = begin_();
@@ -352,7 +352,7 @@ static void permute_backward_(float *dx, const float *dxp, const int32_t *assign
                               int D) {
     const int a = begin_();
     IN_->permute_backward(dx, dxp, assign_row, N, K, D);
-    end_(OP_permute_backward, a, 0.0, 4.0 * N * D * (K + 2), 0, 0);
+    end_(OP_permute_backward, a, 0.0, 4.0 * N * D * (K + 1), 0, 0);
 }
 static void unpermute_forward_(float *out, const float *yp, const float *topk_w,
                                const int32_t *assign_row, int N, int K, int D) {
@@ -366,7 +366,7 @@ static void unpermute_backward_(float *dyp, float *dtopk_w, const float *dout, c
     const int a = begin_();
     IN_->unpermute_backward(dyp, dtopk_w, dout, yp, topk_w, assign_row, N, K, D);
     end_(OP_unpermute_backward, a, 0.0,
-         4.0 * N * D * (1 + 2.0 * K * (dyp != NULL) + 1.0 * K * (dtopk_w != NULL)), 0, 0);
+         4.0 * N * D * (1 + 1.0 * K * (dyp != NULL) + 1.0 * K * (dtopk_w != NULL)), 0, 0);
 }
 // rows of the grouped matmuls: offsets_host (E+1) is a HOST array
 static double rows_(const int32_t *offsets_host, int E) {

@@ -187,6 +187,13 @@ static void sh_grouped_matmul_backward_(float *dinp, float *dw, const float *dou
                                         int OC) {
     grouped_matmul_backward(F_(dinp), F_(dw), F_(dout), F_(inp), F_(w), offsets_host, E, C, OC);
 }
+static void sh_grouped_matmul_backward_pair_(float *dinp, float *dw_a, float *dw_b,
+                                             const float *dout_a, const float *dout_b,
+                                             const float *inp, const float *w_a, const float *w_b,
+                                             const int32_t *offsets_host, int E, int C, int OC) {
+    grouped_matmul_backward_pair(F_(dinp), F_(dw_a), F_(dw_b), F_(dout_a), F_(dout_b), F_(inp),
+                                 F_(w_a), F_(w_b), offsets_host, E, C, OC);
+}
 static double sh_crossentropy_forward_(float *losses, const float *logits, const int32_t *targets,
                                        int N, int V) {
     return crossentropy_forward(F_(losses), F_(logits), I_(targets), N, V);
@@ -246,6 +253,7 @@ static const Ops shadow_ops_ = {
     .unpermute_backward = sh_unpermute_backward_,
     .grouped_matmul_forward = sh_grouped_matmul_forward_,
     .grouped_matmul_backward = sh_grouped_matmul_backward_,
+    .grouped_matmul_backward_pair = sh_grouped_matmul_backward_pair_,
     .crossentropy_forward = sh_crossentropy_forward_,
     .crossentropy_forward_backward = sh_crossentropy_forward_backward_,
     .adamw_update = sh_adamw_update_,

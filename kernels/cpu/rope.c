@@ -10,8 +10,8 @@
 #define PAR_MIN 65536
 
 // Rotates every (b, t, h) row of src by +angle (dir = 1, forward) or -angle (dir = -1, the
-// transpose, backward). dst = R src when acc = 0, dst += R src when acc = 1. Both elements of
-// a pair are read before either is written, so dst may alias src when acc = 0.
+// transpose, backward): dst = R src. Both elements of a pair are read before either is
+// written, so dst may alias src.
 // Per position t the cos and sin of ROPE_CHUNK pairs go into small arrays first; then every
 // (b, h) row takes them in a loop over consecutive pairs, which vectorizes (a loop over the
 // rows for one pair at a time, stride Dh, did not: 13-15 GB/s).
@@ -19,7 +19,7 @@
 enum { ROPE_CHUNK = 64 };
 
 static void rope_apply_(float *dst, const float *src, int B, int T, int H, int Dh, float theta,
-                        float dir, int acc, int pos0) {
+                        float dir, int pos0) {
     const int half = Dh / 2;
     const size_t ld = (size_t)H * Dh;
 #pragma omp parallel for schedule(static) if ((size_t)B * T * H * Dh >= PAR_MIN)
@@ -38,20 +38,11 @@ static void rope_apply_(float *dst, const float *src, int B, int T, int H, int D
                     const size_t o = ((size_t)b * T + t) * ld + (size_t)h * Dh + (size_t)i0;
                     const float *x1 = src + o, *x2 = src + o + half;
                     float *y1 = dst + o, *y2 = dst + o + half;
-                    if (acc) {
 #pragma omp simd
-                        for (int i = 0; i < ni; i++) {
-                            const float a = x1[i], e = x2[i];
-                            y1[i] += a * c[i] - e * s[i];
-                            y2[i] += e * c[i] + a * s[i];
-                        }
-                    } else {
-#pragma omp simd
-                        for (int i = 0; i < ni; i++) {
-                            const float a = x1[i], e = x2[i];
-                            y1[i] = a * c[i] - e * s[i];
-                            y2[i] = e * c[i] + a * s[i];
-                        }
+                    for (int i = 0; i < ni; i++) {
+                        const float a = x1[i], e = x2[i];
+                        y1[i] = a * c[i] - e * s[i];
+                        y2[i] = e * c[i] + a * s[i];
                     }
                 }
             }
@@ -61,16 +52,16 @@ static void rope_apply_(float *dst, const float *src, int B, int T, int H, int D
 
 // out, inp are (B,T,H,Dh) and may be the same buffer
 void rope_forward(float *out, const float *inp, int B, int T, int H, int Dh, float theta) {
-    rope_apply_(out, inp, B, T, H, Dh, theta, 1.0f, 0, 0);
+    rope_apply_(out, inp, B, T, H, Dh, theta, 1.0f, 0);
 }
 
 void rope_forward_at(float *out, const float *inp, int T, int H, int Dh, float theta, int pos0) {
-    rope_apply_(out, inp, 1, T, H, Dh, theta, 1.0f, 0, pos0);
+    rope_apply_(out, inp, 1, T, H, Dh, theta, 1.0f, pos0);
 }
 
-// The rotation is orthogonal: dinp += R^T dout = R(-angle) dout.
-// dinp, dout are (B,T,H,Dh); dinp must not alias dout (it accumulates)
+// The rotation is orthogonal: dinp = R^T dout = R(-angle) dout (written, not accumulated).
+// dinp, dout are (B,T,H,Dh) and may be the same buffer
 void rope_backward(float *dinp, const float *dout, int B, int T, int H, int Dh, float theta) {
     if (!dinp) return;
-    rope_apply_(dinp, dout, B, T, H, Dh, theta, -1.0f, 1, 0);
+    rope_apply_(dinp, dout, B, T, H, Dh, theta, -1.0f, 0);
 }

@@ -161,7 +161,8 @@ void cuda_rmsnorm_backward(float *dx, float *dw, const float *dout, const float 
 
 // ---------------------------------------------------------------------------------------
 // SwiGLU: out = silu(g) * u with silu(g) = g * s, s = sigmoid(g); d silu / dg =
-// s * (1 + g * (1 - s)). Written as in the CPU op, operation for operation.
+// s * (1 + g * (1 - s)). Written as in the CPU op, operation for operation; the backward
+// writes dg and du (kernels.h).
 static __global__ void swiglu_forward_kernel(float *out, const float *g, const float *u, size_t n) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
@@ -175,8 +176,8 @@ static __global__ void swiglu_backward_kernel(float *dg, float *du, const float 
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         const float gi = g[i], s = 1.0f / (1.0f + expf(-gi)), d = dout[i];
-        if (dg) dg[i] += d * u[i] * s * (1.0f + gi * (1.0f - s));
-        if (du) du[i] += d * gi * s;
+        if (dg) dg[i] = d * u[i] * s * (1.0f + gi * (1.0f - s));
+        if (du) du[i] = d * gi * s;
     }
 }
 

@@ -578,8 +578,9 @@ void f32_to_bf16_rn_(__nv_bfloat16 *out, const float *in, size_t n) {
 // The experts' gate and up projections go through as one pair (nmat = 2: two weight tensors,
 // one input, its rows converted once). Forward:
 //   out (R,OC) = inp (R,C) @ w_e^T per expert; workspace: weights, inp rows.
-// Backward (each output optional): dinp += dout @ w_e; dw_e += dout^T @ inp, the latter summed
-// over the pieces (beta = 1). Workspace: weights (dinp only), dout rows, inp rows (dw only).
+// Backward (each output optional): dinp = dout @ w_e (grouped: written, beta = 0; dense:
+// accumulated); dw_e += dout^T @ inp, summed over the pieces (beta = 1). Workspace: weights
+// (dinp only), dout rows, inp rows (dw only).
 // cuBLAS cannot take the experts in one call here: cublasGemmGroupedBatchedEx (cuBLAS 12.5+)
 // accepts bf16 A and B only with a bf16 C, and the outputs must stay fp32.
 
@@ -708,14 +709,16 @@ static void grouped_forward_bf16_(float *const *out, const float *inp, const flo
     }
 }
 
-// The backward of grouped_forward_bf16_ (each output optional: dinp, or dw[0..nmat) together):
-//   dinp += dout[m] @ w[m]_e for m = 0, 1 in that order; dw[m]_e += dout[m]^T @ inp, summed
-//   over the pieces (beta = 1).
+// The backward of grouped_forward_bf16_ (each output optional, NULL: skipped):
+//   dinp = dinp_beta * dinp + dout[0] @ w[0]_e (+ dout[1] @ w[1]_e, added after), so with
+//   dinp_beta = 0 every row of an expert is written (kernels.h), with 1 accumulated (the dense
+//   matmul); dw[m]_e += dout[m]^T @ inp, summed over the pieces (beta = 1).
 // Workspace: the weights (dinp only), the dout[m] rows, the inp rows (dw only).
 static void grouped_backward_bf16_(float *dinp, float *const *dw, const float *const *dout,
                                    const float *inp, const float *const *w, int nmat,
-                                   const int32_t *off, int E, int C, int OC) {
-    const int with_dw = dw[0] != NULL;
+                                   const int32_t *off, int E, int C, int OC, float dinp_beta) {
+    int with_dw = 0; // any dw[m]: the inp rows are converted
+    for (int m = 0; m < nmat; m++) with_dw |= dw[m] != NULL;
     const size_t wsz = dinp ? (size_t)OC * C : 0; // the weights only for dinp
     size_t width[3];                               // dout[m] rows; inp rows only for dw
     int nwidth = 0;
@@ -756,11 +759,11 @@ static void grouped_backward_bf16_(float *dinp, float *const *dw, const float *c
                 lane_ = lane_of_(i++, lanes); // an expert's GEMMs on one lane, in order
                 for (int m = 0; m < nmat; m++) {
                     const __nv_bfloat16 *g = gb[m] + (size_t)(r0 - a) * OC;
-                    if (dinp) // column-major: dinp^T (C,n) += w_e^T (C,OC) * dout^T (OC,n)
+                    if (dinp) // column-major: dinp^T (C,n) = w_e^T (C,OC) * dout^T (OC,n) + beta
                         gemm_bf16_(CUBLAS_OP_N, CUBLAS_OP_N, C, r1 - r0, OC, 1.0f,
-                                   wsrc[m] + (size_t)(e - e0) * wsz, C, g, OC, 1.0f,
-                                   dinp + (size_t)r0 * C, C);
-                    if (with_dw) // column-major: dw_e^T (C,OC) += inp^T (C,n) * dout (n,OC)
+                                   wsrc[m] + (size_t)(e - e0) * wsz, C, g, OC,
+                                   m == 0 ? dinp_beta : 1.0f, dinp + (size_t)r0 * C, C);
+                    if (dw[m]) // column-major: dw_e^T (C,OC) += inp^T (C,n) * dout (n,OC)
                         gemm_bf16_(CUBLAS_OP_N, CUBLAS_OP_T, C, OC, r1 - r0, 1.0f,
                                    xb + (size_t)(r0 - a) * C, C, g, OC, 1.0f,
                                    dw[m] + (size_t)e * OC * C, C);
@@ -792,20 +795,13 @@ void cuda_matmul_forward(float *out, const float *inp, const float *w, int N, in
     gemm_f32_(CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, 1.0f, w, C, inp, C, 0.0f, out, OC);
 }
 
-// dinp += dout @ w; dw += dout^T @ inp (beta = 1: backward accumulates); NULL outputs skipped.
-// dinp is (N,C), dw is (OC,C), dout is (N,OC), inp is (N,C), w is (OC,C)
-void cuda_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
-                          const float *w, int N, int C, int OC) {
-    if (N <= 0 || C <= 0 || OC <= 0 || (!dinp && !dw)) return;
-    if (gemm_bf16_operands_()) {
-        const int32_t off[2] = {0, N};
-        grouped_backward_bf16_(dinp, &dw, &dout, inp, &w, 1, off, 1, C, OC);
-        return;
-    }
+// The fp32 matmul backward: dinp = dinp_beta * dinp + dout @ w; dw += dout^T @ inp.
+static void matmul_backward_f32_(float *dinp, float *dw, const float *dout, const float *inp,
+                                 const float *w, int N, int C, int OC, float dinp_beta) {
     if (dinp) {
-        // column-major: dinp^T (C,N) += w^T (C,OC) * dout^T (OC,N)
+        // column-major: dinp^T (C,N) = w^T (C,OC) * dout^T (OC,N) + beta dinp^T
         // (w stored as the column-major (C,OC) w^T: op N; dout as the column-major dout^T: op N)
-        gemm_f32_(CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, 1.0f, w, C, dout, OC, 1.0f, dinp, C);
+        gemm_f32_(CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, 1.0f, w, C, dout, OC, dinp_beta, dinp, C);
     }
     if (dw) {
         // column-major: dw^T (C,OC) += inp^T (C,N) * dout (N,OC)
@@ -813,6 +809,19 @@ void cuda_matmul_backward(float *dinp, float *dw, const float *dout, const float
         // dout^T, transposed back: op T)
         gemm_f32_(CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, 1.0f, inp, C, dout, OC, 1.0f, dw, C);
     }
+}
+
+// dinp += dout @ w; dw += dout^T @ inp (beta = 1: backward accumulates); NULL outputs skipped.
+// dinp is (N,C), dw is (OC,C), dout is (N,OC), inp is (N,C), w is (OC,C)
+void cuda_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                          const float *w, int N, int C, int OC) {
+    if (N <= 0 || C <= 0 || OC <= 0 || (!dinp && !dw)) return;
+    if (gemm_bf16_operands_()) {
+        const int32_t off[2] = {0, N};
+        grouped_backward_bf16_(dinp, &dw, &dout, inp, &w, 1, off, 1, C, OC, 1.0f);
+        return;
+    }
+    matmul_backward_f32_(dinp, dw, dout, inp, w, N, C, OC, 1.0f);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -835,22 +844,38 @@ void cuda_grouped_matmul_forward(float *out, const float *inp, const float *w,
     }
 }
 
-// dinp is (R,C), dw is (E,OC,C), dout is (R,OC); experts without rows keep their dw untouched.
+// The fp32 grouped backward: per expert with rows, matmul_backward_f32_ with dinp_beta.
+static void grouped_backward_f32_(float *dinp, float *dw, const float *dout, const float *inp,
+                                  const float *w, const int32_t *off, int E, int C, int OC,
+                                  float dinp_beta) {
+    for (int e = 0; e < E; e++) {
+        const int r0 = off[e], n = off[e + 1] - r0;
+        if (n <= 0) continue;
+        matmul_backward_f32_(dinp ? dinp + (size_t)r0 * C : NULL,
+                             dw ? dw + (size_t)e * OC * C : NULL, dout + (size_t)r0 * OC,
+                             inp + (size_t)r0 * C, w + (size_t)e * OC * C, n, C, OC, dinp_beta);
+    }
+}
+
+// 1 where a grouped backward has no GEMM to run: no rows, C = 0, or OC = 0, where dinp, which
+// the op writes (kernels.h), is the empty sum: its rows are zeroed.
+static int grouped_backward_trivial_(float *dinp, const int32_t *off, int E, int C, int OC) {
+    if (E <= 0 || C <= 0 || off[E] <= 0) return 1;
+    if (OC > 0) return 0;
+    if (dinp) CUDA_CHECK(cudaMemsetAsync(dinp, 0, (size_t)off[E] * C * sizeof(float), 0));
+    return 1;
+}
+
+// dinp (R,C) written; dw (E,OC,C) accumulated, experts without rows keep theirs untouched;
+// dout is (R,OC).
 void cuda_grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
                                   const float *w, const int32_t *offsets_host, int E, int C,
                                   int OC) {
-    if (!dinp && !dw) return;
-    if (E > 0 && C > 0 && OC > 0 && gemm_bf16_operands_()) {
-        grouped_backward_bf16_(dinp, &dw, &dout, inp, &w, 1, offsets_host, E, C, OC);
-        return;
-    }
-    for (int e = 0; e < E; e++) {
-        const int r0 = offsets_host[e], n = offsets_host[e + 1] - r0;
-        if (n <= 0) continue;
-        cuda_matmul_backward(dinp ? dinp + (size_t)r0 * C : NULL,
-                             dw ? dw + (size_t)e * OC * C : NULL, dout + (size_t)r0 * OC,
-                             inp + (size_t)r0 * C, w + (size_t)e * OC * C, n, C, OC);
-    }
+    if ((!dinp && !dw) || grouped_backward_trivial_(dinp, offsets_host, E, C, OC)) return;
+    if (gemm_bf16_operands_())
+        grouped_backward_bf16_(dinp, &dw, &dout, inp, &w, 1, offsets_host, E, C, OC, 0.0f);
+    else
+        grouped_backward_f32_(dinp, dw, dout, inp, w, offsets_host, E, C, OC, 0.0f);
 }
 
 // The experts' gate and up projections of the same rows (Ops.grouped_matmul_forward_pair):
@@ -869,19 +894,20 @@ void cuda_grouped_matmul_forward_pair(float *out_a, float *out_b, const float *i
     cuda_grouped_matmul_forward(out_b, inp, w_b, offsets_host, E, C, OC);
 }
 
-// Its backward (Ops.grouped_matmul_backward_pair): cuda_grouped_matmul_backward on (dw_a,
-// dout_a, w_a) and then on (dw_b, dout_b, w_b), both into dinp; dw_a and dw_b both or neither.
+// Its backward (Ops.grouped_matmul_backward_pair, kernels.h): dinp = dout_a @ w_a + dout_b @
+// w_b per expert (written: a's GEMM with beta = 0, b's added), dw_a and dw_b accumulated.
 void cuda_grouped_matmul_backward_pair(float *dinp, float *dw_a, float *dw_b, const float *dout_a,
                                        const float *dout_b, const float *inp, const float *w_a,
                                        const float *w_b, const int32_t *offsets_host, int E,
                                        int C, int OC) {
-    if (E > 0 && C > 0 && OC > 0 && gemm_bf16_operands_() && (dinp || dw_a) &&
-        (dw_a == NULL) == (dw_b == NULL)) {
+    if ((!dinp && !dw_a && !dw_b) || grouped_backward_trivial_(dinp, offsets_host, E, C, OC))
+        return;
+    if (gemm_bf16_operands_()) {
         float *dw[2] = {dw_a, dw_b};
         const float *dout[2] = {dout_a, dout_b}, *w[2] = {w_a, w_b};
-        grouped_backward_bf16_(dinp, dw, dout, inp, w, 2, offsets_host, E, C, OC);
+        grouped_backward_bf16_(dinp, dw, dout, inp, w, 2, offsets_host, E, C, OC, 0.0f);
         return;
     }
-    cuda_grouped_matmul_backward(dinp, dw_a, dout_a, inp, w_a, offsets_host, E, C, OC);
-    cuda_grouped_matmul_backward(dinp, dw_b, dout_b, inp, w_b, offsets_host, E, C, OC);
+    grouped_backward_f32_(dinp, dw_a, dout_a, inp, w_a, offsets_host, E, C, OC, 0.0f);
+    grouped_backward_f32_(dinp, dw_b, dout_b, inp, w_b, offsets_host, E, C, OC, 1.0f);
 }

@@ -13,8 +13,9 @@ extern "C" {
 // - Every pointer passed to a cuda_* op is a DEVICE pointer (from cuda_malloc), except the
 //   host buffers of cuda_memcpy_* and the info string of cuda_init. Shapes, layouts and the
 //   dimension letters are those of kernels.h; as there, forward ops overwrite their outputs,
-//   backward ops ACCUMULATE (+=) into their gradients (the caller zeroes them), and a NULL
-//   gradient output is skipped.
+//   backward ops ACCUMULATE (+=) into their gradients (the caller zeroes them) except the
+//   ones kernels.h marks WRITES (rope, swiglu, permute, unpermute, the cross-entropy), and a
+//   NULL gradient output is skipped.
 // - Streams: for now every op is enqueued on the default (legacy NULL) stream of the calling
 //   thread's current device, so ops run in call order and cuda_memcpy_* (synchronous) sees
 //   their results. Ops return before the GPU has finished, except cuda_sum_squares, which
@@ -75,7 +76,7 @@ void cuda_rmsnorm_backward(float *dx, float *dw, const float *dout, const float 
 size_t cuda_rmsnorm_backward_scratch_bytes(int N, int D);
 
 // ---------------------------------------------------------------------------------------
-// SwiGLU: out = silu(g) * u. out, g, u are (n); out may alias g or u.
+// SwiGLU: out = silu(g) * u. out, g, u are (n); out may alias g or u. Backward writes dg, du.
 void cuda_swiglu_forward(float *out, const float *g, const float *u, size_t n);
 void cuda_swiglu_backward(float *dg, float *du, const float *dout, const float *g, const float *u,
                           size_t n);
@@ -214,17 +215,17 @@ void cuda_matmul_backward(float *dinp, float *dw, const float *dout, const float
                           const float *w, int N, int C, int OC);
 
 // Grouped expert matmul as kernels.h, except that offsets (E+1) is a HOST array (the row
-// counts decide the GEMM shapes, which cuBLAS takes from the host). Experts with no rows are
-// skipped (their dw is untouched).
+// counts decide the GEMM shapes, which cuBLAS takes from the host). Backward writes dinp (beta =
+// 0) and accumulates dw; experts with no rows are skipped (their dw is untouched).
 void cuda_grouped_matmul_forward(float *out, const float *inp, const float *w,
                                  const int32_t *offsets_host, int E, int C, int OC);
 void cuda_grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
                                   const float *w, const int32_t *offsets_host, int E, int C,
                                   int OC);
-// The pair of grouped matmuls of one input (the experts' gate and up): the results of the two
-// calls, forward on (out_a, w_a) then (out_b, w_b), backward on (dw_a, dout_a, w_a) then (dw_b,
-// dout_b, w_b) into the same dinp (dw_a and dw_b both or neither). On bf16 operands the input's
-// rows are converted once, not twice.
+// The pair of grouped matmuls of one input (the experts' gate and up): forward, the results of
+// the two calls on (out_a, w_a) then (out_b, w_b); backward as kernels.h's
+// grouped_matmul_backward_pair (dinp = dout_a @ w_a + dout_b @ w_b written, dw_a and dw_b
+// accumulated). On bf16 operands the input's rows are converted once, not twice.
 void cuda_grouped_matmul_forward_pair(float *out_a, float *out_b, const float *inp,
                                       const float *w_a, const float *w_b,
                                       const int32_t *offsets_host, int E, int C, int OC);
@@ -281,7 +282,7 @@ void cuda_embedding_backward(float *dwte, const float *dout, const int32_t *toke
                              int D, void *scratch);
 size_t cuda_embedding_backward_scratch_bytes(int N);
 
-// RoPE as kernels.h (forward may work in place; backward accumulates).
+// RoPE as kernels.h (both may work in place; backward writes dinp).
 void cuda_rope_forward(float *out, const float *inp, int B, int T, int H, int Dh, float theta);
 void cuda_rope_backward(float *dinp, const float *dout, int B, int T, int H, int Dh,
                         float theta);

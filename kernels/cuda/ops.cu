@@ -158,15 +158,15 @@ typedef struct {
 } RopeFreqs;
 
 // Rotates every (b, t, h) row of src (row t is position pos0 + t) by +angle (dir = 1, forward)
-// or -angle (dir = -1, the transpose, backward); dst = R src (acc = 0) or dst += R src
-// (acc = 1). One block per position t: its threads first put cos and sin of the Dh/2 angles
-// at t into shared memory, then rotate every pair (b, h, i) at that t. Both elements of a pair are read by the thread
-// that writes them, before it writes, so dst may alias src when acc = 0. The arithmetic is
+// or -angle (dir = -1, the transpose, backward): dst = R src. One block per position t: its
+// threads first put cos and sin of the Dh/2 angles at t into shared memory, then rotate every
+// pair (b, h, i) at that t. Both elements of a pair are read by the thread that writes them,
+// before it writes, so dst may alias src. The arithmetic is
 // spelled with __fmul_rn / __fadd_rn so that nvcc does not fuse it into FMAs: the CPU op
 // (ISO C, no contraction) rounds each product, and so the results match it bit for bit.
 // dst, src are (B,T,H,Dh); dynamic shared memory is 2 * (Dh/2) floats
 static __global__ void rope_kernel(float *dst, const float *src, int B, int T, int H, int Dh,
-                                   RopeFreqs f, float dir, int acc, int pos0) {
+                                   RopeFreqs f, float dir, int pos0) {
     extern __shared__ float cs[]; // cos at [0, half), dir * sin at [half, 2 half)
     const int t = blockIdx.x;
     const int half = Dh / 2;
@@ -188,18 +188,13 @@ static __global__ void rope_kernel(float *dst, const float *src, int B, int T, i
         const float c = cs[i], s = cs[half + i];
         const float y1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
         const float y2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
-        if (acc) {
-            dst[o] = __fadd_rn(dst[o], y1);
-            dst[o + half] = __fadd_rn(dst[o + half], y2);
-        } else {
-            dst[o] = y1;
-            dst[o + half] = y2;
-        }
+        dst[o] = y1;
+        dst[o + half] = y2;
     }
 }
 
 static void rope_apply_(const char *fn, float *dst, const float *src, int B, int T, int H, int Dh,
-                        float theta, float dir, int acc, int pos0) {
+                        float theta, float dir, int pos0) {
     if (B <= 0 || T <= 0 || H <= 0 || Dh < 2) return;
     const int half = Dh / 2;
     if (half > ROPE_MAX_HALF) die_(fn, "the head dimension Dh is above 512 (ROPE_MAX_HALF)");
@@ -207,25 +202,25 @@ static void rope_apply_(const char *fn, float *dst, const float *src, int B, int
     memset(&f, 0, sizeof f);
     for (int i = 0; i < half; i++) f.inv_freq[i] = pow((double)theta, -2.0 * i / Dh);
     const size_t smem = 2 * (size_t)half * sizeof(float);
-    rope_kernel<<<(unsigned)T, ROPE_THREADS, smem>>>(dst, src, B, T, H, Dh, f, dir, acc, pos0);
+    rope_kernel<<<(unsigned)T, ROPE_THREADS, smem>>>(dst, src, B, T, H, Dh, f, dir, pos0);
     CUDA_CHECK_LAUNCH();
 }
 
 // out, inp are (B,T,H,Dh) and may be the same buffer
 void cuda_rope_forward(float *out, const float *inp, int B, int T, int H, int Dh, float theta) {
-    rope_apply_("cuda_rope_forward", out, inp, B, T, H, Dh, theta, 1.0f, 0, 0);
+    rope_apply_("cuda_rope_forward", out, inp, B, T, H, Dh, theta, 1.0f, 0);
 }
 
 // one sequence, rows at positions pos0 .. pos0+T-1 (generation)
 void cuda_rope_forward_at(float *out, const float *inp, int T, int H, int Dh, float theta,
                           int pos0) {
-    rope_apply_("cuda_rope_forward_at", out, inp, 1, T, H, Dh, theta, 1.0f, 0, pos0);
+    rope_apply_("cuda_rope_forward_at", out, inp, 1, T, H, Dh, theta, 1.0f, pos0);
 }
 
-// dinp += R(-angle) dout; dinp must not alias dout
+// dinp = R(-angle) dout (written); dinp may alias dout
 void cuda_rope_backward(float *dinp, const float *dout, int B, int T, int H, int Dh, float theta) {
     if (!dinp) return;
-    rope_apply_("cuda_rope_backward", dinp, dout, B, T, H, Dh, theta, -1.0f, 1, 0);
+    rope_apply_("cuda_rope_backward", dinp, dout, B, T, H, Dh, theta, -1.0f, 0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -675,8 +670,8 @@ void cuda_permute_forward(float *xp, const float *x, const int32_t *row_token, i
     gather_rows_(xp, x, row_token, R, D);
 }
 
-// dx[t] += dxp[assign_row[t*K + j]] for j = 0 .. K-1 in order: one block per token, threads
-// over the columns, the CPU's additions in the CPU's order (the same bits).
+// dx[t] = 0 + dxp[assign_row[t*K + j]] for j = 0 .. K-1 in order (written): one block per
+// token, threads over the columns, the CPU's additions in the CPU's order (the same bits).
 // dx is (N,D), dxp is (R,D), assign_row is (N,K)
 static __global__ void permute_backward_kernel(float *dx, const float *dxp,
                                                const int32_t *assign_row, int N, int K, int D) {
@@ -684,7 +679,7 @@ static __global__ void permute_backward_kernel(float *dx, const float *dxp,
         float *dst = dx + (size_t)t * D;
         const int32_t *rows = assign_row + (size_t)t * K;
         for (int c = threadIdx.x; c < D; c += blockDim.x) {
-            float acc = dst[c];
+            float acc = 0.0f;
             for (int j = 0; j < K; j++) acc += dxp[(size_t)rows[j] * D + c];
             dst[c] = acc;
         }
@@ -730,9 +725,9 @@ void cuda_unpermute_forward(float *out, const float *yp, const float *topk_w,
     CUDA_CHECK_LAUNCH();
 }
 
-// One warp per assignment a = (t, j), row = assign_row[a]:
-//   dyp[row] += w[a] * dout[t]                        (elementwise, rounded as the CPU does)
-//   dtopk_w[a] += (float) sum_c dout[t,c] * yp[row,c]  (double: lane-strided, then butterfly)
+// One warp per assignment a = (t, j), row = assign_row[a]; both outputs written:
+//   dyp[row] = w[a] * dout[t]                        (elementwise, rounded as the CPU does)
+//   dtopk_w[a] = (float) sum_c dout[t,c] * yp[row,c]  (double: lane-strided, then butterfly)
 // The products of two floats are exact in double, so only the order of the additions differs
 // from the CPU's loop. Either output may be NULL.
 // dyp is (R,D), dtopk_w is (N,K), dout is (N,D), yp is (R,D), topk_w and assign_row are (N,K)
@@ -751,14 +746,14 @@ static __global__ void unpermute_backward_kernel(float *dyp, float *dtopk_w, con
     if (dyp) {
         const float w = topk_w[a];
         float *dy = dyp + row * D;
-        for (int c = lane; c < D; c += 32) dy[c] = __fadd_rn(dy[c], __fmul_rn(w, g[c]));
+        for (int c = lane; c < D; c += 32) dy[c] = __fmul_rn(w, g[c]);
     }
     if (dtopk_w) {
         const float *y = yp + row * D;
         double dot = 0.0;
         for (int c = lane; c < D; c += 32) dot += (double)g[c] * y[c];
         dot = warp_sum_f64(dot);
-        if (lane == 0) dtopk_w[a] += (float)dot;
+        if (lane == 0) dtopk_w[a] = (float)dot;
     }
 }
 

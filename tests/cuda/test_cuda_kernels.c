@@ -104,6 +104,8 @@ static void swiglu_case_(size_t n, int with_dg, int with_du, uint64_t seed) {
     // g in [-8, 8) covers both saturated ends of the sigmoid and the zero of silu' (g ~ -1.28)
     float *g = tcu_host_rand(n, seed, 8.0f), *u = tcu_host_rand(n, seed + 1, 2.0f);
     float *dout = tcu_host_rand(n, seed + 2, 1.0f);
+    // gradients pre-filled: the CPU op writes over them (kernels.h), so must the GPU op; a NULL
+    // output's buffer stays as it was on both sides
     float *dg0 = tcu_host_rand(n, seed + 3, 0.5f), *du0 = tcu_host_rand(n, seed + 4, 0.5f);
     float *out = tcu_host_alloc(n);
     swiglu_forward(out, g, u, n);

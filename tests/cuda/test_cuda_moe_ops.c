@@ -144,7 +144,7 @@ static void test_embedding(void) {
 static void rope_case_(int B, int T, int H, int Dh, float theta, uint64_t seed) {
     const size_t n = (size_t)B * T * H * Dh;
     float *x = tcu_host_rand(n, seed, 2.0f), *dout = tcu_host_rand(n, seed + 1, 1.0f);
-    float *dx0 = tcu_host_rand(n, seed + 2, 0.5f);
+    float *dx0 = tcu_host_rand(n, seed + 2, 0.5f); // written over by backward (kernels.h)
     float *out = tcu_host_alloc(n), *want_dx = tcu_host_copy(dx0, n);
     rope_forward(out, x, B, T, H, Dh, theta);
     rope_backward(want_dx, dout, B, T, H, Dh, theta);
@@ -157,6 +157,9 @@ static void rope_case_(int B, int T, int H, int Dh, float theta, uint64_t seed) 
     CU_ASSERT_TRUE(tcu_check("rope_forward in place", d_x, out, n, RTOL_ROPE, ATOL_FRAC_ROPE));
     cuda_rope_backward(d_dx, d_dout, B, T, H, Dh, theta);
     CU_ASSERT_TRUE(tcu_check("rope_backward", d_dx, want_dx, n, RTOL_ROPE, ATOL_FRAC_ROPE));
+    cuda_rope_backward(d_dout, d_dout, B, T, H, Dh, theta); // in place
+    CU_ASSERT_TRUE(
+        tcu_check("rope_backward in place", d_dout, want_dx, n, RTOL_ROPE, ATOL_FRAC_ROPE));
 
     cuda_free(d_x), cuda_free(d_out), cuda_free(d_dout), cuda_free(d_dx);
     free(x), free(dout), free(dx0), free(out), free(want_dx);
@@ -479,7 +482,7 @@ static void permute_case_(int N, int K, int E, int D, uint64_t seed) {
     int32_t *topk = make_topk_(N, K, E, 0, seed);
     Plan plan = plan_cpu_(topk, N, K, E);
     float *x = tcu_host_rand(nd, seed + 1, 1.0f), *dxp = tcu_host_rand(rd, seed + 2, 1.0f);
-    float *dx0 = tcu_host_rand(nd, seed + 3, 0.5f);
+    float *dx0 = tcu_host_rand(nd, seed + 3, 0.5f); // written over by backward (kernels.h)
     float *xp = tcu_host_alloc(rd), *want_dx = tcu_host_copy(dx0, nd);
     permute_forward(xp, x, plan.row_token, (int)R, D);
     permute_backward(want_dx, dxp, plan.assign_row, N, K, D);
@@ -506,6 +509,7 @@ static void unpermute_case_(int N, int K, int E, int D, int with_dyp, int with_d
     Plan plan = plan_cpu_(topk, N, K, E);
     float *yp = tcu_host_rand(rd, seed + 1, 1.0f), *w = tcu_host_rand(nk, seed + 2, 1.0f);
     float *dout = tcu_host_rand(nd, seed + 3, 1.0f);
+    // written over by backward (kernels.h); a NULL output's buffer stays as it was
     float *dyp0 = tcu_host_rand(rd, seed + 4, 0.5f), *dw0 = tcu_host_rand(nk, seed + 5, 0.5f);
     float *out = tcu_host_alloc(nd), *want_dyp = tcu_host_copy(dyp0, rd),
           *want_dw = tcu_host_copy(dw0, nk);
