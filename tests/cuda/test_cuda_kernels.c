@@ -185,7 +185,7 @@ static void test_adamw(void) {
 
 static void test_sum_squares(void) {
     // 3000001 elements fill all 1024 blocks of the first pass with a grid-stride share
-    static const size_t sizes[] = {0, 1, 5, 100003, 3000001};
+    static const size_t sizes[] = {0, 1, 2, 5, 7, 100003, 3000001};
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
         size_t n = sizes[s];
         float *x = tcu_host_rand(n, 700 + 10 * s, 3.0f);
@@ -196,6 +196,20 @@ static void test_sum_squares(void) {
         if (!(fabs(got - want) <= RTOL_SUMSQ * fabs(want)))
             fprintf(stderr, "  sum_squares n=%zu: got %.17g want %.17g\n", n, got, want);
         CU_ASSERT_TRUE(fabs(got - want) <= RTOL_SUMSQ * fabs(want));
+        // from o floats past the start and `cut` short of the end (a tensor inside the
+        // gradients: whatever the allocation's alignment, some of these start and end between
+        // 16-byte boundaries): the kernel's head and tail, taken one by one around the quads
+        for (size_t o = 0; o <= 3; o++)
+            for (size_t cut = 0; cut <= 3; cut++) {
+                if (o + cut == 0 || o + cut > n) continue;
+                const size_t m = n - o - cut;
+                const double w = sum_squares(x + o, m);
+                const double g = cuda_sum_squares(d_x + o, m, scratch);
+                if (!(fabs(g - w) <= RTOL_SUMSQ * fabs(w)))
+                    fprintf(stderr, "  sum_squares of x[%zu, %zu): got %.17g want %.17g\n", o,
+                            o + m, g, w);
+                CU_ASSERT_TRUE(fabs(g - w) <= RTOL_SUMSQ * fabs(w));
+            }
         cuda_free(d_x), cuda_free(scratch);
         free(x);
     }
