@@ -16,7 +16,8 @@
 // rate. So each op converts its fp32 operands to bf16 (round to nearest even, one vectorised
 // kernel) into a workspace owned by this file, and multiplies the copies with
 // A, B = CUDA_R_16BF, C = CUDA_R_32F, CUBLAS_COMPUTE_32F: bf16 tensor cores, fp32 accumulation,
-// fp32 outputs and beta = 1 accumulation into the fp32 gradients exactly as before. The
+// fp32 outputs, and beta = 1 into the fp32 gradients that accumulate (the grouped ops' dinp is
+// written: beta = 0 for its first product, kernels.h) exactly as before. The
 // rounding is the one FAST_16BF was allowed to do, so the numerics are those the tests already
 // bound. A/B switch for one device run: MOET_CUDA_GEMM_OPERANDS=fp32 in the environment (read
 // at the first GEMM) restores the fp32 operands with FAST_16BF; =bf16 or unset is the default;

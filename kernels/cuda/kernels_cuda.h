@@ -14,8 +14,8 @@ extern "C" {
 //   host buffers of cuda_memcpy_* and the info string of cuda_init. Shapes, layouts and the
 //   dimension letters are those of kernels.h; as there, forward ops overwrite their outputs,
 //   backward ops ACCUMULATE (+=) into their gradients (the caller zeroes them) except the
-//   ones kernels.h marks WRITES (rope, swiglu, permute, unpermute, the cross-entropy), and a
-//   NULL gradient output is skipped.
+//   ones kernels.h marks WRITES (rope, swiglu, permute, unpermute, the grouped expert matmuls'
+//   dinp, the cross-entropy), and a NULL gradient output is skipped.
 // - Streams: for now every op is enqueued on the default (legacy NULL) stream of the calling
 //   thread's current device, so ops run in call order and cuda_memcpy_* (synchronous) sees
 //   their results. Ops return before the GPU has finished, except cuda_sum_squares, which

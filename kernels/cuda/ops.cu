@@ -688,7 +688,11 @@ static __global__ void permute_backward_kernel(float *dx, const float *dxp,
 
 void cuda_permute_backward(float *dx, const float *dxp, const int32_t *assign_row, int N, int K,
                            int D) {
-    if (!dx || N <= 0 || K <= 0 || D <= 0) return;
+    if (!dx || N <= 0 || D <= 0) return;
+    if (K <= 0) { // no routed rows: dx is the empty sum (written, as on the CPU)
+        CUDA_CHECK(cudaMemsetAsync(dx, 0, (size_t)N * D * sizeof(float), 0));
+        return;
+    }
     permute_backward_kernel<<<row_blocks_((size_t)N), row_threads_(D)>>>(dx, dxp, assign_row, N, K,
                                                                          D);
     CUDA_CHECK_LAUNCH();

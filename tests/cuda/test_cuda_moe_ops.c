@@ -496,6 +496,11 @@ static void permute_case_(int N, int K, int E, int D, uint64_t seed) {
     cuda_permute_backward(d_dx, d_dxp, d_assign_row, N, K, D);
     CU_ASSERT_TRUE(tcu_check("permute_backward", d_dx, want_dx, nd, 0.0, 0.0));
     cuda_permute_backward(NULL, d_dxp, d_assign_row, N, K, D); // NULL gradient: skipped
+    // K = 0: no routed rows, dx written with the empty sum (as the CPU op writes it)
+    permute_backward(want_dx, dxp, plan.assign_row, N, 0, D);
+    cuda_permute_backward(d_dx, d_dxp, d_assign_row, N, 0, D);
+    CU_ASSERT_TRUE(tcu_check("permute_backward K=0", d_dx, want_dx, nd, 0.0, 0.0));
+    CU_ASSERT_TRUE(want_dx[0] == 0.0f && want_dx[nd - 1] == 0.0f);
 
     cuda_free(d_row_token), cuda_free(d_assign_row), cuda_free(d_x), cuda_free(d_dxp);
     cuda_free(d_dx), cuda_free(d_xp);
