@@ -27,6 +27,9 @@
 #   attn_one_block   MOET_CUDA_ATTN_QBLOCK=1000000: the attention as one block
 #   one_stream       MOET_CUDA_GEMM_STREAMS=1: the expert GEMMs on one stream
 #   flash            MOET_CUDA_ATTN_FLASH=1: the attention forward as one flash kernel
+#   base             the bundle's bin/moet-base (gpu-bundle.sh BASE_REV=REV: moet built at an
+#                    earlier revision), for changes without a switch; in the default list
+#                    (second) and profiled too (profile_base) where the bundle has it
 # BUNDLE and LOGDIR as for launch/gpu-check.sh (a folder from launch/gpu-bundle.sh, its
 # .tar.gz, or a build folder; default gpu-bundle and gpu-logs). Prints a summary of the bench
 # lines; the exit status is the number of failed checks.
@@ -38,12 +41,16 @@ check cuda_test_cuda_gemm "$BIN/cuda_test_cuda_gemm"
 check cuda_test_cuda_train "$BIN/cuda_test_cuda_train"
 ROUNDS=${ROUNDS:-2} STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} COMPILE=${COMPILE:-1}
 BUDGET_S=${BUDGET_S:-0}
-VARIANTS=${VARIANTS:-default no_weight_copy vary vary_gemmex attn_one_block one_stream flash}
-declare -A VARIANT=( # environment (NAME=value) and bench arguments of each A/B
+HAVE_BASE=0; [ -x "$BIN/moet-base" ] && HAVE_BASE=1
+[ -f "$BUNDLE/base-rev.txt" ] && echo "base: $(cat "$BUNDLE/base-rev.txt")"
+DEFAULT_VARIANTS="default no_weight_copy vary vary_gemmex attn_one_block one_stream flash"
+((HAVE_BASE)) && DEFAULT_VARIANTS=${DEFAULT_VARIANTS/default/default base}
+VARIANTS=${VARIANTS:-$DEFAULT_VARIANTS}
+declare -A VARIANT=( # environment (NAME=value), executable (exe:NAME) and bench arguments
   [default]="" [no_weight_copy]="MOET_CUDA_WEIGHT_COPY=0" [vary]="--vary-tokens"
   [vary_gemmex]="MOET_CUDA_GEMM_LT=0 --vary-tokens"
   [attn_one_block]="MOET_CUDA_ATTN_QBLOCK=1000000" [one_stream]="MOET_CUDA_GEMM_STREAMS=1"
-  [flash]="MOET_CUDA_ATTN_FLASH=1")
+  [flash]="MOET_CUDA_ATTN_FLASH=1" [base]="exe:moet-base")
 within_budget() { # the next check starts only inside BUDGET_S
   if ((BUDGET_S > 0 && SECONDS > BUDGET_S)); then
     echo "$1: not started (${SECONDS}s > BUDGET_S=$BUDGET_S)"; return 1
@@ -52,12 +59,16 @@ within_budget() { # the next check starts only inside BUDGET_S
 timed() { within_budget "$1" && check "$@"; }
 B=(bench configs/bench-gpu-olmoe.ini --steps "$STEPS" --warmup "$WARMUP")
 timed profile "$BIN/moet" "${B[@]}" --profile
+((HAVE_BASE)) && timed profile_base "$BIN/moet-base" "${B[@]}" --profile
 for ((round = 1; round <= ROUNDS; round++)); do
   for v in $VARIANTS; do
     [[ -v "VARIANT[$v]" ]] || { echo "VARIANTS: no variant $v"; fail=$((fail + 1)); continue; }
-    envs=() args=()
-    for w in ${VARIANT[$v]}; do [[ $w == *=* ]] && envs+=("$w") || args+=("$w"); done
-    timed "perf_${v}_$round" env "${envs[@]}" "$BIN/moet" "${B[@]}" "${args[@]}"
+    envs=() args=() exe=moet
+    for w in ${VARIANT[$v]}; do
+      case $w in exe:*) exe=${w#exe:} ;; *=*) envs+=("$w") ;; *) args+=("$w") ;; esac
+    done
+    [ -x "$BIN/$exe" ] || { echo "$v: no $BIN/$exe (gpu-bundle.sh BASE_REV=...)"; fail=$((fail + 1)); continue; }
+    timed "perf_${v}_$round" env "${envs[@]}" "$BIN/$exe" "${B[@]}" "${args[@]}"
   done
 done
 if [[ ${PEER:-1} == 1 ]] && python3 -c 'import torch, transformers' 2>/dev/null; then
@@ -74,6 +85,7 @@ if [[ ${SANITIZE:-0} == 1 ]]; then # last: the speed figures first where time is
     "$BIN/cuda_test_cuda_gemm"
 fi
 sed -n '/^where a step goes/,$p' "$LOG/profile.log" 2>/dev/null | head -50
+((HAVE_BASE)) && sed -n '/^where a step goes/,$p' "$LOG/profile_base.log" 2>/dev/null | head -24
 for f in "$LOG"/perf_*.log; do
   [ -e "$f" ] || continue
   printf '%-34s %s | %s | %s\n' "$(basename "$f" .log)" \
